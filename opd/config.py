@@ -1,0 +1,380 @@
+"""The one config schema of opd: typed dataclasses, registered with Hydra's ConfigStore.
+
+Values live in the YAML files under `conf/` (`conf/train.yaml` and its groups); this file
+holds the types, one comment per field, and `validate()`, which every entry point calls
+once. A bad value is refused with the key's full name and the allowed range, e.g.
+`rollout.temperature must be > 0, got -1`. Inner code receives these dataclasses (plain
+values), never an OmegaConf node.
+
+Compose a config in Python (tests, notebooks) with `load_config(["loss=smpo", ...])`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING  # "addition" | "reversal" (built-in) | "file" (prompt files)
+    seed: int = MISSING  # seed of the train/held-out prompt streams
+    train_size: int = MISSING  # number of train prompts (built-in tasks)
+    heldout_size: int = MISSING  # number of held-out prompts used for exact match
+    max_digits: int = MISSING  # addition: operands have 1..max_digits digits
+    min_chars: int = MISSING  # reversal: shortest string
+    max_chars: int = MISSING  # reversal: longest string
+    train_file: Optional[str] = None  # task=file: JSONL with `prompt` or `messages`, optional `answer`
+    heldout_file: Optional[str] = None  # task=file: held-out JSONL (needs `answer` for exact match)
+    on_bad_line: str = MISSING  # "error": stop at the first bad line | "skip": skip and count
+
+
+@dataclass
+class ZooModelConfig:
+    """Architecture and SFT recipe of a model that `opd-prepare` builds (Qwen2 family)."""
+
+    layers: int = MISSING
+    hidden: int = MISSING
+    heads: int = MISSING  # hidden / heads must be a head size vLLM-CPU supports
+    kv_heads: int = MISSING
+    intermediate: int = MISSING
+    sft_steps: int = MISSING  # upper bound on SFT steps
+    batch_size: int = MISSING
+    lr: float = MISSING
+    eval_every: int = MISSING  # SFT steps between held-out evaluations
+    stop_at_exact_match: float = MISSING  # stop SFT once held-out exact match reaches this
+    seed: int = MISSING
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # hub id or local path; null = the zoo model built for the task
+    zoo: ZooModelConfig = field(default_factory=ZooModelConfig)
+    dtype: str = MISSING  # "float32" | "bfloat16" | "float16"
+    trust_remote_code: bool = False  # never on unless the user turns it on
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    backend: str = MISSING  # "transformers" | "vllm"
+    logprobs: str = MISSING  # "sampled" | "topk" | "full": what the teacher returns per token
+    topk: int = MISSING  # k for logprobs=topk
+    temperature: float = MISSING  # teacher logits are divided by this before log_softmax
+    chunk_size: int = MISSING  # tokens per chunk for full-distribution scoring
+    batch_size: int = MISSING  # sequences per forward pass (transformers backend)
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = MISSING  # prompts drawn per training step
+    samples_per_prompt: int = MISSING  # completions sampled per prompt (G)
+    max_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_p: float = MISSING  # 1.0 = off
+    top_k: int = MISSING  # -1 = off
+    repetition_penalty: float = MISSING  # 1.0 = off
+    stop: list[str] = field(default_factory=list)  # stop strings
+    stop_token_ids: list[int] = field(default_factory=list)  # extra stop ids (EOS always stops)
+    seed: int = MISSING  # sampling seed; step and worker are mixed in
+    max_model_len: int = MISSING  # prompt + completion budget of the engine
+    kv_cache_gib: float = MISSING  # KV cache size (CPU) per engine
+    gpu_memory_utilization: float = MISSING  # fraction of GPU memory per engine (GPU only)
+    dtype: str = MISSING  # engine dtype: "float32" | "bfloat16" | "float16"
+    eval_max_new_tokens: int = MISSING  # greedy evaluation budget
+
+
+@dataclass
+class SmpoConfig:
+    beta: float = MISSING
+    margin: float = MISSING  # target margin
+    margin_start: float = MISSING  # margin at step 0, ramped linearly to `margin`
+    margin_ramp_steps: int = MISSING
+    rho: float = MISSING  # SFT amortization: rho * CE(chosen) + (1 - rho) * CE(rejected)
+    sft_coef: float = MISSING  # weight of the amortization term
+    loss_type: str = MISSING  # smooth_lower_bound | sigmoid | hinge | ipo
+    eos_protection: str = MISSING  # exclude | flip | none
+    lower_percentile: Optional[float] = None  # winsorize rejected log-probs below this quantile
+    min_log_prob: Optional[float] = None  # hard floor on rejected per-token log-probs
+    chosen_upper_percentile: Optional[float] = None  # winsorize chosen log-probs above
+    pair_score: str = MISSING  # "teacher" (mean teacher log-prob) | "checker" (task answer)
+    min_score_gap: float = MISSING  # pairs with a smaller chosen-rejected gap are skipped
+
+
+@dataclass
+class LossConfig:
+    distill: str = MISSING  # "reverse_kl_pg" | "jsd" | "none"
+    distill_coef: float = MISSING
+    jsd_beta: float = MISSING  # 0 = KL(teacher||student), 1 = KL(student||teacher)
+    jsd_temperature: float = MISSING
+    tail_bucket: bool = MISSING  # top-k teachers: keep the remaining mass as one bucket
+    clip_eps_low: Optional[float] = None  # PPO clip of the importance ratio (null = off)
+    clip_eps_high: Optional[float] = None
+    tis_cap: Optional[float] = None  # truncated importance weight cap (null = off)
+    discount: float = MISSING  # 0 = per-token reverse KL; >0 = discounted future KL
+    smpo_coef: float = MISSING  # 0 = SMPO off
+    smpo: SmpoConfig = field(default_factory=SmpoConfig)
+    sft_coef: float = MISSING  # SFT on off-policy (teacher or dataset) completions
+    on_policy_fraction: float = MISSING  # GKD's lambda: share of steps from student rollouts
+    off_policy_source: str = MISSING  # "teacher" (teacher samples) | "dataset" (answers)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    beta1: float = MISSING
+    beta2: float = MISSING
+    schedule: str = MISSING  # "constant" (with warmup) | "cosine"
+    warmup_steps: int = MISSING
+    min_lr_ratio: float = MISSING  # cosine floor as a fraction of lr
+    grad_clip: float = MISSING  # max global grad norm (0 = off)
+    micro_batch_size: int = MISSING  # sequences per forward/backward
+    device: str = MISSING  # "auto" | "cpu" | "cuda"
+
+
+@dataclass
+class LengthConfig:
+    mode: str = MISSING  # "off" | "monitor" | "auto"
+    min_length: int = MISSING  # completions shorter than this count as short
+    ngram: int = MISSING  # n of the repetition detector
+    tail_window: int = MISSING  # tokens at the end of a rollout checked for repetition
+    repeat_threshold: float = MISSING
+    reference_prompts: int = MISSING  # teacher generations at start for reference lengths
+    ema_decay: float = MISSING
+    trunc_on: float = MISSING
+    trunc_off: float = MISSING
+    ratio_on: float = MISSING
+    ratio_off: float = MISSING
+    short_on: float = MISSING
+    short_off: float = MISSING
+    rep_on: float = MISSING
+    rep_off: float = MISSING
+    eos_on: float = MISSING
+    eos_off: float = MISSING
+    k_on: int = MISSING
+    k_off: int = MISSING
+    overlong_buffer: int = MISSING  # DAPO soft overlong punishment buffer (tokens)
+    stop_properly_mode: str = MISSING  # "mask" | "downweight"
+    stop_properly_weight: float = MISSING
+    length_ratio_coef: float = MISSING
+    length_ratio_tolerance: float = MISSING
+    adaptive_max_new_tokens: bool = MISSING
+
+
+@dataclass
+class ResourcesConfig:
+    rollout_workers: int = MISSING  # data-parallel vLLM engines
+    rollout_num_cpus: float = MISSING  # Ray CPU request per rollout worker (fractional ok)
+    rollout_num_gpus: float = MISSING
+    teacher_num_cpus: float = MISSING
+    teacher_num_gpus: float = MISSING
+    learner_num_cpus: float = MISSING
+    learner_num_gpus: float = MISSING
+    ray_num_cpus: Optional[int] = None  # CPUs of a local Ray (null = all)
+    remote_timeout_s: float = MISSING  # every remote call times out after this
+    startup_timeout_s: float = MISSING  # actor construction (engine start, model load)
+    use_ray: bool = MISSING  # false = plain classes in one process (debugging)
+
+
+@dataclass
+class TrainConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    length: LengthConfig = field(default_factory=LengthConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    zoo_dir: str = MISSING  # cache of built tokenizers and models
+    run_dir: str = MISSING  # where metrics, checkpoints and summary.json go
+    seed: int = MISSING
+    steps: int = MISSING  # learner steps
+    eval_every: int = MISSING  # 0 = only before and after
+    checkpoint_every: int = MISSING  # 0 = only at the end
+    keep_checkpoints: int = MISSING  # newest checkpoints kept on disk
+    resume: Optional[str] = None  # a checkpoint dir, or "auto" (newest in run_dir)
+    log_every: int = MISSING
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/train.yaml` is type-checked against it."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A config value outside its allowed range; the message names the key."""
+
+
+# ---------------------------------------------------------------- validation
+def _in(*allowed: Any):
+    return lambda v: v in allowed, f"must be one of {list(allowed)}"
+
+
+def _gt(lo: float):
+    return lambda v: v > lo, f"must be > {lo}"
+
+
+def _ge(lo: float):
+    return lambda v: v >= lo, f"must be >= {lo}"
+
+
+def _range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+
+    def ok(v: float) -> bool:
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return ok, f"must be in {lb}{lo}, {hi}{rb}"
+
+
+def _opt(rule):
+    check, text = rule
+    return lambda v: v is None or check(v), f"{text} or null"
+
+
+_DTYPES = _in("float32", "bfloat16", "float16")
+_ZOO_RULES = {
+    "layers": _ge(1), "hidden": _ge(8), "heads": _ge(1), "kv_heads": _ge(1),
+    "intermediate": _ge(1), "sft_steps": _ge(0), "batch_size": _ge(1), "lr": _gt(0),
+    "eval_every": _ge(1), "stop_at_exact_match": _range(0, 1), "seed": _ge(0),
+}
+RULES: dict[str, tuple] = {
+    "task.name": _in("addition", "reversal", "file"),
+    "task.seed": _ge(0), "task.train_size": _ge(1), "task.heldout_size": _ge(1),
+    "task.max_digits": _range(1, 9), "task.min_chars": _ge(1), "task.max_chars": _ge(1),
+    "task.on_bad_line": _in("error", "skip"),
+    "student.dtype": _DTYPES, "teacher.dtype": _DTYPES,
+    **{f"student.zoo.{k}": r for k, r in _ZOO_RULES.items()},
+    **{f"teacher.zoo.{k}": r for k, r in _ZOO_RULES.items()},
+    "teacher.backend": _in("transformers", "vllm"),
+    "teacher.logprobs": _in("sampled", "topk", "full"),
+    "teacher.topk": _ge(1), "teacher.temperature": _gt(0),
+    "teacher.chunk_size": _ge(1), "teacher.batch_size": _ge(1),
+    "rollout.prompts_per_step": _ge(1), "rollout.samples_per_prompt": _ge(1),
+    "rollout.max_new_tokens": _ge(1), "rollout.temperature": _gt(0),
+    "rollout.top_p": _range(0, 1, lo_open=True), "rollout.repetition_penalty": _gt(0),
+    "rollout.seed": _ge(0), "rollout.max_model_len": _ge(2), "rollout.kv_cache_gib": _gt(0),
+    "rollout.gpu_memory_utilization": _range(0, 1, lo_open=True), "rollout.dtype": _DTYPES,
+    "rollout.eval_max_new_tokens": _ge(1),
+    "loss.distill": _in("reverse_kl_pg", "jsd", "none"),
+    "loss.distill_coef": _ge(0), "loss.jsd_beta": _range(0, 1), "loss.jsd_temperature": _gt(0),
+    "loss.clip_eps_low": _opt(_range(0, 1, hi_open=True)), "loss.clip_eps_high": _opt(_gt(0)),
+    "loss.tis_cap": _opt(_gt(0)), "loss.discount": _range(0, 1), "loss.smpo_coef": _ge(0),
+    "loss.sft_coef": _ge(0), "loss.on_policy_fraction": _range(0, 1),
+    "loss.off_policy_source": _in("teacher", "dataset"),
+    "loss.smpo.beta": _gt(0), "loss.smpo.margin": _ge(0), "loss.smpo.margin_start": _ge(0),
+    "loss.smpo.margin_ramp_steps": _ge(0), "loss.smpo.rho": _range(0, 1),
+    "loss.smpo.sft_coef": _ge(0),
+    "loss.smpo.loss_type": _in("smooth_lower_bound", "sigmoid", "hinge", "ipo"),
+    "loss.smpo.eos_protection": _in("exclude", "flip", "none"),
+    "loss.smpo.lower_percentile": _opt(_range(0, 1, hi_open=True)),
+    "loss.smpo.min_log_prob": _opt((lambda v: v < 0, "must be < 0")),
+    "loss.smpo.chosen_upper_percentile": _opt(_range(0, 1, lo_open=True)),
+    "loss.smpo.pair_score": _in("teacher", "checker"), "loss.smpo.min_score_gap": _ge(0),
+    "optim.lr": _gt(0), "optim.weight_decay": _ge(0), "optim.beta1": _range(0, 1, hi_open=True),
+    "optim.beta2": _range(0, 1, hi_open=True), "optim.schedule": _in("constant", "cosine"),
+    "optim.warmup_steps": _ge(0), "optim.min_lr_ratio": _range(0, 1), "optim.grad_clip": _ge(0),
+    "optim.micro_batch_size": _ge(1), "optim.device": _in("auto", "cpu", "cuda"),
+    "length.mode": _in("off", "monitor", "auto"), "length.min_length": _ge(0),
+    "length.ngram": _ge(1), "length.tail_window": _ge(2), "length.repeat_threshold": _range(0, 1),
+    "length.reference_prompts": _ge(0), "length.ema_decay": _range(0, 1, hi_open=True),
+    **{f"length.{k}": _range(0, 1) for k in (
+        "trunc_on", "trunc_off", "short_on", "short_off", "rep_on", "rep_off", "eos_on", "eos_off")},
+    "length.ratio_on": _gt(0), "length.ratio_off": _gt(0),
+    "length.k_on": _ge(1), "length.k_off": _ge(1), "length.overlong_buffer": _ge(1),
+    "length.stop_properly_mode": _in("mask", "downweight"),
+    "length.stop_properly_weight": _range(0, 1), "length.length_ratio_coef": _ge(0),
+    "length.length_ratio_tolerance": _ge(0),
+    "resources.rollout_workers": _ge(1), "resources.rollout_num_cpus": _gt(0),
+    "resources.teacher_num_cpus": _gt(0), "resources.learner_num_cpus": _gt(0),
+    "resources.rollout_num_gpus": _ge(0), "resources.teacher_num_gpus": _ge(0),
+    "resources.learner_num_gpus": _ge(0), "resources.ray_num_cpus": _opt(_ge(1)),
+    "resources.remote_timeout_s": _gt(0), "resources.startup_timeout_s": _gt(0),
+    "seed": _ge(0), "steps": _ge(0), "eval_every": _ge(0), "checkpoint_every": _ge(0),
+    "keep_checkpoints": _ge(1), "log_every": _ge(1),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _cross_checks(cfg: TrainConfig) -> list[str]:
+    """Rules that relate two keys; each message names both."""
+    errs = []
+    r, t, ln = cfg.rollout, cfg.task, cfg.length
+    if r.max_new_tokens >= r.max_model_len:
+        errs.append(f"rollout.max_new_tokens must be < rollout.max_model_len "
+                    f"({r.max_model_len}), got {r.max_new_tokens}")
+    if t.min_chars > t.max_chars:
+        errs.append(f"task.min_chars must be <= task.max_chars ({t.max_chars}), got {t.min_chars}")
+    if t.name == "file" and not t.train_file:
+        errs.append("task.train_file must be set when task.name is 'file', got null")
+    if ln.overlong_buffer > r.max_new_tokens:
+        errs.append(f"length.overlong_buffer must be <= rollout.max_new_tokens "
+                    f"({r.max_new_tokens}), got {ln.overlong_buffer}")
+    for lo, hi in (("trunc_off", "trunc_on"), ("rep_off", "rep_on"), ("short_off", "short_on"),
+                   ("ratio_off", "ratio_on"), ("eos_on", "eos_off")):
+        if getattr(ln, lo) > getattr(ln, hi):
+            errs.append(f"length.{lo} must be <= length.{hi} ({getattr(ln, hi)}), "
+                        f"got {getattr(ln, lo)}")
+    for name in ("student", "teacher"):
+        z = getattr(cfg, name).zoo
+        if z.hidden % z.heads or z.heads % z.kv_heads:
+            errs.append(f"{name}.zoo.hidden must be divisible by {name}.zoo.heads and heads by "
+                        f"kv_heads, got hidden={z.hidden} heads={z.heads} kv_heads={z.kv_heads}")
+    if cfg.loss.distill == "none" and cfg.loss.smpo_coef == 0 and cfg.loss.sft_coef == 0:
+        errs.append("loss: every term is off (loss.distill=none, loss.smpo_coef=0, "
+                    "loss.sft_coef=0): nothing would be trained")
+    return errs
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every key against its rule; raise one ConfigError listing all violations."""
+    errs = []
+    for key, (check, text) in RULES.items():
+        value = _get(cfg, key)
+        try:
+            ok = check(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            errs.append(f"{key} {text}, got {value!r}")
+    if not errs:
+        errs = _cross_checks(cfg)
+    if errs:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
+    return cfg
+
+
+def to_dataclass(node: Any) -> TrainConfig:
+    """An OmegaConf node (from Hydra) -> a validated TrainConfig of plain values."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_object(node) if not isinstance(node, TrainConfig) else node
+    return validate(cfg)
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "train") -> TrainConfig:
+    """Compose `conf/<config_name>.yaml` with Hydra overrides, outside of `@hydra.main`."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        node = compose(config_name=config_name, overrides=list(overrides or []))
+    return to_dataclass(node)
+
+
+def as_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,233 @@
+"""Learner: the student in PyTorch. Recomputes log-probs, applies the losses, steps AdamW.
+
+A plain class (`Learner`); `opd.actors` wraps it as a Ray actor. What it does per step:
+1. split the TrainBatch into micro-batches of rows (and of SMPO pairs);
+2. recompute the student's log-probs of the target tokens (logits / sampler temperature);
+3. the objective: distill_coef * distillation + smpo_coef * SMPO + sft_coef * SFT, each a
+   pure function of `opd.losses`; token-mean terms are normalised by the whole batch's token
+   count, pair terms by the whole batch's pair count, so the gradient does not depend on
+   how the batch is split into micro-batches;
+4. clip the global gradient norm, step AdamW and the LR schedule.
+
+Weights leave as safetensors bytes under Hugging Face names (`export_weights`), for the
+rollout workers' in-place reload. Checkpoints are a Hugging Face model directory (loadable
+by transformers and vLLM) plus `learner_state.pt` (optimizer, scheduler, torch RNG; loaded
+with `weights_only=True`) and `learner_state.json` (step, Python/numpy RNG).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from opd import losses
+from opd.types import TrainBatch, WeightUpdate
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    """Multiplier of the base LR at a step: linear warmup, then constant or cosine."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class Learner:
+    """Holds the student, its optimizer and schedule; trains on TrainBatches."""
+
+    def __init__(self, model_path: str, cfg: Any):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.loss_cfg, self.o = cfg, cfg.loss, cfg.optim
+        self.device = pick_device(self.o.device)
+        self.autocast = self.device == "cuda" and cfg.student.dtype == "bfloat16"
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
+        # fp32 master weights; bf16 only through autocast on GPU
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32, trust_remote_code=cfg.student.trust_remote_code).to(self.device)
+        self.model.train()
+        self.vocab_size = len(self.tokenizer)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.o.lr, betas=(self.o.beta1, self.o.beta2),
+                                     weight_decay=self.o.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(self.o.schedule, self.o.warmup_steps, cfg.steps, self.o.min_lr_ratio))
+        self.step = 0
+
+    # ------------------------------------------------------------------ forward
+    def _logits(self, ids_BS: torch.Tensor) -> torch.Tensor:
+        # right padding only: causal attention keeps pads from touching real positions,
+        # and the loss mask drops the pads' own outputs
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.model(input_ids=ids_BS).logits
+        return logits.float()[:, :-1, : self.vocab_size]
+
+    def _tensor(self, a: Optional[np.ndarray], rows: np.ndarray) -> Optional[torch.Tensor]:
+        return None if a is None else torch.as_tensor(a[rows]).to(self.device)
+
+    def _row_terms(self, b: TrainBatch, rows: np.ndarray, n_tokens: float) -> tuple[torch.Tensor, dict]:
+        """Distillation and SFT terms over a micro-batch of rows (token-normalised)."""
+        L = self.loss_cfg
+        ids = self._tensor(b.input_ids_BS, rows)
+        logits = self._logits(ids)
+        tgt, mask = ids[:, 1:], self._tensor(b.loss_mask_BS, rows)[:, 1:]
+        lp = losses.gather_logprobs(logits, tgt, temperature=b.temperature)
+        total, metrics = torch.zeros((), device=self.device), {}
+        if b.on_policy and L.distill == "reverse_kl_pg" and L.distill_coef:
+            loss, m = losses.reverse_kl_pg_loss(
+                lp, self._tensor(b.sampler_logprobs_BS, rows)[:, 1:],
+                self._tensor(b.teacher_logprobs_BS, rows)[:, 1:], mask,
+                clip_eps_low=L.clip_eps_low, clip_eps_high=L.clip_eps_high, tis_cap=L.tis_cap,
+                discount=L.discount, seq_advantage_B=self._tensor(b.seq_advantage_B, rows),
+                normalizer=n_tokens)
+            total, metrics = total + L.distill_coef * loss, {**metrics, **m}
+        if b.on_policy and L.distill == "jsd" and L.distill_coef:
+            loss, m = self._jsd(b, rows, logits, mask, n_tokens)
+            total, metrics = total + L.distill_coef * loss, {**metrics, **m}
+        if not b.on_policy and L.sft_coef:
+            loss, m = losses.sft_loss(lp, mask, normalizer=n_tokens)
+            total, metrics = total + L.sft_coef * loss, {**metrics, **m}
+        return total, metrics
+
+    def _jsd(self, b: TrainBatch, rows, logits, mask, n_tokens):
+        L = self.loss_cfg
+        if b.teacher_full_logprobs_BSV is not None:
+            teacher = self._tensor(b.teacher_full_logprobs_BSV, rows)[:, 1:]
+            return losses.generalized_jsd(logits, teacher, mask, beta=L.jsd_beta,
+                                          temperature=L.jsd_temperature, normalizer=n_tokens)
+        if b.teacher_topk_ids_BSK is None:
+            raise ValueError("loss.distill=jsd needs teacher.logprobs=full or topk")
+        return losses.generalized_jsd_topk(
+            logits, self._tensor(b.teacher_topk_logprobs_BSK, rows)[:, 1:],
+            self._tensor(b.teacher_topk_ids_BSK, rows)[:, 1:], mask, beta=L.jsd_beta,
+            temperature=L.jsd_temperature, tail_bucket=L.tail_bucket, normalizer=n_tokens)
+
+    def _pair_terms(self, b: TrainBatch, idx: np.ndarray, n_pairs: int) -> tuple[torch.Tensor, dict]:
+        """SMPO over a micro-batch of pairs, weighted by its share of the batch's pairs."""
+        s = self.loss_cfg.smpo
+        c_rows, r_rows = b.pairs.chosen_rows[idx], b.pairs.rejected_rows[idx]
+        c_ids, r_ids = self._tensor(b.input_ids_BS, c_rows), self._tensor(b.input_ids_BS, r_rows)
+        c_lp = losses.gather_logprobs(self._logits(c_ids), c_ids[:, 1:], temperature=b.temperature)
+        r_lp = losses.gather_logprobs(self._logits(r_ids), r_ids[:, 1:], temperature=b.temperature)
+        margin = losses.margin_schedule(self.step, s.margin, s.margin_start, s.margin_ramp_steps)
+        loss, m = losses.smpo_loss(
+            c_lp, self._tensor(b.loss_mask_BS, c_rows)[:, 1:], r_lp,
+            self._tensor(b.loss_mask_BS, r_rows)[:, 1:], r_ids[:, 1:], b.rejected_eos_id,
+            beta=s.beta, margin=margin, rho=s.rho, loss_type=s.loss_type, sft_coef=s.sft_coef,
+            eos_protection=s.eos_protection, lower_percentile=s.lower_percentile,
+            min_log_prob=s.min_log_prob, chosen_upper_percentile=s.chosen_upper_percentile)
+        return self.loss_cfg.smpo_coef * loss * (len(idx) / n_pairs), m
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, b: TrainBatch) -> dict[str, float]:
+        t0, mb = time.time(), self.o.micro_batch_size
+        self.opt.zero_grad(set_to_none=True)
+        n_tokens, B = max(1.0, b.num_tokens), b.input_ids_BS.shape[0]
+        acc: dict[str, list] = {}
+        chunks = [("rows", np.arange(i, min(B, i + mb))) for i in range(0, B, mb)]
+        use_pairs = b.pairs is not None and len(b.pairs.chosen_rows) and self.loss_cfg.smpo_coef
+        if use_pairs:
+            M = len(b.pairs.chosen_rows)
+            chunks += [("pairs", np.arange(i, min(M, i + mb))) for i in range(0, M, mb)]
+        for kind, idx in chunks:
+            loss, m = self._row_terms(b, idx, n_tokens) if kind == "rows" else self._pair_terms(b, idx, M)
+            if loss.requires_grad:
+                loss.backward()
+            for k, v in {**m, f"loss/{kind}_total": float(loss)}.items():
+                acc.setdefault(k, []).append((v, len(idx)))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.o.grad_clip if self.o.grad_clip > 0 else float("inf"))
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        out = {k: (sum(v for v, _ in vs) if k.startswith("loss/") and k.endswith("_total")
+                   else sum(v * n for v, n in vs) / max(1, sum(n for _, n in vs))) for k, vs in acc.items()}
+        return {**out, "optim/grad_norm": float(grad_norm), "optim/lr": lr,
+                "learner/tokens": n_tokens, "learner/step": self.step,
+                "time/learn_compute": time.time() - t0}
+
+    @torch.no_grad()
+    def logprobs(self, b: TrainBatch) -> np.ndarray:
+        """The student's log-probs of every target token [B, S] (0 where masked)."""
+        ids = torch.as_tensor(b.input_ids_BS).to(self.device)
+        lp = losses.gather_logprobs(self._logits(ids), ids[:, 1:], temperature=b.temperature)
+        out = np.zeros(b.input_ids_BS.shape, np.float32)
+        out[:, 1:] = (lp * (torch.as_tensor(b.loss_mask_BS[:, 1:]).to(self.device) > 0)).cpu().numpy()
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def state_for_sync(self, dtype: str = "float32") -> dict[str, torch.Tensor]:
+        sd = self.model.state_dict()
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)  # tied: the engine reads the embedding
+        return {k: v.detach().to(getattr(torch, dtype)).contiguous().cpu() for k, v in sd.items()}
+
+    def export_weights(self, dtype: str = "float32") -> WeightUpdate:
+        from safetensors.torch import save
+
+        t0 = time.time()
+        blob = save(self.state_for_sync(dtype))
+        return WeightUpdate(version=self.step, blob=blob, seconds=time.time() - t0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, ckpt_dir: str | Path, extra: dict) -> str:
+        """A Hugging Face model dir + learner state; `extra` is JSON (data cursor, monitor)."""
+        d = Path(ckpt_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(d, safe_serialization=True)
+        self.tokenizer.save_pretrained(d)
+        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, d / "learner_state.pt")
+        state = {"step": self.step, "python_rng": _jsonable(random.getstate()),
+                 "numpy_rng": _jsonable(np.random.get_state()), "extra": extra}
+        (d / "learner_state.json").write_text(json.dumps(state))
+        return str(d)
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> dict:
+        """Restore the learner state saved next to the model weights (loaded at start)."""
+        d = Path(ckpt_dir)
+        st = torch.load(d / "learner_state.pt", weights_only=True, map_location="cpu")
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["torch_rng"])
+        js = json.loads((d / "learner_state.json").read_text())
+        self.step = js["step"]
+        random.setstate(_tuplify(js["python_rng"]))
+        np.random.set_state(tuple(_tuplify(js["numpy_rng"])))
+        return js["extra"]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return {"ndarray": x.tolist(), "dtype": str(x.dtype)}
+    if isinstance(x, (tuple, list)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _tuplify(x: Any) -> Any:
+    if isinstance(x, dict) and "ndarray" in x:
+        return np.array(x["ndarray"], dtype=x["dtype"])
+    if isinstance(x, list):
+        return tuple(_tuplify(v) for v in x)
+    return x

@@ -1,0 +1,111 @@
+"""Rollout worker: a vLLM engine that holds the student and samples its completions.
+
+A plain class (`RolloutWorker`) that runs in-process for tests and debugging; `opd.actors`
+wraps it as a Ray actor. Each rollout carries its token ids, the sampler's log-prob of each
+sampled token under the distribution actually sampled from (vLLM's `processed_logprobs`:
+after temperature / top-k / top-p), its finish reason, and the version of the weights that
+produced it.
+
+Weight sync (DESIGN.md section 4): after start, vLLM-CPU repacks linear weights, so
+`model.load_weights` fails; what works is the worker's `reload_weights(weights_iterator=...,
+is_checkpoint_format=True)`, reached through a worker extension and `collective_rpc`, with
+the weights passed as safetensors bytes, followed by `reset_prefix_cache()` every time
+(cached prompt KV from old weights otherwise corrupts log-probs).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional, Sequence
+
+from opd.types import PromptBatch, RolloutBatch, SamplingSettings, WeightUpdate
+
+EXTENSION = "opd.rollout.WeightSyncExtension"
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the engine."""
+
+    def opd_load_weights(self, blob: bytes) -> int:
+        from safetensors.torch import load
+
+        tensors = load(blob)
+        self.reload_weights(weights_iterator=list(tensors.items()), is_checkpoint_format=True)
+        return len(tensors)
+
+
+def engine_kwargs(model_path: str, rollout_cfg: Any, *, seed: int, dtype: str,
+                  trust_remote_code: bool, max_logprobs: int = 20,
+                  logprobs_mode: str = "processed_logprobs") -> dict:
+    """Arguments of `vllm.LLM` for our engines, the same on CPU and GPU except memory."""
+    import torch
+
+    kw = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
+              max_model_len=rollout_cfg.max_model_len, trust_remote_code=trust_remote_code,
+              logprobs_mode=logprobs_mode, max_logprobs=max_logprobs,
+              worker_extension_cls=EXTENSION, enforce_eager=True)
+    if torch.cuda.is_available():
+        kw["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
+    else:
+        kw["kv_cache_memory_bytes"] = int(rollout_cfg.kv_cache_gib * 2**30)
+    return kw
+
+
+def to_sampling_params(s: SamplingSettings, logprobs: Optional[int] = 0):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=s.n, max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+        top_k=s.top_k if s.top_k > 0 else 0, repetition_penalty=s.repetition_penalty,
+        stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None,
+        seed=s.seed, logprobs=logprobs, skip_special_tokens=True)
+
+
+def greedy_settings(max_new_tokens: int) -> SamplingSettings:
+    return SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=-1,
+                            repetition_penalty=1.0, stop=(), stop_token_ids=(), seed=None, n=1)
+
+
+class RolloutWorker:
+    """The student in a vLLM engine: sample, score greedily, take new weights."""
+
+    def __init__(self, model_path: str, rollout_cfg: Any, worker_index: int = 0,
+                 trust_remote_code: bool = False):
+        from vllm import LLM
+
+        self.index = worker_index
+        self.llm = LLM(**engine_kwargs(model_path, rollout_cfg, seed=rollout_cfg.seed + worker_index,
+                                       dtype=rollout_cfg.dtype, trust_remote_code=trust_remote_code))
+        self.version = 0
+
+    def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
+        t0 = time.time()
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts.prompt_ids],
+                                 to_sampling_params(sampling), use_tqdm=False)
+        prompt_ids, comp, lps, reasons, texts = [], [], [], [], []
+        for p, out in zip(prompts.prompt_ids, outs):
+            for o in out.outputs:
+                prompt_ids.append(list(p))
+                comp.append(list(o.token_ids))
+                lps.append([float(d[t].logprob) for t, d in zip(o.token_ids, o.logprobs)])
+                reasons.append("length" if o.finish_reason == "length" else "stop")
+                texts.append(o.text)
+        return RolloutBatch(prompt_ids, comp, lps, reasons, texts, self.version, time.time() - t0)
+
+    def greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+        """Greedy completions (for held-out exact match)."""
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids],
+                                 to_sampling_params(greedy_settings(max_new_tokens), logprobs=None),
+                                 use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
+    def load_weights(self, update: WeightUpdate) -> int:
+        """Replace the engine's weights in place and drop every cached prefix."""
+        self.llm.collective_rpc("opd_load_weights", args=(update.blob,))
+        self.llm.reset_prefix_cache()
+        self.version = update.version
+        return self.version
+
+    def ready(self) -> int:
+        return os.getpid()

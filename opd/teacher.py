@@ -1,0 +1,234 @@
+"""Teacher scorer: a frozen teacher that scores the student's exact tokens.
+
+Backends:
+- `transformers`: one forward pass over prompt + completion; the logits of completion
+  positions go through the LM head in chunks of `chunk_size` positions, so memory stays
+  bounded by chunk_size x V; returns the sampled-token log-probs, the top-k, or the full
+  distribution.
+- `vllm`: `prompt_logprobs` on prompt + completion with `max_tokens=1`; sampled-token or
+  top-k (k up to the engine's `max_logprobs`).
+
+Temperature: the teacher's log-probs are log_softmax(logits / teacher.temperature). vLLM's
+`prompt_logprobs` ignore sampling temperature, so the vllm backend accepts only 1.0.
+
+At start, `check_tokenizers` compares the teacher's and the student's tokenizers
+(vocabulary, special tokens, chat template) and refuses a mismatch with the reason; models
+whose embedding tables differ only by padding rows past the tokenizer's vocabulary are
+accepted, and logits are cut to the shared vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
+
+
+class TokenizerMismatch(ValueError):
+    """The teacher cannot score the student's tokens; the message says why."""
+
+
+def _first_vocab_difference(a: dict, b: dict) -> str:
+    only_a = sorted(set(a) - set(b))[:5]
+    only_b = sorted(set(b) - set(a))[:5]
+    moved = [t for t in sorted(set(a) & set(b)) if a[t] != b[t]][:5]
+    return (f"tokens only in the student: {only_a}; only in the teacher: {only_b}; "
+            f"same token, other id: {[(t, a[t], b[t]) for t in moved]}")
+
+
+def check_tokenizers(student_tok: Any, teacher_tok: Any, student_rows: Optional[int] = None,
+                     teacher_rows: Optional[int] = None) -> str:
+    """Refuse a teacher whose tokenizer would score different tokens than the student's.
+    Returns a one-line note of what was checked (and any padding rows tolerated)."""
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        raise TokenizerMismatch(
+            f"teacher and student tokenizers differ: vocabulary sizes {len(sv)} (student) vs "
+            f"{len(tv)} (teacher); {_first_vocab_difference(sv, tv)}. The teacher must score the "
+            f"student's exact token ids: pick a teacher of the same tokenizer family.")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        s, t = getattr(student_tok, name, None), getattr(teacher_tok, name, None)
+        if s != t:
+            raise TokenizerMismatch(f"teacher and student tokenizers differ in {name}: "
+                                    f"student {s}, teacher {t}")
+    if (student_tok.chat_template or "") != (teacher_tok.chat_template or ""):
+        raise TokenizerMismatch("teacher and student tokenizers have different chat templates: "
+                                "prompts would be rendered differently for the two models")
+    note = f"tokenizers match ({len(sv)} tokens)"
+    if student_rows and teacher_rows and student_rows != teacher_rows:
+        if min(student_rows, teacher_rows) < len(sv):
+            raise TokenizerMismatch(f"a model's embedding has fewer rows than the tokenizer "
+                                    f"({student_rows=}, {teacher_rows=}, tokenizer {len(sv)})")
+        note += (f"; embedding rows differ only by padding (student {student_rows}, teacher "
+                 f"{teacher_rows}): logits are cut to the first {len(sv)} entries")
+    return note
+
+
+def pad_ragged(rows: list[list[float]], width: int, fill: float = 0.0) -> np.ndarray:
+    out = np.full((len(rows), width), fill, dtype=np.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+class TeacherScorer:
+    """Frozen teacher; `score` returns its log-probs of the student's completion tokens."""
+
+    def __init__(self, model_path: str, teacher_cfg: Any, rollout_cfg: Any, device: str = "auto"):
+        self.cfg, self.path = teacher_cfg, model_path
+        if teacher_cfg.backend == "vllm":
+            self._init_vllm(rollout_cfg)
+        else:
+            self._init_hf(device)
+        self.vocab_size = len(self.tokenizer)
+
+    def _init_hf(self, device: str) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = "cuda" if device == "auto" and torch.cuda.is_available() else (
+            "cpu" if device == "auto" else device)
+        dtype = getattr(torch, self.cfg.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.cfg.trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.path, dtype=dtype, trust_remote_code=self.cfg.trust_remote_code).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.embedding_rows = self.model.get_input_embeddings().weight.shape[0]
+
+    def _init_vllm(self, rollout_cfg: Any) -> None:
+        from vllm import LLM
+
+        from opd.rollout import engine_kwargs
+
+        if self.cfg.logprobs == "full":
+            raise ValueError("teacher.logprobs=full needs teacher.backend=transformers "
+                             "(vLLM returns at most max_logprobs entries per position)")
+        if self.cfg.temperature != 1.0:
+            raise ValueError("teacher.temperature must be 1.0 with teacher.backend=vllm "
+                             f"(prompt_logprobs ignore temperature), got {self.cfg.temperature}")
+        self.llm = LLM(**engine_kwargs(self.path, rollout_cfg, seed=0, dtype=self.cfg.dtype,
+                                       trust_remote_code=self.cfg.trust_remote_code,
+                                       max_logprobs=max(20, self.cfg.topk),
+                                       logprobs_mode="raw_logprobs"))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.embedding_rows = self.llm.llm_engine.model_config.get_vocab_size()
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, rollouts: RolloutBatch) -> TeacherScores:
+        t0 = time.time()
+        T = max(1, max(rollouts.lengths))
+        if self.cfg.backend == "vllm":
+            scores = self._score_vllm(rollouts, T)
+        else:
+            scores = self._score_hf(rollouts, T)
+        return TeacherScores(**scores, temperature=self.cfg.temperature, seconds=time.time() - t0)
+
+    @torch.no_grad()
+    def _score_hf(self, rollouts: RolloutBatch, T: int) -> dict:
+        N, mode, K, V = len(rollouts.completion_ids), self.cfg.logprobs, self.cfg.topk, self.vocab_size
+        out = {"logprobs_NT": np.zeros((N, T), np.float32)}
+        if mode == "topk":
+            out["topk_ids_NTK"] = np.zeros((N, T, K), np.int64)
+            out["topk_logprobs_NTK"] = np.full((N, T, K), -np.inf, np.float32)
+        if mode == "full":
+            out["full_logprobs_NTV"] = np.zeros((N, T, V), np.float32)
+        bs = self.cfg.batch_size
+        for start in range(0, N, bs):
+            self._score_hf_rows(rollouts, range(start, min(N, start + bs)), out)
+        return out
+
+    def _score_hf_rows(self, rollouts: RolloutBatch, rows: range, out: dict) -> None:
+        seqs = [rollouts.prompt_ids[n] + rollouts.completion_ids[n] for n in rows]
+        S = max(map(len, seqs))
+        ids = torch.full((len(seqs), S), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
+        hidden = self.model.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).last_hidden_state
+        # (row, position-of-logit, completion index t, target token) for every completion token
+        where = [(i, len(rollouts.prompt_ids[n]) + t - 1, t, tok) for i, n in enumerate(rows)
+                 for t, tok in enumerate(rollouts.completion_ids[n])]
+        for c in range(0, len(where), self.cfg.chunk_size):
+            self._score_chunk(hidden, where[c: c + self.cfg.chunk_size], rows, out)
+
+    def _score_chunk(self, hidden: torch.Tensor, where: list, rows: range, out: dict) -> None:
+        bi = torch.tensor([w[0] for w in where], device=hidden.device)
+        pi = torch.tensor([w[1] for w in where], device=hidden.device)
+        logits = self.model.lm_head(hidden[bi, pi]).float()[:, : self.vocab_size]
+        logp = torch.log_softmax(logits / self.cfg.temperature, dim=-1)
+        tgt = torch.tensor([w[3] for w in where], device=logp.device)
+        lp_tok = logp.gather(1, tgt[:, None])[:, 0].cpu().numpy()
+        n_idx = np.array([rows[w[0]] for w in where])
+        t_idx = np.array([w[2] for w in where])
+        out["logprobs_NT"][n_idx, t_idx] = lp_tok
+        if "topk_ids_NTK" in out:
+            v, i = logp.topk(self.cfg.topk, dim=-1)
+            out["topk_ids_NTK"][n_idx, t_idx] = i.cpu().numpy()
+            out["topk_logprobs_NTK"][n_idx, t_idx] = v.cpu().numpy()
+        if "full_logprobs_NTV" in out:
+            out["full_logprobs_NTV"][n_idx, t_idx] = logp.cpu().numpy()
+
+    def _score_vllm(self, rollouts: RolloutBatch, T: int) -> dict:
+        from vllm import SamplingParams
+
+        k = self.cfg.topk if self.cfg.logprobs == "topk" else 0
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=1.0)
+        seqs = [p + c for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids)]
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+        N = len(seqs)
+        lp = np.zeros((N, T), np.float32)
+        tk_ids, tk_lp = np.zeros((N, T, max(k, 1)), np.int64), np.full((N, T, max(k, 1)), -np.inf, np.float32)
+        for n, o in enumerate(outs):
+            P = len(rollouts.prompt_ids[n])
+            for t, tok in enumerate(rollouts.completion_ids[n]):
+                d = o.prompt_logprobs[P + t]
+                lp[n, t] = d[tok].logprob
+                ranked = sorted((x for x in d.items() if x[1].rank <= k), key=lambda x: x[1].rank)[:k]
+                for j, (tid, L) in enumerate(ranked):
+                    tk_ids[n, t, j], tk_lp[n, t, j] = tid, L.logprob
+        if k:
+            return {"logprobs_NT": lp, "topk_ids_NTK": tk_ids, "topk_logprobs_NTK": tk_lp}
+        return {"logprobs_NT": lp}
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
+        """Teacher samples: reference lengths at start, and off-policy (sequence-level KD)
+        completions. Sampler log-probs are not needed there and are returned as zeros."""
+        t0 = time.time()
+        if self.cfg.backend == "vllm":
+            from opd.rollout import to_sampling_params
+
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts.prompt_ids],
+                                     to_sampling_params(sampling, logprobs=None), use_tqdm=False)
+            per_prompt = [[(list(o.token_ids), o.finish_reason) for o in out.outputs] for out in outs]
+        else:
+            per_prompt = [self._hf_sample(p, sampling) for p in prompts.prompt_ids]
+        rows = [(p, c, r) for p, outs in zip(prompts.prompt_ids, per_prompt) for c, r in outs]
+        comp = [c for _, c, _ in rows]
+        return RolloutBatch(
+            prompt_ids=[list(p) for p, _, _ in rows], completion_ids=comp,
+            sampler_logprobs=[[0.0] * len(c) for c in comp],
+            finish_reasons=["length" if r == "length" else "stop" for _, _, r in rows],
+            texts=self.tokenizer.batch_decode(comp, skip_special_tokens=True),
+            weight_version=-1, seconds=time.time() - t0)
+
+    @torch.no_grad()
+    def _hf_sample(self, prompt: list[int], s: SamplingSettings) -> list[tuple[list[int], str]]:
+        ids = torch.tensor([prompt] * s.n, device=self.device)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens,
+            do_sample=s.temperature > 0, temperature=s.temperature if s.temperature > 0 else None,
+            top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else None,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        eos, res = self.tokenizer.eos_token_id, []
+        for row in out[:, len(prompt):].tolist():
+            cut = row.index(eos) + 1 if eos in row else len(row)
+            res.append((row[:cut], "stop" if eos in row else "length"))
+        return res
+
+    def ready(self) -> tuple[int, int]:
+        """(tokenizer vocabulary size, embedding rows) for the start-up checks."""
+        return self.vocab_size, self.embedding_rows

@@ -1,0 +1,123 @@
+"""`opd-train`: the one Hydra entry point of a distillation run.
+
+    opd-train                                   # the default experiment (conf/train.yaml)
+    opd-train loss=smpo steps=100 rollout.temperature=1.2
+    opd-train run_dir=runs/my-run resume=auto   # continue from the newest checkpoint
+    RAY_ADDRESS=... opd-train resources=gpu ... # join an existing Ray cluster (ray job submit)
+
+It validates the config once, builds the zoo if the task needs it, checks the teacher's
+tokenizer against the student's, starts (or joins) Ray, builds the actors, runs the loop
+(`opd.loop`), writes summary.json, and shuts everything down, also on Ctrl-C and on an
+actor error: a clear message, a final checkpoint where possible, no orphan processes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from opd.config import CONF_DIR, register_configs, to_dataclass
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def prepare_run(cfg: Any):
+    """Everything before the actors: models, tokenizers (checked), prompts, run dir."""
+    from opd.run_io import RunDir, resolve_resume
+    from opd.tasks import load_splits
+    from opd.teacher import check_tokenizers
+    from opd.zoo import load_tokenizer, resolve_model_paths
+
+    run = RunDir(cfg.run_dir)
+    student_path, teacher_path = resolve_model_paths(cfg)
+    resume = resolve_resume(cfg.resume, run)
+    if resume is not None:
+        student_path = str(resume)  # the checkpoint is a Hugging Face model dir
+    tok = load_tokenizer(student_path, cfg.student.trust_remote_code)
+    note = check_tokenizers(tok, load_tokenizer(teacher_path, cfg.teacher.trust_remote_code))
+    print(f"student: {student_path}\nteacher: {teacher_path}\n{note}", flush=True)
+    max_prompt = cfg.rollout.max_model_len - cfg.rollout.max_new_tokens
+    train, heldout = load_splits(cfg.task, tok, max_prompt)
+    return run, student_path, teacher_path, resume, tok, train, heldout
+
+
+def run_training(cfg: Any) -> dict:
+    """Run one distillation; returns the summary (also written to run_dir/summary.json)."""
+    from opd.actors import Workers, start_ray
+    from opd.config import as_dict
+    from opd.loop import Distillation
+    from opd.run_io import environment
+
+    t0 = time.time()
+    run, student_path, teacher_path, resume, tok, train, heldout = prepare_run(cfg)
+    run.write_json("config.json", as_dict(cfg))
+    started_ray = start_ray(cfg.resources) if cfg.resources.use_ray else False
+    workers = None
+    loop = None
+    try:
+        workers = Workers(cfg, student_path, teacher_path)
+        extra = workers.call(workers.learner, "load_checkpoint", str(resume)) if resume else None
+        loop = Distillation(cfg, workers, tok, train, heldout, run)
+        summary = loop.run(extra)
+        summary.update(total_seconds=time.time() - t0, run_dir=str(run.path), steps=cfg.steps,
+                       environment=environment(), student=student_path, teacher=teacher_path)
+        run.write_json("summary.json", summary)
+        return summary
+    except BaseException as e:
+        _save_on_failure(loop, e)
+        raise
+    finally:
+        if workers is not None:
+            workers.shutdown()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _save_on_failure(loop: Any, err: BaseException) -> None:
+    what = "interrupted" if isinstance(err, KeyboardInterrupt) else f"stopped by an error: {err}"
+    print(f"\nrun {what}", file=sys.stderr, flush=True)
+    if loop is None or loop.step == 0:
+        return
+    try:
+        path = loop.checkpoint()
+        print(f"saved a checkpoint of step {loop.step} at {path}; continue with "
+              f"run_dir={loop.run_dir.path} resume=auto", file=sys.stderr, flush=True)
+    except Exception as e2:  # noqa: BLE001 - the learner itself may be what failed
+        print(f"no final checkpoint ({e2}); the newest periodic one is in "
+              f"{loop.run_dir.ckpt_root}", file=sys.stderr, flush=True)
+
+
+def print_table(s: dict) -> None:
+    print("\nheld-out exact match (greedy, vLLM)")
+    print(f"  teacher         {s['teacher']:.3f}")
+    print(f"  student before  {s['student_before']:.3f}")
+    print(f"  student after   {s['student_after']:.3f}")
+    gap = s["teacher"] - s["student_before"]
+    if gap > 0:
+        print(f"  gap closed      {(s['student_after'] - s['student_before']) / gap:.0%}")
+    print(f"wall time {s['total_seconds']:.0f}s; run dir {s['run_dir']}", flush=True)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def _hydra_main(node: DictConfig) -> None:
+    cfg = to_dataclass(node)
+    print_table(run_training(cfg))
+
+
+def main() -> None:
+    register_configs()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Typed messages that cross actor boundaries (driver <-> rollout workers, teacher, learner).
+
+Frozen dataclasses only; every field carries its shape and meaning. Shape letters:
+P prompts in a step, G samples per prompt, N = P*G rollouts, L_n the length of rollout n,
+B rows of a train batch, S padded sequence length (prompt + completion), K top-k width,
+V vocabulary size. Ragged data (token ids of rollouts) travel as lists; padded numeric
+data as numpy arrays (cheap to ship through Ray's object store, no torch needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What a rollout worker samples with on one call (from RolloutConfig, plus the monitor's
+    adaptive max_new_tokens and a per-step seed)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float  # 1.0 = off
+    top_k: int  # -1 = off
+    repetition_penalty: float  # 1.0 = off
+    stop: tuple[str, ...]  # stop strings
+    stop_token_ids: tuple[int, ...]  # extra stop token ids (EOS always stops)
+    seed: Optional[int]  # None = unseeded
+    n: int  # samples per prompt (G)
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """The prompts of one step."""
+
+    prompt_ids: list[list[int]]  # [P][prompt_len] token ids, chat template applied
+    answers: list[Optional[str]]  # [P] reference answers (None when unchecked)
+    sources: list[str]  # [P] "addition:train:17" or "data.jsonl:12"
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Completions sampled from the student by vLLM. Rollout n answers prompt n // G."""
+
+    prompt_ids: list[list[int]]  # [N][prompt_len] the prompt of each rollout
+    completion_ids: list[list[int]]  # [N][L_n] sampled tokens, EOS included when generated
+    sampler_logprobs: list[list[float]]  # [N][L_n] log-prob of each sampled token under the
+    #                                      distribution actually sampled from (processed)
+    finish_reasons: list[str]  # [N] "stop" (EOS / stop string) | "length" (max_new_tokens)
+    texts: list[str]  # [N] decoded completions (special tokens skipped)
+    weight_version: int  # version of the weights that produced every rollout here
+    seconds: float = 0.0  # wall time of generation
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(c) for c in self.completion_ids]
+
+
+@dataclass(frozen=True)
+class TeacherScores:
+    """The teacher's log-probs of the exact completion tokens, at temperature `temperature`
+    (log_softmax(logits / temperature)). Padded to T = max_n L_n; entries past L_n are 0."""
+
+    logprobs_NT: np.ndarray  # [N, T] float32 log p_teacher(completion token)
+    temperature: float
+    topk_ids_NTK: Optional[np.ndarray] = None  # [N, T, K] int64 teacher's top-k token ids
+    topk_logprobs_NTK: Optional[np.ndarray] = None  # [N, T, K] float32 their log-probs
+    full_logprobs_NTV: Optional[np.ndarray] = None  # [N, T, V] float32 whole distribution
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """SMPO preference pairs built from a step's rollouts (rows of the TrainBatch)."""
+
+    chosen_rows: np.ndarray  # [M] int64 row index of each pair's chosen completion
+    rejected_rows: np.ndarray  # [M] int64 row index of each pair's rejected completion
+    score_gap: np.ndarray  # [M] float32 score(chosen) - score(rejected)
+    skipped: int  # prompts whose best-worst gap was under the threshold
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """What the learner trains on. Token s of row b is a target when loss_mask_BS[b, s] > 0;
+    its log-prob is read from the logits at position s - 1."""
+
+    input_ids_BS: np.ndarray  # [B, S] int64 prompt + completion, right-padded with pad id
+    loss_mask_BS: np.ndarray  # [B, S] float32 per-token weight (0 = prompt/padding)
+    sampler_logprobs_BS: np.ndarray  # [B, S] float32 sampler log-prob of each target token
+    teacher_logprobs_BS: np.ndarray  # [B, S] float32 teacher log-prob of each target token
+    seq_advantage_B: np.ndarray  # [B] float32 sequence-level advantage term (length penalties)
+    on_policy: bool  # True: the student's rollouts; False: teacher/dataset completions
+    temperature: float  # the sampler's temperature (learner log-probs use logits / T)
+    teacher_topk_ids_BSK: Optional[np.ndarray] = None  # [B, S, K] int64
+    teacher_topk_logprobs_BSK: Optional[np.ndarray] = None  # [B, S, K] float32
+    teacher_full_logprobs_BSV: Optional[np.ndarray] = None  # [B, S, V] float32
+    pairs: Optional[PairBatch] = None  # SMPO pairs among the rows
+    rejected_eos_id: int = -1  # EOS id (for SMPO's EOS protection)
+
+    @property
+    def num_tokens(self) -> float:
+        return float(self.loss_mask_BS.sum())
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """The student's weights, sent from the learner to the rollout workers."""
+
+    version: int  # learner step that produced them
+    blob: bytes  # safetensors bytes of {hf_name: tensor}
+    seconds: float = 0.0  # export time on the learner
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """One line of metrics.jsonl."""
+
+    step: int
+    values: dict[str, float]  # namespaced scalars: "rollout/len_mean", "loss/pg", "time/generate"
+    events: list[dict] = field(default_factory=list)  # length-monitor state changes this step

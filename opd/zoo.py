@@ -1,0 +1,251 @@
+"""Offline model zoo: the tokenizer, teacher and student that opd builds for itself.
+
+Nothing can be downloaded on our machines, so `opd-prepare` builds, on a CPU and in a few
+minutes, everything the default experiment and the tests need, in Hugging Face format
+(`save_pretrained`, safetensors) so that transformers and vLLM load them like any hub model:
+
+- a character-level tokenizer (trained with `tokenizers` as a WordLevel model over the task
+  alphabet) with distinct <bos>/<eos>/<pad> tokens and a chat template;
+- a teacher (Qwen2 architecture) trained by SFT until its held-out exact match reaches
+  `teacher.zoo.stop_at_exact_match`;
+- a student (smaller Qwen2) trained by SFT only until it reaches a weak start
+  (`student.zoo.stop_at_exact_match`), so that distillation has a gap to close.
+
+Artefacts are keyed by a hash of everything that shapes them (format version, task,
+architecture, recipe): reused when present, rebuilt when the config changes, and written
+atomically (built in a temporary directory, then renamed), so a prepare killed halfway never
+leaves a model that a later run would load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from opd.tasks import TASK_ALPHABET, Example, encode_answer, encode_prompt, exact_match
+
+ZOO_FORMAT = 1
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+MARKER = "opd_zoo.json"  # written last inside a finished artefact
+
+
+@dataclass(frozen=True)
+class ZooPaths:
+    tokenizer: Path
+    teacher: Path
+    student: Path
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _atomic_build(final: Path, build) -> Path:
+    """Run `build(tmp_dir)` and rename the result into place; reuse a finished artefact."""
+    if (final / MARKER).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        if final.exists():  # a half-written leftover from an old layout, or a lost race
+            if (final / MARKER).is_file():
+                return final
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------ tokenizer
+def build_tokenizer(out_dir: Path, alphabet: str = TASK_ALPHABET) -> None:
+    """Train a character-level tokenizer and save it in Hugging Face format."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIALS, min_frequency=1)
+    tok.train_from_iterator([alphabet + "\n"] * 2, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=SPECIALS[4:], padding_side="left")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 256
+    fast.save_pretrained(out_dir)
+    (out_dir / MARKER).write_text(json.dumps({"kind": "tokenizer", "alphabet": alphabet}))
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+# ------------------------------------------------------------------ models
+def qwen2_config(tokenizer: Any, z: Any, max_positions: int = 256):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=z.hidden, intermediate_size=z.intermediate,
+        num_hidden_layers=z.layers, num_attention_heads=z.heads, num_key_value_heads=z.kv_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=True, rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
+
+
+def encode_sft(tokenizer: Any, examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids + EOS) per example."""
+    return [(encode_prompt(tokenizer, ex), encode_answer(tokenizer, ex.answer)) for ex in examples]
+
+
+def sft_batch(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded input ids, attention mask, and labels (-100 outside the answer)."""
+    width = max(len(p) + len(a) for p, a in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (p, a) in enumerate(pairs):
+        seq = p + a
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(p): len(seq)] = torch.tensor(a)
+        attn[i, : len(seq)] = 1
+    return ids, attn, labels
+
+
+@torch.no_grad()
+def greedy_exact_match(model: Any, tokenizer: Any, examples: Sequence[Example],
+                       max_new_tokens: int = 16, batch_size: int = 256) -> float:
+    """Held-out exact match with greedy decoding in transformers (left padding)."""
+    model.eval()
+    hits = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i: i + batch_size]
+        prompts = [encode_prompt(tokenizer, ex) for ex in chunk]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+        attn = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+        out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        hits += sum(exact_match(t, ex.answer) for t, ex in zip(texts, chunk))
+    model.train()
+    return hits / max(1, len(examples))
+
+
+def sft_train(tokenizer: Any, z: Any, train: Sequence[Example], heldout: Sequence[Example],
+              log_prefix: str) -> tuple[Any, dict]:
+    """Build a Qwen2 model from `z` (a ZooModelConfig) and SFT it until the held-out exact
+    match reaches `z.stop_at_exact_match` or `z.sft_steps` run out."""
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(z.seed)
+    model = Qwen2ForCausalLM(qwen2_config(tokenizer, z)).float()
+    pairs = encode_sft(tokenizer, train)
+    opt = torch.optim.AdamW(model.parameters(), lr=z.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    rng, t0, em, step = random.Random(z.seed), time.time(), 0.0, 0
+    model.train()
+    for step in range(1, z.sft_steps + 1):
+        ids, attn, labels = sft_batch([pairs[rng.randrange(len(pairs))] for _ in range(z.batch_size)],
+                                      tokenizer.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % z.eval_every == 0 or step == z.sft_steps:
+            em = greedy_exact_match(model, tokenizer, heldout)
+            print(f"[{log_prefix}] step {step:5d}  loss {loss.item():.4f}  held-out exact match "
+                  f"{em:.3f}  ({time.time() - t0:.0f}s)", flush=True)
+            if em >= z.stop_at_exact_match:
+                break
+    return model, {"heldout_exact_match": em, "sft_steps": step, "seconds": time.time() - t0}
+
+
+# ------------------------------------------------------------------ the zoo
+def _task_spec(task_cfg: Any) -> dict:
+    keys = ("name", "seed", "train_size", "heldout_size", "max_digits", "min_chars", "max_chars")
+    return {k: getattr(task_cfg, k) for k in keys}
+
+
+def model_spec(role: str, task_cfg: Any, z: Any, tokenizer_dir: Path) -> dict:
+    return {"format": ZOO_FORMAT, "role": role, "task": _task_spec(task_cfg),
+            "zoo": dataclasses.asdict(z), "tokenizer": tokenizer_dir.name}
+
+
+def ensure_tokenizer(zoo_dir: str | Path) -> Path:
+    spec = {"format": ZOO_FORMAT, "alphabet": TASK_ALPHABET, "specials": SPECIALS,
+            "template": CHAT_TEMPLATE}
+    final = Path(zoo_dir).expanduser() / f"tokenizer-{spec_hash(spec)}"
+    return _atomic_build(final, build_tokenizer)
+
+
+def ensure_model(role: str, zoo_dir: str | Path, task_cfg: Any, z: Any,
+                 tokenizer_dir: Path) -> Path:
+    """Path of the zoo model for (role, task, recipe); built (atomically) if missing."""
+    from opd.tasks import build_task
+
+    spec = model_spec(role, task_cfg, z, tokenizer_dir)
+    final = Path(zoo_dir).expanduser() / f"{task_cfg.name}-{role}-{spec_hash(spec)}"
+
+    def build(tmp: Path) -> None:
+        tok = load_tokenizer(tokenizer_dir)
+        task = build_task(task_cfg.name, task_cfg.seed, task_cfg.train_size,
+                          task_cfg.heldout_size, task_cfg.max_digits, task_cfg.min_chars,
+                          task_cfg.max_chars)
+        model, stats = sft_train(tok, z, task.train(), task.heldout(), f"prepare {role}")
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"spec": spec, **stats}, indent=2))
+
+    return _atomic_build(final, build)
+
+
+def zoo_info(model_dir: str | Path) -> Optional[dict]:
+    p = Path(model_dir) / MARKER
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def ensure_zoo(cfg: Any) -> ZooPaths:
+    """Build (or reuse) the tokenizer, teacher and student for cfg.task."""
+    if cfg.task.name == "file":
+        raise ValueError("the model zoo builds models for the built-in tasks only; with "
+                         "task=file set student.path and teacher.path")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    tok_dir = ensure_tokenizer(cfg.zoo_dir)
+    teacher = ensure_model("teacher", cfg.zoo_dir, cfg.task, cfg.teacher.zoo, tok_dir)
+    student = ensure_model("student", cfg.zoo_dir, cfg.task, cfg.student.zoo, tok_dir)
+    return ZooPaths(tok_dir, teacher, student)
+
+
+def resolve_model_paths(cfg: Any) -> tuple[str, str]:
+    """(student path, teacher path): the user's, or the zoo's (built when missing)."""
+    if cfg.student.path and cfg.teacher.path:
+        return cfg.student.path, cfg.teacher.path
+    zoo = ensure_zoo(cfg)
+    return cfg.student.path or str(zoo.student), cfg.teacher.path or str(zoo.teacher)
