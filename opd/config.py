@@ -340,9 +340,21 @@ def _cross_checks(cfg: TrainConfig) -> list[str]:
     return errs
 
 
+def _unknown_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Keys that are not schema fields: Hydra lets `+rollout.tempreture=0.5` through (appends
+    bypass struct mode) and OmegaConf.to_object keeps them as stray attributes."""
+    names = [f.name for f in dataclasses.fields(obj)]
+    out = [f"{prefix}{k}" for k in vars(obj) if k not in names]
+    for n in names:
+        if dataclasses.is_dataclass(getattr(obj, n)):
+            out += _unknown_keys(getattr(obj, n), f"{prefix}{n}.")
+    return out
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every key against its rule; raise one ConfigError listing all violations."""
-    errs = []
+    errs = [f"{k} is not a config key (see opd/config.py), got {_get(cfg, k)!r}"
+            for k in _unknown_keys(cfg)]
     for key, (check, text) in RULES.items():
         value = _get(cfg, key)
         try:

@@ -152,7 +152,7 @@ class Learner:
             loss, m = self._row_terms(b, idx, n_tokens) if kind == "rows" else self._pair_terms(b, idx, M)
             if loss.requires_grad:
                 loss.backward()
-            for k, v in {**m, f"loss/{kind}_total": float(loss)}.items():
+            for k, v in {**m, f"loss/{kind}_total": float(loss.detach())}.items():
                 acc.setdefault(k, []).append((v, len(idx)))
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.o.grad_clip if self.o.grad_clip > 0 else float("inf"))

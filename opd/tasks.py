@@ -76,14 +76,18 @@ class SyntheticTask:
 
     def heldout(self) -> list[Example]:
         if not self._heldout:
-            rng, seen = random.Random(f"{self.seed}:heldout"), set()
+            rng, seen, held = random.Random(f"{self.seed}:heldout"), set(), []
             for _ in range(self.heldout_size * 50):
                 q, a = self.make(rng)
                 if q not in seen:
                     seen.add(q)
-                    self._heldout.append((q, a))
-                if len(self._heldout) == self.heldout_size:
+                    held.append((q, a))
+                if len(held) == self.heldout_size:
                     break
+            if len(held) < self.heldout_size:  # never return fewer than asked for silently
+                raise ValueError(f"task.heldout_size={self.heldout_size}: only {len(held)} "
+                                 f"distinct {self.name} questions found")
+            self._heldout = held
         return [user_example(q, a, f"{self.name}:heldout:{i}") for i, (q, a) in
                 enumerate(self._heldout)]
 
@@ -95,6 +99,9 @@ class SyntheticTask:
             q, a = self.make(rng)
             if q not in held:
                 out.append(user_example(q, a, f"{self.name}:train:{len(out)}"))
+        if len(out) < self.train_size:
+            raise ValueError(f"task.train_size={self.train_size}: only {len(out)} train prompts "
+                             f"in {tries} draws (are all {self.name} questions held out?)")
         return out
 
 

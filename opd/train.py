@@ -65,7 +65,8 @@ def run_training(cfg: Any) -> dict:
         loop = Distillation(cfg, workers, tok, train, heldout, run)
         summary = loop.run(extra)
         summary.update(total_seconds=time.time() - t0, run_dir=str(run.path), steps=cfg.steps,
-                       environment=environment(), student=student_path, teacher=teacher_path)
+                       environment=environment(), student_path=student_path,
+                       teacher_path=teacher_path)
         run.write_json("summary.json", summary)
         return summary
     except BaseException as e:

@@ -12,11 +12,15 @@ import os
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+# OpenMP threads that spin while waiting make torch ~50x slower on a tiny model when another
+# process shares the two cores (measured: 24 ms -> 1.7 s per SFT step); passive waiting
+# costs nothing measurable. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 
 TEACHER_ZOO = dict(layers=2, hidden=64, heads=1, kv_heads=1, intermediate=128, sft_steps=400,
-                   eval_every=50, stop_at_exact_match=0.6, lr=0.003, batch_size=64)
+                   eval_every=50, stop_at_exact_match=0.8, lr=0.003, batch_size=64)
 STUDENT_ZOO = dict(layers=1, hidden=64, heads=1, kv_heads=1, intermediate=128, sft_steps=100,
                    eval_every=25, stop_at_exact_match=0.05, batch_size=64)
 
@@ -34,7 +38,11 @@ def tiny_overrides(tmp_path_factory) -> list[str]:
         f"zoo_dir={root / 'zoo'}",
         f"run_dir={root / 'run'}",
         "task.train_size=2000",
-        "task.heldout_size=50",
+        # One-digit operands: 100 distinct questions, 30 held out. Two-digit addition is out
+        # of reach for a 2-layer, 64-wide model in a few hundred steps (measured: ~0.1 exact
+        # match after 1200 steps); one-digit gets the teacher to ~0.9 in ~200 steps (~6 s).
+        "task.max_digits=1",
+        "task.heldout_size=30",
         *(f"teacher.zoo.{k}={v}" for k, v in TEACHER_ZOO.items()),
         *(f"student.zoo.{k}={v}" for k, v in STUDENT_ZOO.items()),
         "rollout.prompts_per_step=8",
