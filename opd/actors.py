@@ -77,8 +77,11 @@ def _make(cls: type, name: str, use_ray: bool, num_cpus: float, num_gpus: float,
 def _rollout_env(ncpu: int) -> dict:
     # Inside an actor process the engine can run in-process (starts ~4x faster, less memory);
     # that process holds no learner (DESIGN.md section 4).
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(ncpu),
-            "TOKENIZERS_PARALLELISM": "false"}
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(ncpu),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if "TORCH_COMPILE_DISABLE" in os.environ:  # set by rollout.cpu_engine_env on CPU machines
+        env["TORCH_COMPILE_DISABLE"] = os.environ["TORCH_COMPILE_DISABLE"]
+    return env
 
 
 class Workers:
@@ -89,6 +92,9 @@ class Workers:
         from opd.rollout import RolloutWorker
         from opd.teacher import TeacherScorer
 
+        from opd.rollout import cpu_engine_env
+
+        cpu_engine_env()
         r, self.cfg = cfg.resources, cfg
         self.teacher_path = teacher_path
         self.use_ray, self.timeout = r.use_ray, r.remote_timeout_s

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, WeightUpdate
@@ -32,7 +33,35 @@ class WeightSyncExtension:
 
         tensors = load(blob)
         self.reload_weights(weights_iterator=list(tensors.items()), is_checkpoint_format=True)
+        self._opd_refresh_tied_head()
         return len(tensors)
+
+    def _opd_refresh_tied_head(self) -> None:
+        """With tie_word_embeddings, the LM head is not among the reloaded weights, and on
+        CPU it keeps a packed (oneDNN) copy of the *old* embedding made at engine start:
+        measured, a synced embedding left log-probs wrong by ~8 nats. Point the head at the
+        new embedding and re-run its post-load processing (which repacks it)."""
+        model = self.model_runner.get_model()
+        if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            return
+        head, emb = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+        if head is None or emb is None:
+            return
+        if head.weight.data_ptr() != emb.weight.data_ptr():
+            head.weight.data.copy_(emb.weight.data)
+        method = getattr(head, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(head)
+
+
+def cpu_engine_env() -> None:
+    """On CPU, vLLM `torch.compile`s a tiny log-prob rank helper with inductor, which costs
+    ~20-50 s of C++ compilation on the first sampled batch; eager is the same op. Must run
+    before the engine process imports torch (Ray actors get it through their env too)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 
 def engine_kwargs(model_path: str, rollout_cfg: Any, *, seed: int, dtype: str,
@@ -72,6 +101,7 @@ class RolloutWorker:
 
     def __init__(self, model_path: str, rollout_cfg: Any, worker_index: int = 0,
                  trust_remote_code: bool = False):
+        cpu_engine_env()
         from vllm import LLM
 
         self.index = worker_index
@@ -81,8 +111,12 @@ class RolloutWorker:
 
     def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
         t0 = time.time()
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts.prompt_ids],
-                                 to_sampling_params(sampling), use_tqdm=False)
+        # one seed per prompt: a shared seed would make the k-th sample of every prompt
+        # draw the same random numbers (correlated samples across prompts)
+        params = [to_sampling_params(replace(sampling, seed=None if sampling.seed is None else
+                                             sampling.seed + 7919 * i + 104729 * self.index))
+                  for i in range(len(prompts.prompt_ids))]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts.prompt_ids], params, use_tqdm=False)
         prompt_ids, comp, lps, reasons, texts = [], [], [], [], []
         for p, out in zip(prompts.prompt_ids, outs):
             for o in out.outputs:

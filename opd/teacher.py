@@ -99,9 +99,10 @@ class TeacherScorer:
         self.embedding_rows = self.model.get_input_embeddings().weight.shape[0]
 
     def _init_vllm(self, rollout_cfg: Any) -> None:
-        from vllm import LLM
+        from opd.rollout import cpu_engine_env, engine_kwargs
 
-        from opd.rollout import engine_kwargs
+        cpu_engine_env()
+        from vllm import LLM
 
         if self.cfg.logprobs == "full":
             raise ValueError("teacher.logprobs=full needs teacher.backend=transformers "

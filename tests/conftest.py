@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny config and a tiny model zoo (built once per test session).
 
 `tiny_overrides` shrinks the task and the zoo's models so that the whole zoo builds on two
-CPU cores in about a minute, while the tiny teacher still clearly beats the tiny student on
+CPU cores in 10-30 s, while the tiny teacher still clearly beats the tiny student on
 held-out addition (what distillation tests need). The zoo goes to a session temp dir: the
 user's cache (`OPD_ZOO_DIR`, ~/.cache/opd) is never read or written.
 """

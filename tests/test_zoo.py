@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from opd.config import load_config
-from opd.tasks import encode_prompt, exact_match, load_splits
+from opd.tasks import Example, build_task, encode_prompt, exact_match, load_splits
 from opd.zoo import (MARKER, ZooPaths, _atomic_build, ensure_zoo, greedy_exact_match,
                      load_tokenizer, model_spec, spec_hash, zoo_info)
 
@@ -188,6 +188,11 @@ def heldout(tiny_cfg):
     return load_splits(tiny_cfg.task)[1]
 
 
+# Raw-text prompts (no chat template) that the addition-trained student has never seen.
+ODD_PROMPTS = [Example(None, text, None, f"odd:{i}")
+               for i, text in enumerate(["hello world", "9+9=", "(a)", "1+1+1"])]
+
+
 def _sampling(temperature: float, n: int, seed: int):
     from opd.types import SamplingSettings
 
@@ -203,7 +208,7 @@ def test_vllm_sampled_logprobs_match_transformers(worker, tiny_zoo, heldout, tem
     from opd.types import PromptBatch
 
     tok = load_tokenizer(tiny_zoo.student)
-    exs = heldout[:6]
+    exs = heldout[:6] + ODD_PROMPTS[:2]
     prompts = PromptBatch([encode_prompt(tok, ex) for ex in exs], [ex.answer for ex in exs],
                           [ex.source for ex in exs])
     batch = worker.generate(prompts, _sampling(temperature, n=3, seed=11))
@@ -227,9 +232,13 @@ def test_vllm_sampled_logprobs_match_transformers(worker, tiny_zoo, heldout, tem
 def test_vllm_greedy_matches_transformers_greedy(worker, tiny_zoo, tiny_cfg, heldout):
     tok = load_tokenizer(tiny_zoo.student)
     train = load_splits(tiny_cfg.task)[0]
-    exs = list(heldout) + train[:20]
+    reversal = build_task("reversal", seed=1, train_size=1, heldout_size=10).heldout()
+    exs = list(heldout) + train[:20] + reversal + ODD_PROMPTS
     prompt_ids = [encode_prompt(tok, ex) for ex in exs]
     texts = worker.greedy(prompt_ids, max_new_tokens=8)
+    # The weak student answers most sums alike; the other prompts make it stop at once or run
+    # to the token limit: without some variety this comparison would prove little.
+    assert len(set(texts)) >= 3
     model = _load_model(tiny_zoo.student)
     ref = []
     for p in prompt_ids:

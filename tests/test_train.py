@@ -1,0 +1,84 @@
+"""The whole loop on the tiny zoo: in-process (no Ray), resume, every loss mode, and a Ray run
+in which the teacher KL falls."""
+
+import json
+
+import numpy as np
+import pytest
+
+from opd.config import load_config
+from opd.train import run_training
+
+pytestmark = pytest.mark.slow
+
+FAST = ["length.reference_prompts=8", "eval_every=0", "checkpoint_every=0", "log_every=1"]
+
+
+def _metrics(run_dir):
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [l for l in lines if "loss/rows_total" in l or "offpolicy/mean" in l]
+
+
+def test_inprocess_run_writes_metrics_summary_and_checkpoint(tiny_overrides, tiny_zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(tiny_overrides + FAST + [f"run_dir={tmp_path}", "resources.use_ray=false", "steps=3"])
+    summary = run_training(cfg)
+    steps = _metrics(tmp_path)
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for key in ("length/mean", "length/p95", "length/max", "length/truncated_frac", "teacher/kl",
+                "loss/pg", "optim/grad_norm", "optim/lr", "time/generate", "time/teacher", "time/learn",
+                "time/sync", "rollout/tokens_per_s", "rollout/weight_version"):
+        assert key in steps[-1], key
+    assert [m["rollout/weight_version"] for m in steps] == [0, 1, 2]  # sync after every step
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("student_before", "student_after", "teacher", "wall_seconds", "environment"):
+        assert key in on_disk
+    assert 0 <= summary["student_after"] <= 1
+    ckpt = tmp_path / "checkpoints" / "step-000003"
+    model = AutoModelForCausalLM.from_pretrained(ckpt)  # a Hugging Face model directory
+    assert model.config.num_hidden_layers == cfg.student.zoo.layers
+    assert not list(ckpt.glob("*.bin"))
+
+
+def test_resume_continues_exactly(tiny_overrides, tiny_zoo, tmp_path):
+    """Checkpoint at step 2, then resume: step 3 has the same loss as the uninterrupted run."""
+    base = tiny_overrides + FAST + ["resources.use_ray=false", "steps=3", "checkpoint_every=2",
+                                    "keep_checkpoints=5", "optim.lr=0.003"]
+    run_training(load_config(base + [f"run_dir={tmp_path / 'a'}"]))
+    full = _metrics(tmp_path / "a")
+    ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
+    run_training(load_config(base + [f"run_dir={tmp_path / 'b'}", f"resume={ckpt}"]))
+    resumed = _metrics(tmp_path / "b")
+    assert [m["step"] for m in resumed] == [3]
+    for key in ("loss/rows_total", "teacher/kl", "length/mean", "optim/grad_norm", "optim/lr"):
+        assert resumed[0][key] == pytest.approx(full[2][key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("loss", ["gkd", "smpo", "smpo_only", "seqkd"])
+def test_every_loss_mode_trains(tiny_overrides, tiny_zoo, tmp_path, loss):
+    over = tiny_overrides + FAST + [f"run_dir={tmp_path}", "resources.use_ray=false", "steps=2", f"loss={loss}",
+                                    "loss.smpo.min_score_gap=0", "rollout.samples_per_prompt=4"]
+    run_training(load_config(over))
+    steps = _metrics(tmp_path)
+    assert len(steps) == 2
+    last = steps[-1]
+    assert np.isfinite(last["optim/grad_norm"]) and last["optim/grad_norm"] > 0
+    if loss == "gkd":
+        assert "loss/jsd" in last
+    if loss in ("smpo", "smpo_only"):
+        assert any("smpo/pairs" in m and m["smpo/pairs"] > 0 for m in steps)
+        assert any("smpo/loss_pref" in m for m in steps)
+    if loss == "seqkd":
+        assert last["rollout/on_policy"] == 0.0 and "loss/sft" in last
+
+
+def test_ray_run_teacher_kl_falls(tiny_overrides, tiny_zoo, tmp_path):
+    cfg = load_config(tiny_overrides + FAST + [
+        f"run_dir={tmp_path}", "resources.use_ray=true", "steps=16", "optim.lr=0.003",
+        "optim.warmup_steps=0", "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4",
+        "length=monitor"])
+    run_training(cfg)
+    kl = [m["teacher/kl"] for m in _metrics(tmp_path)]
+    assert len(kl) == 16
+    assert np.mean(kl[-4:]) < 0.7 * np.mean(kl[:4]), kl
