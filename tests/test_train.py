@@ -22,7 +22,8 @@ def _metrics(run_dir):
 def test_inprocess_run_writes_metrics_summary_and_checkpoint(tiny_overrides, tiny_zoo, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config(tiny_overrides + FAST + [f"run_dir={tmp_path}", "resources.use_ray=false", "steps=3"])
+    cfg = load_config(tiny_overrides + FAST + [f"run_dir={tmp_path}", "resources.use_ray=false", "steps=3",
+                                               "loss=opd"])
     summary = run_training(cfg)
     steps = _metrics(tmp_path)
     assert [m["step"] for m in steps] == [1, 2, 3]
