@@ -26,7 +26,7 @@ def test_root_config_alone_composes_and_validates():
     root = OmegaConf.load(CONF_DIR / "train.yaml")
     for key in ("seed", "steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every"):
         assert getattr(cfg, key) == root[key], key
-    assert cfg.task.name == "addition" and cfg.loss.distill == "reverse_kl_pg"
+    assert cfg.task.name == "addition" and cfg.loss.distill == "jsd"  # the default experiment is GKD
     assert cfg.run_dir.startswith("runs/addition-")  # ${now:...} resolved
     assert validate(cfg) is cfg
 
