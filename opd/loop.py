@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from typing import Any, Optional
 
 import numpy as np
@@ -78,6 +79,7 @@ class Distillation:
             self.summary["teacher"] = self.w.eval_teacher(self.heldout_prompts(), self.cfg.rollout.eval_max_new_tokens)
             self.summary["teacher"] = self.score_texts(self.summary["teacher"])
             self.summary["student_before"] = self.evaluate()
+            self.summary["sampled_before"] = self.sampled_stats()
             self.monitor = make_monitor(self.cfg, self.eos, self.reference)
         print(f"held-out exact match: teacher {self.summary['teacher']:.3f}  "
               f"student {self.summary['student_before']:.3f} (before)", flush=True)
@@ -110,6 +112,7 @@ class Distillation:
             if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0 and step < self.cfg.steps:
                 self.checkpoint()
         self.summary["student_after"] = self.evaluate()
+        self.summary["sampled_after"] = self.sampled_stats()
         self.summary["wall_seconds"] = time.time() - t_start
         self.checkpoint()
         return self.summary
@@ -177,6 +180,18 @@ class Distillation:
         if not self.heldout:
             return float("nan")
         return self.score_texts(self.w.greedy(self.heldout_prompts(), self.cfg.rollout.eval_max_new_tokens))
+
+    def sampled_stats(self) -> dict[str, float]:
+        """Length / EOS / truncation statistics of one sampled completion per held-out prompt
+        at the rollout settings (the EOS rate of the student, in summary.json)."""
+        if not self.heldout:
+            return {}
+        pb = PromptBatch(self.heldout_prompts(), [e.answer for e in self.heldout], [e.source for e in self.heldout])
+        settings = replace(sampling_settings(self.cfg.rollout, self.cfg.rollout.max_new_tokens, 0), n=1)
+        out = self.w.generate(pb, settings)
+        stats = L.rollout_stats(out.completion_ids, out.finish_reasons, {self.eos}, self.cfg.rollout.max_new_tokens,
+                                min_length=self.cfg.length.min_length)
+        return stats.as_metrics("")
 
     def reference_lengths(self) -> Optional[L.ReferenceLengths]:
         """Teacher greedy generations on a sample of train prompts (or the dataset's answers)."""

@@ -1,0 +1,123 @@
+"""Length-monitor proof on the toy task: induce rollout inflation, then train with
+`length=monitor` (statistics and events only) and `length=auto` (penalties switched by the
+detector), and compare how fast the truncated fraction falls back and what happens to the
+held-out exact match.
+
+    .venv/bin/python benchmarks/exp_length.py                    # gkd and opd losses, 60 steps
+    .venv/bin/python benchmarks/exp_length.py --losses opd --steps 80
+
+Inflation is induced by pushing the zoo's student away from EOS: a short SFT (default 60
+steps) on the task's answers followed by random filler characters and no EOS, so the student
+keeps writing past its answer and most rollouts are cut at `max_new_tokens`. Every run then
+starts from that same EOS-averse student. Reported per run: the truncated fraction at the
+first steps and at the end, the first step from which it stays under `length.trunc_off`
+(the detector's off-threshold), the detector's events, and the held-out exact match before
+and after. JSON goes to benchmarks/results/exp_length-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_eos_averse_student(cfg, src: str, dst: Path, steps: int, filler: int, seed: int = 0) -> str:
+    """SFT `src` on answer + random filler without EOS; save a Hugging Face model at `dst`."""
+    from transformers import AutoModelForCausalLM
+
+    from opd.tasks import TASK_ALPHABET, build_task, encode_prompt
+    from opd.zoo import load_tokenizer, sft_batch
+
+    tok = load_tokenizer(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    task = build_task(cfg.task.name, cfg.task.seed, 2000, cfg.task.heldout_size, cfg.task.max_digits,
+                      cfg.task.min_chars, cfg.task.max_chars)
+    rng, chars = random.Random(seed), TASK_ALPHABET.strip()
+    pairs = []
+    for ex in task.train():
+        tail = "".join(rng.choice(chars) for _ in range(filler))
+        pairs.append((encode_prompt(tok, ex), list(tok(ex.answer + tail, add_special_tokens=False)["input_ids"])))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(steps):
+        ids, attn, labels = sft_batch([pairs[rng.randrange(len(pairs))] for _ in range(64)], tok.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(dst, safe_serialization=True)
+    tok.save_pretrained(dst)
+    return str(dst)
+
+
+def recovery_step(trunc: list[float], threshold: float) -> int | None:
+    """First step from which the truncated fraction stays under `threshold` to the end."""
+    for i in range(len(trunc)):
+        if all(t < threshold for t in trunc[i:]):
+            return i + 1
+    return None
+
+
+def run_variant(student: str, loss: str, mode: str, steps: int, root: Path, extra: list[str]) -> dict:
+    from opd.config import load_config
+    from opd.train import run_training
+
+    run_dir = root / f"{loss}-{mode}"
+    cfg = load_config([f"loss={loss}", f"length={mode}", f"student.path={student}", f"steps={steps}",
+                       "eval_every=0", "checkpoint_every=0", f"run_dir={run_dir}"] + extra)
+    s = run_training(cfg)
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps_m = [l for l in lines if "length/truncated_frac" in l]
+    trunc = [l["length/truncated_frac"] for l in steps_m]
+    return {"loss": loss, "mode": mode, "steps": steps, "trunc_off": cfg.length.trunc_off,
+            "truncated_first5": trunc[:5], "truncated_last5": trunc[-5:],
+            "recovered_at_step": recovery_step(trunc, cfg.length.trunc_off),
+            "mean_length_first5": [l["length/mean"] for l in steps_m[:5]],
+            "mean_length_last5": [l["length/mean"] for l in steps_m[-5:]],
+            "events": [e for l in lines for e in l.get("events", [])],
+            "exact_match_before": s["student_before"], "exact_match_after": s["student_after"],
+            "teacher": s["teacher"], "sampled_after": s.get("sampled_after"), "truncated_series": trunc}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--losses", nargs="*", default=["gkd", "opd"])
+    ap.add_argument("--sft-steps", type=int, default=60, help="steps of EOS-averse SFT")
+    ap.add_argument("--filler", type=int, default=20, help="filler characters after each answer")
+    ap.add_argument("--out", default=None)
+    args, extra = ap.parse_known_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from opd.config import load_config
+    from opd.run_io import environment
+    from opd.zoo import resolve_model_paths
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root = Path(f"runs/exp_length-{stamp}")
+    cfg = load_config(extra)
+    src, _ = resolve_model_paths(cfg)
+    student = make_eos_averse_student(cfg, src, root / "eos_averse_student", args.sft_steps, args.filler)
+    rows = [run_variant(student, loss, mode, args.steps, root, extra)
+            for loss in args.losses for mode in ("monitor", "auto")]
+    out = Path(args.out or f"benchmarks/results/exp_length-{stamp}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"experiment": "exp_length", "args": vars(args), "extra_overrides": extra,
+                               "rows": rows, "environment": environment()}, indent=2, default=str))
+    print(f"\n{'loss':5s} {'mode':8s} {'trunc first5':>24s} {'trunc last5':>24s} {'recovered@':>10s} "
+          f"{'EM before':>9s} {'EM after':>8s}")
+    for r in rows:
+        f5 = " ".join(f"{t:.2f}" for t in r["truncated_first5"])
+        l5 = " ".join(f"{t:.2f}" for t in r["truncated_last5"])
+        print(f"{r['loss']:5s} {r['mode']:8s} {f5:>24s} {l5:>24s} {str(r['recovered_at_step']):>10s} "
+              f"{r['exact_match_before']:9.3f} {r['exact_match_after']:8.3f}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
