@@ -1,9 +1,11 @@
 """Turning a step's rollouts and teacher scores into the learner's TrainBatch.
 
-Pure numpy: no torch, no Ray. Token n of a completion sits at sequence position
-len(prompt) + t; its weight in the loss is the rollout's weight (stop-properly penalties can
-mask or down-weight truncated rollouts), and EOS is a trained token like any other (padding
-is not: pad and EOS are told apart by position, never by id).
+Pure numpy: no torch, no Ray. Token t of a completion sits at sequence position
+len(prompt) + t and is a trained token, EOS included (padding is not: pad and EOS are told
+apart by position, never by id). Stop-properly penalties act through a per-row weight on the
+sequence-level (policy-gradient) term, not through the token mask: a truncated rollout's
+prefixes are still states the student visited, and the teacher's per-token distribution there
+(which says "stop here") is exactly what the distribution-matching losses should learn.
 
 SMPO pairs come from the G samples of each prompt: scored by the teacher (mean teacher
 log-prob per token) or by the task's checker; chosen = best, rejected = worst (or, when the
@@ -32,16 +34,16 @@ def _place(rows: Sequence[np.ndarray], prompt_lens: Sequence[int], S: int, tail:
 
 def build_train_batch(rollouts: RolloutBatch, scores: Optional[TeacherScores], pad_id: int,
                       eos_id: int, on_policy: bool, temperature: float,
-                      weights_N: Optional[np.ndarray] = None,
+                      seq_weight_N: Optional[np.ndarray] = None,
                       seq_advantage_N: Optional[np.ndarray] = None,
                       pairs: Optional[PairBatch] = None) -> TrainBatch:
     N, lens = len(rollouts.completion_ids), rollouts.lengths
     P = [len(p) for p in rollouts.prompt_ids]
     S = max(p + l for p, l in zip(P, lens))
-    w = np.ones(N, np.float32) if weights_N is None else np.asarray(weights_N, np.float32)
+    w = np.ones(N, np.float32) if seq_weight_N is None else np.asarray(seq_weight_N, np.float32)
     ids = _place([np.asarray(p + c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids)],
                  [0] * N, S, (), np.int64, pad_id)
-    mask = _place([np.full(l, w[n], np.float32) for n, l in enumerate(lens)], P, S, (), np.float32)
+    mask = _place([np.ones(l, np.float32) for l in lens], P, S, (), np.float32)
     sampler = _place([np.asarray(x, np.float32) for x in rollouts.sampler_logprobs], P, S, (), np.float32)
     extra = {}
     if scores is not None:
@@ -62,7 +64,7 @@ def build_train_batch(rollouts: RolloutBatch, scores: Optional[TeacherScores], p
         extra["teacher_logprobs_BS"] = np.zeros((N, S), np.float32)
     adv = np.zeros(N, np.float32) if seq_advantage_N is None else np.asarray(seq_advantage_N, np.float32)
     return TrainBatch(input_ids_BS=ids, loss_mask_BS=mask, sampler_logprobs_BS=sampler,
-                      seq_advantage_B=adv, on_policy=on_policy, temperature=temperature,
+                      seq_advantage_B=adv, seq_weight_B=w, on_policy=on_policy, temperature=temperature,
                       pairs=pairs, rejected_eos_id=eos_id, **extra)
 
 

@@ -84,8 +84,10 @@ class Learner:
     def _tensor(self, a: Optional[np.ndarray], rows: np.ndarray) -> Optional[torch.Tensor]:
         return None if a is None else torch.as_tensor(a[rows]).to(self.device)
 
-    def _row_terms(self, b: TrainBatch, rows: np.ndarray, n_tokens: float) -> tuple[torch.Tensor, dict]:
-        """Distillation and SFT terms over a micro-batch of rows (token-normalised)."""
+    def _row_terms(self, b: TrainBatch, rows: np.ndarray, n_tokens: float,
+                   n_pg_tokens: float) -> tuple[torch.Tensor, dict]:
+        """Distillation and SFT terms over a micro-batch of rows, each normalised by the whole
+        batch's count of the tokens it trains (the PG term counts stop-properly weights)."""
         L = self.loss_cfg
         ids = self._tensor(b.input_ids_BS, rows)
         logits = self._logits(ids)
@@ -93,12 +95,13 @@ class Learner:
         lp = losses.gather_logprobs(logits, tgt, temperature=b.temperature)
         total, metrics = torch.zeros((), device=self.device), {}
         if b.on_policy and L.distill == "reverse_kl_pg" and L.distill_coef:
+            pg_mask = mask * self._tensor(b.seq_weight_B, rows)[:, None]  # stop-properly
             loss, m = losses.reverse_kl_pg_loss(
                 lp, self._tensor(b.sampler_logprobs_BS, rows)[:, 1:],
-                self._tensor(b.teacher_logprobs_BS, rows)[:, 1:], mask,
+                self._tensor(b.teacher_logprobs_BS, rows)[:, 1:], pg_mask,
                 clip_eps_low=L.clip_eps_low, clip_eps_high=L.clip_eps_high, tis_cap=L.tis_cap,
                 discount=L.discount, seq_advantage_B=self._tensor(b.seq_advantage_B, rows),
-                normalizer=n_tokens)
+                normalizer=n_pg_tokens)
             total, metrics = total + L.distill_coef * loss, {**metrics, **m}
         if b.on_policy and L.distill == "jsd" and L.distill_coef:
             loss, m = self._jsd(b, rows, logits, mask, n_tokens)
@@ -142,6 +145,7 @@ class Learner:
         t0, mb = time.time(), self.o.micro_batch_size
         self.opt.zero_grad(set_to_none=True)
         n_tokens, B = max(1.0, b.num_tokens), b.input_ids_BS.shape[0]
+        n_pg_tokens = max(1.0, float((b.loss_mask_BS * b.seq_weight_B[:, None]).sum()))
         acc: dict[str, list] = {}
         chunks = [("rows", np.arange(i, min(B, i + mb))) for i in range(0, B, mb)]
         use_pairs = b.pairs is not None and len(b.pairs.chosen_rows) and self.loss_cfg.smpo_coef
@@ -149,7 +153,8 @@ class Learner:
             M = len(b.pairs.chosen_rows)
             chunks += [("pairs", np.arange(i, min(M, i + mb))) for i in range(0, M, mb)]
         for kind, idx in chunks:
-            loss, m = self._row_terms(b, idx, n_tokens) if kind == "rows" else self._pair_terms(b, idx, M)
+            loss, m = (self._row_terms(b, idx, n_tokens, n_pg_tokens) if kind == "rows"
+                       else self._pair_terms(b, idx, M))
             if loss.requires_grad:
                 loss.backward()
             for k, v in {**m, f"loss/{kind}_total": float(loss.detach())}.items():

@@ -12,7 +12,7 @@ which conditions are on, and pure penalty functions turn the resulting
                             reference=reference_lengths(teacher_token_ids)), mode="auto")
     stats, events, plan = monitor.observe(token_ids, finish_reasons, step)   # batch t
     advantage_B += apply_sequence_penalty(plan, lengths_B, finish_reasons)  # batch t
-    token_mask_BT *= loss_weights(plan, finish_reasons)[:, None]            # batch t
+    seq_weight_B = loss_weights(plan, finish_reasons)                      # batch t
     sampling.max_tokens = plan.max_new_tokens                               # batch t+1
 
 Conventions: a rollout's length is its number of completion tokens, EOS included when it
@@ -511,7 +511,7 @@ def apply_sequence_penalty(plan: PenaltyPlan, lengths: Sequence[int],
 
 
 def loss_weights(plan: PenaltyPlan, finish_reasons: Sequence[str]) -> np.ndarray:
-    """Per-rollout weight multiplying the rollout's token mask: stop-properly when on, else 1."""
+    """Per-rollout weight of the sequence-level (policy-gradient) term: stop-properly when on, else 1."""
     if plan.stop_properly is None:
         _check_batch(len(finish_reasons), finish_reasons)
         return np.ones(len(finish_reasons))

@@ -136,7 +136,7 @@ class Distillation:
                                 G, s.min_score_gap, bad)
         batch = build_train_batch(
             rollouts, scores, self.pad, self.eos, on_policy=True, temperature=self.cfg.rollout.temperature,
-            weights_N=L.loss_weights(plan, reasons), seq_advantage_N=L.apply_sequence_penalty(plan, lengths, reasons),
+            seq_weight_N=L.loss_weights(plan, reasons), seq_advantage_N=L.apply_sequence_penalty(plan, lengths, reasons),
             pairs=pairs)
         n_tok = sum(lengths)
         values = {**stats.as_metrics(), **plan.as_metrics(), **self.monitor.detector.metrics(),

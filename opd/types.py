@@ -87,10 +87,12 @@ class TrainBatch:
     its log-prob is read from the logits at position s - 1."""
 
     input_ids_BS: np.ndarray  # [B, S] int64 prompt + completion, right-padded with pad id
-    loss_mask_BS: np.ndarray  # [B, S] float32 per-token weight (0 = prompt/padding)
+    loss_mask_BS: np.ndarray  # [B, S] float32 1 on completion tokens (EOS included), 0 on prompt/pad
     sampler_logprobs_BS: np.ndarray  # [B, S] float32 sampler log-prob of each target token
     teacher_logprobs_BS: np.ndarray  # [B, S] float32 teacher log-prob of each target token
     seq_advantage_B: np.ndarray  # [B] float32 sequence-level advantage term (length penalties)
+    seq_weight_B: np.ndarray  # [B] float32 weight of row b in the sequence-level (policy-gradient)
+    #                           term: stop-properly masks (0) or down-weights truncated rollouts
     on_policy: bool  # True: the student's rollouts; False: teacher/dataset completions
     temperature: float  # the sampler's temperature (learner log-probs use logits / T)
     teacher_topk_ids_BSK: Optional[np.ndarray] = None  # [B, S, K] int64

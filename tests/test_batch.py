@@ -1,0 +1,113 @@
+"""Batch assembly (positions, masks, stop-properly weights), SMPO pairs, the order of rollouts
+merged from several workers, and micro-batch invariance of a learner step."""
+
+import numpy as np
+import pytest
+
+from opd.actors import merge_rollouts
+from opd.batch import build_pairs, build_train_batch, rollout_scores
+from opd.types import PairBatch, RolloutBatch, TeacherScores
+
+
+def _rollouts():
+    return RolloutBatch(prompt_ids=[[1, 5, 6], [1, 5]], completion_ids=[[7, 8, 2], [9]],
+                        sampler_logprobs=[[-0.1, -0.2, -0.3], [-0.4]], finish_reasons=["stop", "length"],
+                        texts=["x", "y"], weight_version=3)
+
+
+def test_train_batch_places_tokens_and_keeps_eos_trained():
+    r = _rollouts()
+    scores = TeacherScores(logprobs_NT=np.array([[-1, -2, -3], [-4, 0, 0]], np.float32), temperature=1.0)
+    b = build_train_batch(r, scores, pad_id=0, eos_id=2, on_policy=True, temperature=1.0,
+                          seq_weight_N=np.array([1.0, 0.0]), seq_advantage_N=np.array([0.0, -1.0]))
+    np.testing.assert_array_equal(b.input_ids_BS, [[1, 5, 6, 7, 8, 2], [1, 5, 9, 0, 0, 0]])
+    # completion tokens are targets (the EOS id 2 included), prompt and padding are not;
+    # the truncated row's tokens stay in the token mask: stop-properly acts through seq_weight
+    np.testing.assert_array_equal(b.loss_mask_BS, [[0, 0, 0, 1, 1, 1], [0, 0, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(b.seq_weight_B, [1, 0])
+    np.testing.assert_allclose(b.sampler_logprobs_BS[0, 3:], [-0.1, -0.2, -0.3])
+    np.testing.assert_allclose(b.teacher_logprobs_BS[1], [0, 0, -4, 0, 0, 0])
+    np.testing.assert_allclose(b.seq_advantage_B, [0, -1])
+    assert b.num_tokens == 4
+
+
+def test_pairs_best_vs_worst_with_gap_threshold_and_badness():
+    score = np.array([0.9, 0.1, 0.5, 0.5, 0.2, 0.8, 0.4, 0.3], np.float32)  # G = 2, 4 prompts
+    p = build_pairs(score, G=2, min_gap=0.05)
+    np.testing.assert_array_equal(p.chosen_rows, [0, 5, 6])
+    np.testing.assert_array_equal(p.rejected_rows, [1, 4, 7])
+    assert p.skipped == 1  # prompt 1: equal scores
+    # with G = 4 and badness, the rejected is the lowest-scoring among the worst-badness rows
+    assert build_pairs(score, G=4, min_gap=0.0).rejected_rows.tolist() == [1, 4]
+    bad = np.array([0, 0, 0, 1, 0, 0, 0, 0])  # row 3 truncated/repetitive: rejected although 0.5 > 0.1
+    p = build_pairs(score, G=4, min_gap=0.0, badness_N=bad)
+    assert p.chosen_rows.tolist() == [0, 5] and p.rejected_rows.tolist() == [3, 4]
+
+
+def test_checker_scores_use_the_prompt_answer():
+    r = RolloutBatch([[1]] * 4, [[3]] * 4, [[0.0]] * 4, ["stop"] * 4, ["12", " 12 ", "13", "7"], 0)
+    np.testing.assert_array_equal(rollout_scores(r, None, ["12", "7"], 2, "checker"), [1, 1, 0, 1])
+
+
+def test_merge_rollouts_restores_prompt_order():
+    W, G, P = 2, 2, 5
+    parts = []
+    for w in range(W):
+        prompts = list(range(w, P, W))
+        rows = [(p, g) for p in prompts for g in range(G)]
+        parts.append(RolloutBatch([[p] for p, _ in rows], [[p * 10 + g] for p, g in rows], [[0.0]] * len(rows),
+                                  ["stop"] * len(rows), [""] * len(rows), 0))
+    merged = merge_rollouts(parts, [3, 2], W, G)
+    assert [c[0] for c in merged.completion_ids] == [p * 10 + g for p in range(P) for g in range(G)]
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return (x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(np.float32)
+
+
+def _random_batch(V, seq_weight):
+    rng = np.random.default_rng(0)
+    B = len(seq_weight)
+    ids = rng.integers(3, 40, size=(B, 9))
+    return build_train_batch(
+        RolloutBatch([list(r[:4]) for r in ids], [list(r[4: 4 + 1 + b % 5]) for b, r in enumerate(ids)],
+                     [list(rng.normal(-1, 0.3, 1 + b % 5)) for b in range(B)], ["stop"] * B, [""] * B, 0),
+        TeacherScores(rng.normal(-1.5, 0.5, (B, 5)).astype(np.float32), 1.0,
+                      full_logprobs_NTV=_log_softmax(rng.normal(0, 2, (B, 5, V)))), 0, 2, True, 1.0,
+        seq_weight_N=np.asarray(seq_weight, np.float32))
+
+
+def _learner(tiny_cfg, tiny_zoo, **loss):
+    from dataclasses import replace
+
+    from opd.learner import Learner
+
+    cfg = replace(tiny_cfg, optim=replace(tiny_cfg.optim, micro_batch_size=loss.pop("mb", 64)),
+                  loss=replace(tiny_cfg.loss, **loss))
+    return Learner(str(tiny_zoo.student), cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("distill", ["reverse_kl_pg", "jsd"])
+def test_micro_batch_split_does_not_change_the_step(tiny_cfg, tiny_zoo, distill):
+    from opd.zoo import load_tokenizer
+
+    batch = _random_batch(len(load_tokenizer(tiny_zoo.student)), [1, 0, 1, 0.1, 1, 1])
+    out = {mb: _learner(tiny_cfg, tiny_zoo, distill=distill, mb=mb).train_step(batch) for mb in (1, 4, 6)}
+    for mb in (1, 4):
+        assert out[mb]["optim/grad_norm"] == pytest.approx(out[6]["optim/grad_norm"], rel=1e-5)
+        assert out[mb]["loss/rows_total"] == pytest.approx(out[6]["loss/rows_total"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_stop_properly_weights_silence_only_the_policy_gradient(tiny_cfg, tiny_zoo):
+    """Rows weighted 0 (truncated, mask mode) give no PG gradient; GKD still learns from them."""
+    from opd.zoo import load_tokenizer
+
+    V = len(load_tokenizer(tiny_zoo.student))
+    silenced = _random_batch(V, [0] * 6)
+    assert _learner(tiny_cfg, tiny_zoo, distill="reverse_kl_pg").train_step(silenced)["optim/grad_norm"] == 0
+    assert _learner(tiny_cfg, tiny_zoo, distill="jsd").train_step(silenced)["optim/grad_norm"] > 0
+    full = _learner(tiny_cfg, tiny_zoo, distill="reverse_kl_pg").train_step(_random_batch(V, [1] * 6))
+    assert full["optim/grad_norm"] > 0
