@@ -16,7 +16,7 @@ EXTRA = {("task", "file"): ["task.train_file=/tmp/prompts.jsonl"]}
 
 def test_every_group_directory_is_covered():
     on_disk = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
-    assert on_disk == sorted(GROUPS)
+    assert on_disk == sorted(GROUPS + ["experiment"])
     assert len(GROUP_FILES) >= 16
 
 
@@ -188,3 +188,13 @@ def test_overrides_reach_the_dataclass_with_their_types():
     assert isinstance(cfg.loss.tis_cap, float) and cfg.loss.tis_cap == 2.0
     assert cfg.rollout.stop == ["ab", "cd"] and cfg.resources.ray_num_cpus == 2
     assert isinstance(cfg.rollout, RolloutConfig)
+
+
+def test_gpu_experiment_composes_with_real_model_ids():
+    cfg = load_config(["experiment=qwen_gpu", "task.train_file=/tmp/prompts.jsonl"])
+    assert cfg.student.path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.teacher.path == "Qwen/Qwen2.5-7B-Instruct"
+    assert (cfg.task.name, cfg.loss.distill, cfg.teacher.backend) == ("file", "reverse_kl_pg", "vllm")
+    assert cfg.resources.rollout_num_gpus == 1 and cfg.rollout.dtype == "bfloat16"
+    assert cfg.run_dir.startswith("runs/qwen-") and cfg.steps == 200  # the experiment wins over train.yaml
+    with pytest.raises(ConfigError, match="task.train_file must be set"):
+        load_config(["experiment=qwen_gpu"])

@@ -78,7 +78,7 @@ def test_ray_run_teacher_kl_falls(tiny_overrides, tiny_zoo, tmp_path):
     cfg = load_config(tiny_overrides + FAST + [
         f"run_dir={tmp_path}", "resources.use_ray=true", "steps=16", "optim.lr=0.003",
         "optim.warmup_steps=0", "rollout.prompts_per_step=16", "rollout.samples_per_prompt=4",
-        "length=monitor"])
+        "length=monitor", "resources.rollout_workers=2"])  # two data-parallel vLLM engines
     run_training(cfg)
     kl = [m["teacher/kl"] for m in _metrics(tmp_path)]
     assert len(kl) == 16
