@@ -165,7 +165,9 @@ class Learner:
         self.opt.step()
         self.sched.step()
         self.step += 1
-        out = {k: (sum(v for v, _ in vs) if k.startswith("loss/") and k.endswith("_total")
+        # loss/* of a micro-batch is its share of the whole-batch loss (global normaliser): sum;
+        # every other metric is a mean within its micro-batch: average weighted by rows
+        out = {k: (sum(v for v, _ in vs) if k.startswith("loss/")
                    else sum(v * n for v, n in vs) / max(1, sum(n for _, n in vs))) for k, vs in acc.items()}
         return {**out, "optim/grad_norm": float(grad_norm), "optim/lr": lr,
                 "learner/tokens": n_tokens, "learner/step": self.step,
