@@ -96,7 +96,10 @@ def environment() -> dict:
 
 def console_line(step: int, steps: int, v: dict) -> str:
     g = v.get
+    tail = (f"loss {g('loss/rows_total', 0):+.4f}  gnorm {g('optim/grad_norm', 0):.3f}  "
+            f"lr {g('optim/lr', 0):.2e}  {g('time/step', 0):.2f}s")
+    if g("rollout/on_policy", 1.0) == 0.0:
+        return (f"step {step:4d}/{steps}  off-policy SFT on {g('rollout/tokens', 0):.0f} tokens "
+                f"(len {g('offpolicy/mean', 0):4.1f})  {tail}")
     return (f"step {step:4d}/{steps}  len {g('length/mean', 0):5.1f} trunc {g('length/truncated_frac', 0):.2f} "
-            f"kl {g('teacher/kl', float('nan')):+.3f}  loss {g('loss/rows_total', 0):+.4f}  "
-            f"gnorm {g('optim/grad_norm', 0):.3f}  lr {g('optim/lr', 0):.2e}  "
-            f"tok/s {g('rollout/tokens_per_s', 0):6.0f}  {g('time/step', 0):.2f}s")
+            f"kl {g('teacher/kl', float('nan')):+.3f}  tok/s {g('rollout/tokens_per_s', 0):6.0f}  {tail}")

@@ -206,7 +206,7 @@ class TeacherScorer:
                                      to_sampling_params(sampling, logprobs=None), use_tqdm=False)
             per_prompt = [[(list(o.token_ids), o.finish_reason) for o in out.outputs] for out in outs]
         else:
-            per_prompt = [self._hf_sample(p, sampling) for p in prompts.prompt_ids]
+            per_prompt = self._hf_sample(prompts.prompt_ids, sampling)
         rows = [(p, c, r) for p, outs in zip(prompts.prompt_ids, per_prompt) for c, r in outs]
         comp = [c for _, c, _ in rows]
         return RolloutBatch(
@@ -217,18 +217,20 @@ class TeacherScorer:
             weight_version=-1, seconds=time.time() - t0)
 
     @torch.no_grad()
-    def _hf_sample(self, prompt: list[int], s: SamplingSettings) -> list[tuple[list[int], str]]:
-        ids = torch.tensor([prompt] * s.n, device=self.device)
+    def _hf_sample(self, prompts: list[list[int]], s: SamplingSettings) -> list[list[tuple[list[int], str]]]:
+        """All prompts in one left-padded `generate`; (completion ids, finish reason) per sample."""
+        pad, eos, W = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, max(map(len, prompts))
+        ids = torch.tensor([[pad] * (W - len(p)) + list(p) for p in prompts], device=self.device)
+        attn = torch.tensor([[0] * (W - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         out = self.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens,
+            input_ids=ids, attention_mask=attn, max_new_tokens=s.max_new_tokens, num_return_sequences=s.n,
             do_sample=s.temperature > 0, temperature=s.temperature if s.temperature > 0 else None,
-            top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else None,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        eos, res = self.tokenizer.eos_token_id, []
-        for row in out[:, len(prompt):].tolist():
+            top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else None, pad_token_id=pad, eos_token_id=eos)
+        rows = []
+        for row in out[:, W:].tolist():
             cut = row.index(eos) + 1 if eos in row else len(row)
-            res.append((row[:cut], "stop" if eos in row else "length"))
-        return res
+            rows.append((row[:cut], "stop" if eos in row else "length"))
+        return [rows[i * s.n: (i + 1) * s.n] for i in range(len(prompts))]
 
     def ready(self) -> tuple[int, int]:
         """(tokenizer vocabulary size, embedding rows) for the start-up checks."""
