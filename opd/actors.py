@@ -84,10 +84,27 @@ def _rollout_env(ncpu: int) -> dict:
     return env
 
 
+def check_resources(r: Any) -> None:
+    """Refuse at start what the Ray cluster cannot hold: an actor that can never be scheduled
+    would otherwise only surface as a timeout much later."""
+    import ray
+
+    have = ray.cluster_resources()
+    for kind, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        need = (r.rollout_workers * getattr(r, f"rollout_{key}") + getattr(r, f"teacher_{key}")
+                + getattr(r, f"learner_{key}"))
+        if need > have.get(kind, 0.0) + 1e-9:
+            raise ValueError(
+                f"resources: the actors ask for {need:g} {kind} (resources.rollout_workers x "
+                f"resources.rollout_{key} + resources.teacher_{key} + resources.learner_{key}) but "
+                f"the Ray cluster has {have.get(kind, 0.0):g}")
+
+
 class Workers:
     """The rollout workers, the teacher and the learner, wherever they run."""
 
-    def __init__(self, cfg: Any, student_path: str, teacher_path: str):
+    def __init__(self, cfg: Any, student_path: str, teacher_path: str,
+                 teacher_eval_prompts: Optional[list[list[int]]] = None):
         from opd.learner import Learner
         from opd.rollout import RolloutWorker
         from opd.teacher import TeacherScorer
@@ -98,6 +115,11 @@ class Workers:
         r, self.cfg = cfg.resources, cfg
         self.teacher_path = teacher_path
         self.use_ray, self.timeout = r.use_ray, r.remote_timeout_s
+        if r.use_ray:
+            check_resources(r)
+        # the teacher's greedy evaluation runs first, while every CPU/GPU is still free
+        self.teacher_eval_texts = (self._teacher_greedy(teacher_eval_prompts, cfg.rollout.eval_max_new_tokens)
+                                   if teacher_eval_prompts else None)
         ncpu = str(os.cpu_count() or 1)
         plain = {"OMP_NUM_THREADS": ncpu, "TOKENIZERS_PARALLELISM": "false"}
         self.rollouts = [
@@ -175,7 +197,13 @@ class Workers:
         return texts
 
     def eval_teacher(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
-        """Greedy teacher completions through vLLM: a short-lived engine on the teacher."""
+        """Greedy teacher completions through vLLM (computed at start when asked for)."""
+        if self.teacher_eval_texts is not None and len(self.teacher_eval_texts) == len(prompt_ids):
+            return self.teacher_eval_texts
+        return self._teacher_greedy(prompt_ids, max_new_tokens)
+
+    def _teacher_greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
+        """A short-lived vLLM engine on the teacher."""
         from opd.rollout import RolloutWorker
 
         r = self.cfg.resources

@@ -60,7 +60,10 @@ def run_training(cfg: Any) -> dict:
     workers = None
     loop = None
     try:
-        workers = Workers(cfg, student_path, teacher_path)
+        from opd.tasks import encode_prompt
+
+        eval_prompts = None if resume else [encode_prompt(tok, e) for e in heldout]
+        workers = Workers(cfg, student_path, teacher_path, teacher_eval_prompts=eval_prompts)
         extra = workers.call(workers.learner, "load_checkpoint", str(resume)) if resume else None
         loop = Distillation(cfg, workers, tok, train, heldout, run)
         summary = loop.run(extra)

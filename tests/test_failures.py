@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from opd.actors import ActorError, Workers, _Remote
+from opd.actors import ActorError, Workers, _Remote, check_resources
 from opd.config import load_config
 from opd.train import run_training
 
@@ -54,5 +54,12 @@ def test_hung_actor_times_out_with_its_name():
         assert workers.call(actor, "nap", 0.01) == 0.01
         with pytest.raises(ActorError, match=r"sleepy\.nap did not answer within 1s"):
             workers.call(actor, "nap", 30)
+        # a request the cluster cannot hold is refused at start, naming the keys
+        too_many = load_config(["resources.rollout_workers=3"]).resources  # 3 x 0.5 + 0.5 + 0.5 > 1
+        with pytest.raises(ValueError, match=r"ask for 2\.5 CPU \(resources\.rollout_workers x "
+                                             r"resources\.rollout_num_cpus.*cluster has 1"):
+            check_resources(too_many)
+        check_resources(load_config(["resources.rollout_num_cpus=0.2", "resources.teacher_num_cpus=0.2",
+                                     "resources.learner_num_cpus=0.2"]).resources)
     finally:
         ray.shutdown()
