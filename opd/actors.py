@@ -106,10 +106,8 @@ class Workers:
     def __init__(self, cfg: Any, student_path: str, teacher_path: str,
                  teacher_eval_prompts: Optional[list[list[int]]] = None):
         from opd.learner import Learner
-        from opd.rollout import RolloutWorker
+        from opd.rollout import RolloutWorker, cpu_engine_env
         from opd.teacher import TeacherScorer
-
-        from opd.rollout import cpu_engine_env
 
         cpu_engine_env()
         r, self.cfg = cfg.resources, cfg
@@ -117,9 +115,11 @@ class Workers:
         self.use_ray, self.timeout = r.use_ray, r.remote_timeout_s
         if r.use_ray:
             check_resources(r)
-        # the teacher's greedy evaluation runs first, while every CPU/GPU is still free
-        self.teacher_eval_texts = (self._teacher_greedy(teacher_eval_prompts, cfg.rollout.eval_max_new_tokens)
-                                   if teacher_eval_prompts else None)
+        # the teacher's greedy evaluation runs first, while every CPU/GPU is still free (a
+        # short-lived engine started later could wait forever for a slot)
+        self.teacher_eval_texts: Optional[list[str]] = (
+            self._teacher_greedy(teacher_eval_prompts, cfg.rollout.eval_max_new_tokens)
+            if teacher_eval_prompts else None)
         ncpu = str(os.cpu_count() or 1)
         plain = {"OMP_NUM_THREADS": ncpu, "TOKENIZERS_PARALLELISM": "false"}
         self.rollouts = [
@@ -195,12 +195,6 @@ class Workers:
         for i, out in enumerate(outs):
             texts[i::W] = out
         return texts
-
-    def eval_teacher(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
-        """Greedy teacher completions through vLLM (computed at start when asked for)."""
-        if self.teacher_eval_texts is not None and len(self.teacher_eval_texts) == len(prompt_ids):
-            return self.teacher_eval_texts
-        return self._teacher_greedy(prompt_ids, max_new_tokens)
 
     def _teacher_greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
         """A short-lived vLLM engine on the teacher."""

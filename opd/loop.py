@@ -29,7 +29,7 @@ from opd.batch import (answer_rollouts, build_pairs, build_train_batch, rollout_
                        teacher_kl_metrics)
 from opd.rollout import greedy_settings
 from opd.run_io import RunDir, console_line
-from opd.tasks import Example, encode_answer, encode_prompt, exact_match, sample_batch
+from opd.tasks import Example, encode_answer, encode_prompt, exact_match, prompt_batch, sample_batch
 from opd.types import PromptBatch, SamplingSettings, StepMetrics
 
 
@@ -76,8 +76,7 @@ class Distillation:
             self.restore(resume_extra)
         else:
             self.reference = self.reference_lengths()
-            self.summary["teacher"] = self.w.eval_teacher(self.heldout_prompts(), self.cfg.rollout.eval_max_new_tokens)
-            self.summary["teacher"] = self.score_texts(self.summary["teacher"])
+            self.summary["teacher"] = self.score_texts(self.w.teacher_eval_texts or [])
             self.summary["student_before"] = self.evaluate()
             self.summary["sampled_before"] = self.sampled_stats()
             self.monitor = make_monitor(self.cfg, self.eos, self.reference)
@@ -167,7 +166,7 @@ class Distillation:
     # ------------------------------------------------------------------ data, eval, state
     def next_prompts(self) -> PromptBatch:
         exs = sample_batch(self.train_set, self.cfg.rollout.prompts_per_step, self.rng)
-        return PromptBatch([encode_prompt(self.tok, e) for e in exs], [e.answer for e in exs], [e.source for e in exs])
+        return prompt_batch(self.tok, exs)
 
     def heldout_prompts(self) -> list[list[int]]:
         return [encode_prompt(self.tok, e) for e in self.heldout]
@@ -186,9 +185,8 @@ class Distillation:
         at the rollout settings (the EOS rate of the student, in summary.json)."""
         if not self.heldout:
             return {}
-        pb = PromptBatch(self.heldout_prompts(), [e.answer for e in self.heldout], [e.source for e in self.heldout])
         settings = replace(sampling_settings(self.cfg.rollout, self.cfg.rollout.max_new_tokens, 0), n=1)
-        out = self.w.generate(pb, settings)
+        out = self.w.generate(prompt_batch(self.tok, self.heldout), settings)
         stats = L.rollout_stats(out.completion_ids, out.finish_reasons, {self.eos}, self.cfg.rollout.max_new_tokens,
                                 min_length=self.cfg.length.min_length)
         return stats.as_metrics("")
@@ -198,8 +196,7 @@ class Distillation:
         n = self.cfg.length.reference_prompts
         if n > 0:
             exs = random.Random(self.cfg.seed + 1).sample(self.train_set, min(n, len(self.train_set)))
-            pb = PromptBatch([encode_prompt(self.tok, e) for e in exs], [e.answer for e in exs], [e.source for e in exs])
-            out = self.w.teacher_generate(pb, greedy_settings(self.cfg.rollout.max_new_tokens))
+            out = self.w.teacher_generate(prompt_batch(self.tok, exs), greedy_settings(self.cfg.rollout.max_new_tokens))
             return L.reference_lengths(out.completion_ids)
         answers = [encode_answer(self.tok, e.answer) for e in self.train_set[:256] if e.answer]
         return L.reference_lengths(answers) if answers else None

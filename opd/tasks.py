@@ -215,6 +215,14 @@ def encode_prompt(tokenizer: Any, ex: Example) -> list[int]:
     return list(tokenizer(ex.text)["input_ids"])
 
 
+def prompt_batch(tokenizer: Any, examples: Sequence[Example]):
+    """The typed PromptBatch of some examples (chat template applied)."""
+    from opd.types import PromptBatch
+
+    return PromptBatch([encode_prompt(tokenizer, e) for e in examples], [e.answer for e in examples],
+                       [e.source for e in examples])
+
+
 def encode_answer(tokenizer: Any, answer: str) -> list[int]:
     """Token ids of a reference completion, ending with EOS (a trained token)."""
     return list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]

@@ -6,7 +6,7 @@ import pytest
 
 from opd.actors import merge_rollouts
 from opd.batch import build_pairs, build_train_batch, rollout_scores
-from opd.types import PairBatch, RolloutBatch, TeacherScores
+from opd.types import RolloutBatch, TeacherScores
 
 
 def _rollouts():

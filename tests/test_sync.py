@@ -14,9 +14,9 @@ import torch
 from opd.batch import build_train_batch
 from opd.learner import Learner
 from opd.rollout import RolloutWorker
-from opd.tasks import build_task, encode_prompt
+from opd.tasks import build_task, prompt_batch
 from opd.teacher import TeacherScorer, TokenizerMismatch, check_tokenizers
-from opd.types import PromptBatch, SamplingSettings
+from opd.types import SamplingSettings
 from opd.zoo import build_tokenizer, load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def _prompts(cfg, tok, n=6):
     task = build_task("addition", cfg.task.seed, 100, n, cfg.task.max_digits)
     exs = task.heldout()
-    return PromptBatch([encode_prompt(tok, e) for e in exs], [e.answer for e in exs], [e.source for e in exs])
+    return prompt_batch(tok, exs)
 
 
 def _settings(n=2, seed=7, temperature=1.0):

@@ -205,12 +205,11 @@ def _sampling(temperature: float, n: int, seed: int):
 def test_vllm_sampled_logprobs_match_transformers(worker, tiny_zoo, heldout, temperature):
     """The worker returns log-probs of the distribution it sampled from: log_softmax(logits/T)
     of the same fp32 weights, recomputed by a transformers forward pass."""
-    from opd.types import PromptBatch
+    from opd.tasks import prompt_batch
 
     tok = load_tokenizer(tiny_zoo.student)
     exs = heldout[:6] + ODD_PROMPTS[:2]
-    prompts = PromptBatch([encode_prompt(tok, ex) for ex in exs], [ex.answer for ex in exs],
-                          [ex.source for ex in exs])
+    prompts = prompt_batch(tok, exs)
     batch = worker.generate(prompts, _sampling(temperature, n=3, seed=11))
     assert len(batch.completion_ids) == len(exs) * 3
     model = _load_model(tiny_zoo.student)
