@@ -31,7 +31,8 @@ def start_ray(resources: Any) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
         return False
-    ray.init(num_cpus=resources.ray_num_cpus or os.cpu_count(), include_dashboard=False,
+    # address="local": always a new local Ray, never a cluster someone else started here
+    ray.init(address="local", num_cpus=resources.ray_num_cpus or os.cpu_count(), include_dashboard=False,
              runtime_env=env, log_to_driver=True, _node_ip_address="127.0.0.1")
     return True
 
@@ -104,7 +105,7 @@ class Workers:
     """The rollout workers, the teacher and the learner, wherever they run."""
 
     def __init__(self, cfg: Any, student_path: str, teacher_path: str,
-                 teacher_eval_prompts: Optional[list[list[int]]] = None):
+                 teacher_eval_prompts: Optional[PromptBatch] = None):
         from opd.learner import Learner
         from opd.rollout import RolloutWorker, cpu_engine_env
         from opd.teacher import TeacherScorer
@@ -115,11 +116,10 @@ class Workers:
         self.use_ray, self.timeout = r.use_ray, r.remote_timeout_s
         if r.use_ray:
             check_resources(r)
-        # the teacher's greedy evaluation runs first, while every CPU/GPU is still free (a
+        # the teacher's held-out completions come first, while every CPU/GPU is still free (a
         # short-lived engine started later could wait forever for a slot)
-        self.teacher_eval_texts: Optional[list[str]] = (
-            self._teacher_greedy(teacher_eval_prompts, cfg.rollout.eval_max_new_tokens)
-            if teacher_eval_prompts else None)
+        self.teacher_eval: Optional[tuple[RolloutBatch, RolloutBatch]] = (
+            self._teacher_eval(teacher_eval_prompts) if teacher_eval_prompts else None)
         ncpu = str(os.cpu_count() or 1)
         plain = {"OMP_NUM_THREADS": ncpu, "TOKENIZERS_PARALLELISM": "false"}
         self.rollouts = [
@@ -161,8 +161,7 @@ class Workers:
     def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
         """Split the prompts over the rollout workers (data parallel) and join the results."""
         W = len(self.rollouts)
-        parts = [PromptBatch(prompts.prompt_ids[i::W], prompts.answers[i::W], prompts.sources[i::W])
-                 for i in range(W)]
+        parts = [prompts.rows(slice(i, None, W)) for i in range(W)]
         outs = self.gather([(w, "generate", (p, sampling)) for w, p in zip(self.rollouts, parts) if p.prompt_ids])
         return merge_rollouts(outs, [len(p.prompt_ids) for p in parts if p.prompt_ids], W, sampling.n)
 
@@ -187,25 +186,22 @@ class Workers:
             versions = self.gather([(w, "load_weights", (update,)) for w in self.rollouts])
         return update, versions
 
-    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
-        W = len(self.rollouts)
-        parts = [prompt_ids[i::W] for i in range(W)]
-        outs = self.gather([(w, "greedy", (p, max_new_tokens)) for w, p in zip(self.rollouts, parts) if p])
-        texts: list[str] = [""] * len(prompt_ids)
-        for i, out in enumerate(outs):
-            texts[i::W] = out
-        return texts
+    def student_logprobs(self, batch: TrainBatch):
+        """The learner's log-probs of a batch's target tokens [B, S] (0 off the mask)."""
+        return self.call(self.learner, "logprobs", batch)
 
-    def _teacher_greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
-        """A short-lived vLLM engine on the teacher."""
+    def _teacher_eval(self, prompts: PromptBatch) -> tuple[RolloutBatch, RolloutBatch]:
+        """The teacher's greedy and sampled held-out completions, from a short-lived vLLM engine."""
+        from opd.evaluation import eval_settings
         from opd.rollout import RolloutWorker
 
-        r = self.cfg.resources
+        r, n = self.cfg.resources, self.cfg.rollout.eval_max_new_tokens
         engine = _make(RolloutWorker, "teacher-eval", self.use_ray, r.teacher_num_cpus, r.teacher_num_gpus,
                        _rollout_env(os.cpu_count() or 1), self.teacher_path, self.cfg.rollout, 0,
                        self.cfg.teacher.trust_remote_code)
         try:
-            return self.gather([(engine, "greedy", (prompt_ids, max_new_tokens))], r.startup_timeout_s)[0]
+            return tuple(self.gather([(engine, "generate", (prompts, eval_settings(n, greedy))) for greedy in (True, False)],
+                                     r.startup_timeout_s))
         finally:
             engine.kill()
 

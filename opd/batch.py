@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from opd.tasks import exact_match
-from opd.types import PairBatch, RolloutBatch, TeacherScores, TrainBatch
+from opd.tasks import answer_correct
+from opd.types import PairBatch, PromptBatch, RolloutBatch, TeacherScores, TrainBatch
 
 
 def _place(rows: Sequence[np.ndarray], prompt_lens: Sequence[int], S: int, tail: tuple,
@@ -33,11 +33,18 @@ def _place(rows: Sequence[np.ndarray], prompt_lens: Sequence[int], S: int, tail:
 
 
 def build_train_batch(rollouts: RolloutBatch, scores: Optional[TeacherScores], pad_id: int,
-                      eos_id: int, on_policy: bool, temperature: float,
+                      eos_id: int, on_policy: bool | np.ndarray, temperature: float,
                       seq_weight_N: Optional[np.ndarray] = None,
                       seq_advantage_N: Optional[np.ndarray] = None,
-                      pairs: Optional[PairBatch] = None) -> TrainBatch:
+                      pairs: Optional[PairBatch] = None, sft_weight_N: Optional[np.ndarray] = None,
+                      remedy_weight_N: Optional[np.ndarray] = None,
+                      no_reward_tail_N: Optional[Sequence[int]] = None) -> TrainBatch:
+    """`on_policy`: per row (or one value for all) whether it is a student rollout;
+    `sft_weight_N`: SFT weight per row (default 1 on off-policy rows, 0 on student rollouts);
+    `no_reward_tail_N`: per row, how many final tokens may not get a positive advantage."""
     N, lens = len(rollouts.completion_ids), rollouts.lengths
+    on = np.broadcast_to(np.asarray(on_policy, bool), (N,)).copy()
+    sft = (~on).astype(np.float32) if sft_weight_N is None else np.asarray(sft_weight_N, np.float32)
     P = [len(p) for p in rollouts.prompt_ids]
     S = max(p + l for p, l in zip(P, lens))
     w = np.ones(N, np.float32) if seq_weight_N is None else np.asarray(seq_weight_N, np.float32)
@@ -63,18 +70,71 @@ def build_train_batch(rollouts: RolloutBatch, scores: Optional[TeacherScores], p
     else:
         extra["teacher_logprobs_BS"] = np.zeros((N, S), np.float32)
     adv = np.zeros(N, np.float32) if seq_advantage_N is None else np.asarray(seq_advantage_N, np.float32)
+    if remedy_weight_N is not None:
+        extra["remedy_weight_B"] = np.asarray(remedy_weight_N, np.float32)
+    if no_reward_tail_N is not None:
+        extra["no_reward_BS"] = _place([(np.arange(l) >= l - k).astype(np.float32)
+                                        for l, k in zip(lens, no_reward_tail_N)], P, S, (), np.float32)
     return TrainBatch(input_ids_BS=ids, loss_mask_BS=mask, sampler_logprobs_BS=sampler,
-                      seq_advantage_B=adv, seq_weight_B=w, on_policy=on_policy, temperature=temperature,
-                      pairs=pairs, rejected_eos_id=eos_id, **extra)
+                      seq_advantage_B=adv, seq_weight_B=w, on_policy_B=on, sft_weight_B=sft,
+                      temperature=temperature, pairs=pairs, rejected_eos_id=eos_id, **extra)
 
 
-def rollout_scores(rollouts: RolloutBatch, scores: Optional[TeacherScores], answers: Sequence,
+def with_extra_rows(rollouts: RolloutBatch, scores: TeacherScores,
+                    extra: RolloutBatch) -> tuple[RolloutBatch, TeacherScores]:
+    """A step's rollouts with off-policy rows (e.g. teacher completions) appended. The new
+    rows' teacher scores are zeros (-inf top-k log-probs): they train by SFT only."""
+    from dataclasses import replace
+
+    T = max(scores.logprobs_NT.shape[1], max(extra.lengths, default=1))
+
+    def grow(a: Optional[np.ndarray], fill: float) -> Optional[np.ndarray]:
+        if a is None:
+            return None
+        out = np.full((a.shape[0] + len(extra.completion_ids), T, *a.shape[2:]), fill, a.dtype)
+        out[: a.shape[0], : a.shape[1]] = a
+        return out
+
+    merged = RolloutBatch(*(getattr(rollouts, f) + getattr(extra, f) for f in
+                            ("prompt_ids", "completion_ids", "sampler_logprobs", "finish_reasons", "texts")),
+                          weight_version=rollouts.weight_version, seconds=rollouts.seconds)
+    return merged, replace(scores, logprobs_NT=grow(scores.logprobs_NT, 0.0),
+                           topk_ids_NTK=grow(scores.topk_ids_NTK, 0),
+                           topk_logprobs_NTK=grow(scores.topk_logprobs_NTK, -np.inf),
+                           full_logprobs_NTV=grow(scores.full_logprobs_NTV, 0.0))
+
+
+def effective_weights(b: TrainBatch, terms: dict[str, bool]) -> dict[str, float]:
+    """Share of the batch's trained tokens that carry gradient, per loss term, weighted by each
+    term's per-row weight (stop-properly's 0.1 counts 0.1), and `any` for the union. `terms`
+    names the terms the loss uses: pg, jsd, sft, smpo, remedy.
+
+    Exact and pure: a batch whose every rollout is masked reads 0.0, and the loop says so."""
+    mask = b.loss_mask_BS
+    total = float(mask.sum())
+    if total == 0:
+        return {"length/effective_weight": 0.0}
+    per_row = {"pg": b.seq_weight_B * b.on_policy_B, "jsd": b.on_policy_B.astype(np.float32),
+               "sft": b.sft_weight_B.clip(max=1.0),
+               "remedy": (b.remedy_weight_B > 0).astype(np.float32) * b.on_policy_B
+               if b.remedy_weight_B is not None else np.zeros(len(mask), np.float32),
+               "smpo": np.isin(np.arange(len(mask)), np.concatenate(
+                   [b.pairs.chosen_rows, b.pairs.rejected_rows])).astype(np.float32)
+               if b.pairs is not None else np.zeros(len(mask), np.float32)}
+    used = {k: np.asarray(v, np.float32) for k, v in per_row.items() if terms.get(k)}
+    out = {f"length/effective_weight/{k}": float((mask * v[:, None]).sum()) / total for k, v in used.items()}
+    union = np.max(np.stack(list(used.values())), 0) if used else np.zeros(len(mask), np.float32)
+    out["length/effective_weight"] = float((mask * union[:, None]).sum()) / total
+    return out
+
+
+def rollout_scores(rollouts: RolloutBatch, scores: Optional[TeacherScores], prompts: PromptBatch,
                    G: int, mode: str) -> np.ndarray:
-    """Per-rollout quality: mean teacher log-prob per token ('teacher') or 1/0 exact match
-    against the prompt's answer ('checker')."""
+    """Per-rollout quality: mean teacher log-prob per token ('teacher') or 1/0 whether the
+    extracted answer is right ('checker')."""
     if mode == "checker":
-        return np.array([float(exact_match(t, answers[n // G])) for n, t in enumerate(rollouts.texts)],
-                        np.float32)
+        return np.array([float(answer_correct(t, prompts.answers[n // G], prompts.extraction(n // G)))
+                         for n, t in enumerate(rollouts.texts)], np.float32)
     lens = np.maximum(1, np.asarray(rollouts.lengths))
     return (scores.logprobs_NT.sum(1) / lens).astype(np.float32)
 

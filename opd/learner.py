@@ -21,6 +21,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,6 +46,60 @@ def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
     return f
 
 
+@dataclass(frozen=True)
+class Window:
+    """Where a micro-batch's target tokens are. Row b's targets are at sequence positions
+    P_b .. P_b + Tc - 1 (P_b: its first target, i.e. the prompt length); their logits come from
+    positions P_b - 1 .. P_b + Tc - 2. Positions past the sequence end are clamped and masked.
+
+    Shapes: pos_BT (B, Tc) int64 logit positions; valid_BT (B, Tc) bool."""
+
+    pos_BT: torch.Tensor
+    valid_BT: torch.Tensor
+
+    @classmethod
+    def of(cls, mask_BS: np.ndarray, device: str) -> "Window":
+        B, S = mask_BS.shape
+        has = mask_BS > 0
+        first = np.where(has.any(1), has.argmax(1), S - 1).clip(min=1)
+        last = np.where(has.any(1), S - 1 - has[:, ::-1].argmax(1), first)
+        Tc = int(max(1, (last - first + 1).max()))
+        target = first[:, None] + np.arange(Tc)[None, :]
+        valid = target <= S - 1
+        return cls(torch.as_tensor(np.minimum(target, S - 1) - 1, device=device),
+                   torch.as_tensor(valid, device=device))
+
+    def targets(self, a_BS: torch.Tensor) -> torch.Tensor:
+        """a[b, P_b + t, ...] for the window (0 where past the end); a is [B, S, ...]."""
+        idx = (self.pos_BT + 1).reshape(*self.pos_BT.shape, *([1] * (a_BS.dim() - 2)))
+        out = a_BS.gather(1, idx.expand(-1, -1, *a_BS.shape[2:]))
+        keep = self.valid_BT.reshape(*self.valid_BT.shape, *([1] * (a_BS.dim() - 2)))
+        return torch.where(keep, out, torch.zeros_like(out))
+
+    def scatter(self, out_BS: np.ndarray, values_BT: np.ndarray) -> None:
+        """Write window values back to [B, S] positions (the inverse of `targets`)."""
+        pos, valid = (self.pos_BT + 1).cpu().numpy(), self.valid_BT.cpu().numpy()
+        for b in range(len(out_BS)):
+            out_BS[b, pos[b][valid[b]]] = values_BT[b][valid[b]]
+
+
+@dataclass(frozen=True)
+class Normalizers:
+    """Whole-batch token counts that each term divides by (0: the term has nothing to train),
+    so that the gradient does not depend on how the batch is split into micro-batches."""
+
+    on: float  # tokens of student rollouts (distillation, length remedy)
+    pg: float  # the same, weighted by stop-properly (policy-gradient term)
+    sft: float  # tokens of rows with an SFT weight
+
+    @classmethod
+    def of(cls, b: TrainBatch) -> "Normalizers":
+        tok_B = b.loss_mask_BS.sum(1)
+        return cls(on=float((tok_B * b.on_policy_B).sum()),
+                   pg=float((tok_B * b.on_policy_B * b.seq_weight_B).sum()),
+                   sft=float((tok_B * (b.sft_weight_B > 0)).sum()))
+
+
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,6 +122,9 @@ class Learner:
             model_path, dtype=torch.float32, trust_remote_code=cfg.student.trust_remote_code).to(self.device)
         self.model.train()
         self.vocab_size = len(self.tokenizer)
+        # the LM head on target positions only, where the model's logits are a plain head
+        self.head_only_on_targets = (hasattr(self.model, "model") and not any(
+            getattr(self.model.config, k, None) for k in ("final_logit_softcapping", "logit_scale")))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.o.lr, betas=(self.o.beta1, self.o.beta2),
                                      weight_decay=self.o.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -74,67 +132,92 @@ class Learner:
         self.step = 0
 
     # ------------------------------------------------------------------ forward
-    def _logits(self, ids_BS: torch.Tensor) -> torch.Tensor:
-        # right padding only: causal attention keeps pads from touching real positions,
-        # and the loss mask drops the pads' own outputs
+    def _window(self, mask_BS: np.ndarray) -> "Window":
+        return Window.of(mask_BS, self.device)
+
+    def _logits(self, ids_BS: torch.Tensor, win: "Window") -> torch.Tensor:
+        """Student logits [B, Tc, V] at the window's positions only: the decoder runs over the
+        whole sequence, the LM head (the [*, V] cost) only where a target token is predicted.
+        Right padding only: causal attention keeps pads from touching real positions."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.model(input_ids=ids_BS).logits
-        return logits.float()[:, :-1, : self.vocab_size]
+            if self.head_only_on_targets:
+                hidden = self.model.model(input_ids=ids_BS).last_hidden_state
+                h = hidden.gather(1, win.pos_BT[..., None].expand(-1, -1, hidden.shape[-1]))
+                logits = self.model.get_output_embeddings()(h)
+            else:  # models that post-process logits (soft-capping, scaling): the full forward
+                full = self.model(input_ids=ids_BS).logits
+                logits = full.gather(1, win.pos_BT[..., None].expand(-1, -1, full.shape[-1]))
+        return logits.float()[..., : self.vocab_size]
 
-    def _tensor(self, a: Optional[np.ndarray], rows: np.ndarray) -> Optional[torch.Tensor]:
-        return None if a is None else torch.as_tensor(a[rows]).to(self.device)
+    def _tensor(self, a: Optional[np.ndarray], rows: np.ndarray, win: Optional["Window"] = None
+                ) -> Optional[torch.Tensor]:
+        """Rows of a batch array on the device; [B, S, ...] arrays cut to the window's targets."""
+        if a is None:
+            return None
+        t = torch.as_tensor(a[rows]).to(self.device)
+        return t if win is None else win.targets(t)
 
-    def _row_terms(self, b: TrainBatch, rows: np.ndarray, n_tokens: float,
-                   n_pg_tokens: float) -> tuple[torch.Tensor, dict]:
-        """Distillation and SFT terms over a micro-batch of rows, each normalised by the whole
-        batch's count of the tokens it trains (the PG term counts stop-properly weights)."""
+    def _row_terms(self, b: TrainBatch, rows: np.ndarray, norm: "Normalizers") -> tuple[torch.Tensor, dict]:
+        """Distillation, length-remedy and SFT terms over a micro-batch of rows, each
+        normalised by the whole batch's count of the tokens it trains (`norm`)."""
         L = self.loss_cfg
+        win = self._window(b.loss_mask_BS[rows])
         ids = self._tensor(b.input_ids_BS, rows)
-        logits = self._logits(ids)
-        tgt, mask = ids[:, 1:], self._tensor(b.loss_mask_BS, rows)[:, 1:]
+        logits = self._logits(ids, win)
+        tgt, mask = win.targets(ids), self._tensor(b.loss_mask_BS, rows, win)
+        on = self._tensor(b.on_policy_B.astype(np.float32), rows)[:, None]
         lp = losses.gather_logprobs(logits, tgt, temperature=b.temperature)
-        total, metrics = torch.zeros((), device=self.device), {}
-        if b.on_policy and L.distill == "reverse_kl_pg" and L.distill_coef:
-            pg_mask = mask * self._tensor(b.seq_weight_B, rows)[:, None]  # stop-properly
-            loss, m = losses.reverse_kl_pg_loss(
-                lp, self._tensor(b.sampler_logprobs_BS, rows)[:, 1:],
-                self._tensor(b.teacher_logprobs_BS, rows)[:, 1:], pg_mask,
+        terms = []
+        if L.distill == "reverse_kl_pg" and L.distill_coef and norm.pg:
+            pg_mask = mask * on * self._tensor(b.seq_weight_B, rows)[:, None]  # stop-properly
+            terms.append((L.distill_coef, *losses.reverse_kl_pg_loss(
+                lp, self._tensor(b.sampler_logprobs_BS, rows, win),
+                self._tensor(b.teacher_logprobs_BS, rows, win), pg_mask,
                 clip_eps_low=L.clip_eps_low, clip_eps_high=L.clip_eps_high, tis_cap=L.tis_cap,
                 discount=L.discount, seq_advantage_B=self._tensor(b.seq_advantage_B, rows),
-                normalizer=n_pg_tokens)
-            total, metrics = total + L.distill_coef * loss, {**metrics, **m}
-        if b.on_policy and L.distill == "jsd" and L.distill_coef:
-            loss, m = self._jsd(b, rows, logits, mask, n_tokens)
-            total, metrics = total + L.distill_coef * loss, {**metrics, **m}
-        if not b.on_policy and L.sft_coef:
-            loss, m = losses.sft_loss(lp, mask, normalizer=n_tokens)
-            total, metrics = total + L.sft_coef * loss, {**metrics, **m}
-        return total, metrics
+                normalizer=norm.pg, no_reward_BT=self._tensor(b.no_reward_BS, rows, win))))
+        if L.distill == "jsd" and L.distill_coef and norm.on:
+            terms.append((L.distill_coef, *self._jsd(b, rows, win, logits, mask * on, norm.on,
+                                                     L.jsd_beta)))
+        if b.remedy_weight_B is not None and norm.on:  # the length remedy: forward KL, top-k
+            w = self._tensor(b.remedy_weight_B, rows)[:, None]
+            loss, m = self._jsd(b, rows, win, logits, mask * on * w, norm.on, 0.0)
+            terms.append((1.0, loss, {"loss/remedy_topk_kl": loss.item()}))
+        if norm.sft:
+            sft_mask = mask * self._tensor(b.sft_weight_B, rows)[:, None]
+            terms.append((1.0, *losses.sft_loss(lp, sft_mask, normalizer=norm.sft)))
+        total = sum((c * loss for c, loss, _ in terms), torch.zeros((), device=self.device))
+        return total, {k: v for _, _, m in terms for k, v in m.items()}
 
-    def _jsd(self, b: TrainBatch, rows, logits, mask, n_tokens):
+    def _jsd(self, b: TrainBatch, rows, win, logits, mask, n_tokens, beta: float):
         L = self.loss_cfg
         if b.teacher_full_logprobs_BSV is not None:
-            teacher = self._tensor(b.teacher_full_logprobs_BSV, rows)[:, 1:]
-            return losses.generalized_jsd(logits, teacher, mask, beta=L.jsd_beta,
+            teacher = self._tensor(b.teacher_full_logprobs_BSV, rows, win)
+            return losses.generalized_jsd(logits, teacher, mask, beta=beta,
                                           temperature=L.jsd_temperature, normalizer=n_tokens)
         if b.teacher_topk_ids_BSK is None:
-            raise ValueError("loss.distill=jsd needs teacher.logprobs=full or topk")
+            raise ValueError("loss.distill=jsd and the length remedy need teacher.logprobs=full or topk")
         return losses.generalized_jsd_topk(
-            logits, self._tensor(b.teacher_topk_logprobs_BSK, rows)[:, 1:],
-            self._tensor(b.teacher_topk_ids_BSK, rows)[:, 1:], mask, beta=L.jsd_beta,
+            logits, self._tensor(b.teacher_topk_logprobs_BSK, rows, win),
+            self._tensor(b.teacher_topk_ids_BSK, rows, win), mask, beta=beta,
             temperature=L.jsd_temperature, tail_bucket=L.tail_bucket, normalizer=n_tokens)
+
+    def _side_logprobs(self, b: TrainBatch, rows: np.ndarray):
+        """(log-probs, mask, target ids) of some rows over their window, for SMPO."""
+        win = self._window(b.loss_mask_BS[rows])
+        ids = self._tensor(b.input_ids_BS, rows)
+        tgt = win.targets(ids)
+        lp = losses.gather_logprobs(self._logits(ids, win), tgt, temperature=b.temperature)
+        return lp, self._tensor(b.loss_mask_BS, rows, win), tgt
 
     def _pair_terms(self, b: TrainBatch, idx: np.ndarray, n_pairs: int) -> tuple[torch.Tensor, dict]:
         """SMPO over a micro-batch of pairs, weighted by its share of the batch's pairs."""
         s = self.loss_cfg.smpo
-        c_rows, r_rows = b.pairs.chosen_rows[idx], b.pairs.rejected_rows[idx]
-        c_ids, r_ids = self._tensor(b.input_ids_BS, c_rows), self._tensor(b.input_ids_BS, r_rows)
-        c_lp = losses.gather_logprobs(self._logits(c_ids), c_ids[:, 1:], temperature=b.temperature)
-        r_lp = losses.gather_logprobs(self._logits(r_ids), r_ids[:, 1:], temperature=b.temperature)
+        c_lp, c_mask, _ = self._side_logprobs(b, b.pairs.chosen_rows[idx])
+        r_lp, r_mask, r_ids = self._side_logprobs(b, b.pairs.rejected_rows[idx])
         margin = losses.margin_schedule(self.step, s.margin, s.margin_start, s.margin_ramp_steps)
         loss, m = losses.smpo_loss(
-            c_lp, self._tensor(b.loss_mask_BS, c_rows)[:, 1:], r_lp,
-            self._tensor(b.loss_mask_BS, r_rows)[:, 1:], r_ids[:, 1:], b.rejected_eos_id,
+            c_lp, c_mask, r_lp, r_mask, r_ids, b.rejected_eos_id,
             beta=s.beta, margin=margin, rho=s.rho, loss_type=s.loss_type, sft_coef=s.sft_coef,
             eos_protection=s.eos_protection, lower_percentile=s.lower_percentile,
             min_log_prob=s.min_log_prob, chosen_upper_percentile=s.chosen_upper_percentile)
@@ -144,8 +227,7 @@ class Learner:
     def train_step(self, b: TrainBatch) -> dict[str, float]:
         t0, mb = time.time(), self.o.micro_batch_size
         self.opt.zero_grad(set_to_none=True)
-        n_tokens, B = max(1.0, b.num_tokens), b.input_ids_BS.shape[0]
-        n_pg_tokens = max(1.0, float((b.loss_mask_BS * b.seq_weight_B[:, None]).sum()))
+        norm, B = Normalizers.of(b), b.input_ids_BS.shape[0]
         acc: dict[str, list] = {}
         chunks = [("rows", np.arange(i, min(B, i + mb))) for i in range(0, B, mb)]
         use_pairs = b.pairs is not None and len(b.pairs.chosen_rows) and self.loss_cfg.smpo_coef
@@ -153,7 +235,7 @@ class Learner:
             M = len(b.pairs.chosen_rows)
             chunks += [("pairs", np.arange(i, min(M, i + mb))) for i in range(0, M, mb)]
         for kind, idx in chunks:
-            loss, m = (self._row_terms(b, idx, n_tokens, n_pg_tokens) if kind == "rows"
+            loss, m = (self._row_terms(b, idx, norm) if kind == "rows"
                        else self._pair_terms(b, idx, M))
             if loss.requires_grad:
                 loss.backward()
@@ -170,16 +252,19 @@ class Learner:
         out = {k: (sum(v for v, _ in vs) if k.startswith("loss/")
                    else sum(v * n for v, n in vs) / max(1, sum(n for _, n in vs))) for k, vs in acc.items()}
         return {**out, "optim/grad_norm": float(grad_norm), "optim/lr": lr,
-                "learner/tokens": n_tokens, "learner/step": self.step,
+                "learner/tokens": b.num_tokens, "learner/step": self.step,
                 "time/learn_compute": time.time() - t0}
 
     @torch.no_grad()
     def logprobs(self, b: TrainBatch) -> np.ndarray:
         """The student's log-probs of every target token [B, S] (0 where masked)."""
-        ids = torch.as_tensor(b.input_ids_BS).to(self.device)
-        lp = losses.gather_logprobs(self._logits(ids), ids[:, 1:], temperature=b.temperature)
         out = np.zeros(b.input_ids_BS.shape, np.float32)
-        out[:, 1:] = (lp * (torch.as_tensor(b.loss_mask_BS[:, 1:]).to(self.device) > 0)).cpu().numpy()
+        mb = self.o.micro_batch_size
+        for i in range(0, len(out), mb):
+            rows = np.arange(i, min(len(out), i + mb))
+            lp, mask, _ = self._side_logprobs(b, rows)
+            win = self._window(b.loss_mask_BS[rows])
+            win.scatter(out[rows[0]: rows[-1] + 1], (lp * (mask > 0)).cpu().numpy())
         return out
 
     # ------------------------------------------------------------------ weights

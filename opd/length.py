@@ -99,10 +99,12 @@ class LengthStats:
     repeated_ngram_rate: float    # sum(repeated n-grams) / sum(n-grams), within each rollout
     length_ratio: Optional[float]  # mean / reference_mean; None without a reference
     max_new_tokens: int           # the cap these rollouts were generated under
+    repetitive: tuple[bool, ...] = ()  # per rollout: its tail loops (repetitive_flags)
 
     def as_metrics(self, prefix: str = "length/") -> dict[str, float]:
-        """All fields as floats for logging; ``length_ratio`` omitted when None."""
-        return {prefix + k: float(v) for k, v in asdict(self).items() if v is not None}
+        """The scalar fields as floats for logging; ``length_ratio`` omitted when None."""
+        return {prefix + k: float(v) for k, v in asdict(self).items()
+                if v is not None and k != "repetitive"}
 
 
 def rollout_stats(token_ids: Sequence[Sequence[int]], finish_reasons: Sequence[str],
@@ -128,13 +130,14 @@ def rollout_stats(token_ids: Sequence[Sequence[int]], finish_reasons: Sequence[s
     repeated = sum(len(g) - len(set(g)) for g in grams)
     eos = set(int(e) for e in eos_ids)
     mean = float(lengths.mean())
+    flags = repetitive_flags(seqs, ngram, tail_window, repeat_threshold)
     return LengthStats(
         n=n, mean=mean, median=float(np.median(lengths)),
         p95=float(np.percentile(lengths, 95)), min=int(lengths.min()), max=int(lengths.max()),
         truncated_frac=sum(r == "length" for r in finish_reasons) / n,
         eos_frac=sum(bool(s) and s[-1] in eos for s in seqs) / n,
         short_frac=float((lengths < min_length).mean()),
-        repetition_frac=float(np.mean(repetitive_flags(seqs, ngram, tail_window, repeat_threshold))),
+        repetition_frac=float(np.mean(flags)), repetitive=tuple(flags),
         repeated_ngram_rate=repeated / total if total else 0.0,
         length_ratio=None if reference_mean is None else mean / float(reference_mean),
         max_new_tokens=int(max_new_tokens))
@@ -231,8 +234,8 @@ class LengthEvent:
     """A condition switching state at ``step``, with the numbers that made it switch."""
 
     step: int
-    condition: str   # one of CONDITIONS
-    state: str       # 'on' | 'off'
+    condition: str   # one of CONDITIONS, or 'effective_weight' (the gradient guard)
+    state: str       # 'on' | 'off' (conditions); 'low' | 'ok' (effective_weight)
     reason: str
 
     def as_dict(self) -> dict:
@@ -433,6 +436,15 @@ class PenaltyConfig:
     adaptive_shrink: float = 0.9
     adaptive_grow: float = 1.1
     reference: Optional[ReferenceLengths] = None  # teacher lengths (ratio rules, floor of cap)
+    topk_kl_coef: float = 0.0                # remedy (a): forward KL over the teacher's top-k on
+    #                                          truncated / repetitive rollouts; 0: never
+    mixture_fraction: float = 0.0            # remedy (b): share of a step's prompts answered by
+    #                                          the teacher and trained by SFT; 0: never
+    mixture_sft_coef: float = 1.0            # SFT weight of those teacher completions
+    loop_tail: bool = False                  # no positive advantage on a looping tail
+    tail_window: int = 32                    # tokens of a looping tail (the detector's window)
+    min_effective_weight: float = 0.1        # stop-properly never leaves less than this share
+    #                                          of the batch's tokens in the policy-gradient term
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -473,6 +485,10 @@ class PenaltyPlan:
     reference_mean: Optional[float] = None
     prefer_bad_rejected: bool = False     # pick truncated/repetitive rejected (rejection_badness)
     max_new_tokens: int = 1               # cap for the next batch
+    topk_kl_coef: float = 0.0             # remedy (a) on truncated/repetitive rollouts (0: off)
+    mixture_fraction: float = 0.0         # remedy (b): share of prompts the teacher answers
+    mixture_sft_coef: float = 1.0
+    loop_tail: int = 0                    # tokens of a looping tail denied positive advantage
 
     @classmethod
     def off(cls, max_new_tokens: int) -> "PenaltyPlan":
@@ -481,14 +497,34 @@ class PenaltyPlan:
     @property
     def any_on(self) -> bool:
         return bool(self.overlong or self.stop_properly or self.length_ratio_coef > 0
-                    or self.prefer_bad_rejected)
+                    or self.prefer_bad_rejected or self.topk_kl_coef > 0 or self.mixture_fraction > 0
+                    or self.loop_tail)
 
     def as_metrics(self, prefix: str = "length/penalty/") -> dict[str, float]:
         return {prefix + "overlong": float(self.overlong),
                 prefix + "stop_properly": float(self.stop_properly is not None),
+                prefix + "stop_properly_weight": float(self.stop_properly_weight),
                 prefix + "length_ratio_coef": float(self.length_ratio_coef),
                 prefix + "prefer_bad_rejected": float(self.prefer_bad_rejected),
-                prefix + "max_new_tokens": float(self.max_new_tokens)}
+                prefix + "max_new_tokens": float(self.max_new_tokens),
+                prefix + "topk_kl_coef": float(self.topk_kl_coef),
+                prefix + "mixture_fraction": float(self.mixture_fraction),
+                prefix + "loop_tail": float(self.loop_tail)}
+
+    def remedy_weights(self, stats: "LengthStats", finish_reasons: Sequence[str]) -> Optional[np.ndarray]:
+        """Per rollout, the weight of remedy (a): topk_kl_coef on truncated or repetitive
+        rollouts, 0 elsewhere; None when the remedy is off."""
+        if self.topk_kl_coef <= 0:
+            return None
+        bad = np.array([r == "length" for r in finish_reasons]) | np.array(stats.repetitive, bool)
+        return np.where(bad, self.topk_kl_coef, 0.0).astype(np.float32)
+
+    def no_reward_tails(self, stats: "LengthStats") -> Optional[list[int]]:
+        """Per rollout, how many final tokens may not earn a positive advantage (a looping
+        rollout's tail window; 0 for the rest); None when the rule is off."""
+        if not self.loop_tail:
+            return None
+        return [self.loop_tail if flag else 0 for flag in stats.repetitive]
 
 
 def apply_sequence_penalty(plan: PenaltyPlan, lengths: Sequence[int],
@@ -528,10 +564,19 @@ class LengthMonitor:
     mode 'monitor': stats and events, all-off plan (watch before you act).
     mode 'auto': penalties follow the active conditions:
         inflation      -> overlong + stop_properly + adaptive max_new_tokens (if enabled)
-        repetition     -> stop_properly + prefer_bad_rejected
+                          + top-k KL remedy + teacher mixture
+        repetition     -> stop_properly + prefer_bad_rejected + top-k KL remedy + loop-tail rule
         short_collapse -> length_ratio (needs a reference)
-        eos_collapse   -> stop_properly + overlong
+        eos_collapse   -> stop_properly + overlong + top-k KL remedy + teacher mixture
     and switch off when the detector reports the condition recovered.
+
+    Never training on nothing: stop-properly masking would leave no gradient at all when every
+    rollout is truncated (a collapsing student). When the stopped rollouts hold less than
+    ``min_effective_weight`` of the batch's tokens, truncated rollouts are down-weighted
+    instead of masked (an event says so), and the remedies that *teach* stopping carry the
+    signal: the teacher's top-k distribution (which holds its EOS probability wherever it would
+    stop) and teacher completions that end in EOS. Masking alone does not teach a model to
+    stop (DAPO, Yu et al. 2025, who use a soft overlong penalty for that reason).
     """
 
     def __init__(self, eos_ids: Collection[int], penalty: PenaltyConfig,
@@ -547,6 +592,7 @@ class LengthMonitor:
         self.stats_kwargs = dict(min_length=min_length, ngram=ngram, tail_window=tail_window,
                                  repeat_threshold=repeat_threshold)
         self.max_new_tokens = penalty.max_new_tokens  # cap in force for the next batch
+        self._starving = False  # stop-properly is down-weighting to keep a gradient
 
     def observe(self, token_ids: Sequence[Sequence[int]], finish_reasons: Sequence[str],
                 step: int) -> tuple[LengthStats, list[LengthEvent], PenaltyPlan]:
@@ -560,7 +606,31 @@ class LengthMonitor:
         events = self.detector.update(stats, step)
         if self.mode == "monitor":
             return stats, events, PenaltyPlan.off(self.max_new_tokens)
-        return stats, events, self._auto_plan(stats)
+        plan = self._auto_plan(stats)
+        plan, starving = self._keep_gradient(plan, token_ids, finish_reasons, step)
+        return stats, events + starving, plan
+
+    def _keep_gradient(self, plan: PenaltyPlan, token_ids, finish_reasons,
+                       step: int) -> tuple[PenaltyPlan, list[LengthEvent]]:
+        """Down-weight instead of mask when masking would leave less than min_effective_weight
+        of the tokens in the policy-gradient term; an event when this starts or stops."""
+        from dataclasses import replace
+
+        lengths = np.array([len(t) for t in token_ids], np.float64)
+        kept = float(lengths[np.array(finish_reasons) == "stop"].sum() / max(1.0, lengths.sum()))
+        floor = self.penalty.min_effective_weight
+        starving = plan.stop_properly == "mask" and kept < floor
+        events = []
+        if starving != self._starving:
+            self._starving = starving
+            why = (f"stopped rollouts hold {kept:.0%} of the tokens < length.min_effective_weight={floor:g}: "
+                   f"truncated rollouts down-weighted to {max(floor, plan.stop_properly_weight):g} instead "
+                   f"of masked" if starving else f"stopped rollouts hold {kept:.0%} of the tokens again: masking")
+            events.append(LengthEvent(step, "effective_weight", "low" if starving else "ok", why))
+        if starving:
+            plan = replace(plan, stop_properly="downweight",
+                           stop_properly_weight=max(floor, plan.stop_properly_weight))
+        return plan, events
 
     def _auto_plan(self, stats: LengthStats) -> PenaltyPlan:
         p, active = self.penalty, self.detector.active()
@@ -580,14 +650,19 @@ class LengthMonitor:
             length_ratio_coef=p.length_ratio_coef if ratio_on else 0.0,
             length_ratio_tolerance=p.length_ratio_tolerance,
             reference_mean=p.reference.mean if p.reference else None,
-            prefer_bad_rejected="repetition" in active, max_new_tokens=self.max_new_tokens)
+            prefer_bad_rejected="repetition" in active, max_new_tokens=self.max_new_tokens,
+            topk_kl_coef=p.topk_kl_coef if stop else 0.0,
+            mixture_fraction=p.mixture_fraction if active & {"inflation", "eos_collapse"} else 0.0,
+            mixture_sft_coef=p.mixture_sft_coef,
+            loop_tail=p.tail_window if p.loop_tail and "repetition" in active else 0)
 
     def state_dict(self) -> dict:
         """Plain JSON-serialisable state (the cap in force and the detector)."""
         return {"mode": self.mode, "max_new_tokens": self.max_new_tokens,
-                "detector": self.detector.state_dict()}
+                "detector": self.detector.state_dict(), "starving": self._starving}
 
     def load_state_dict(self, d: dict) -> None:
         """Restore the cap and the detector; the mode stays the one this monitor was built with."""
         self.max_new_tokens = min(self.penalty.max_new_tokens, int(d["max_new_tokens"]))
         self.detector.load_state_dict(d["detector"])
+        self._starving = bool(d.get("starving", False))

@@ -17,20 +17,24 @@ is sequence-level KD. Nothing here knows whether the workers are Ray actors or p
 
 from __future__ import annotations
 
+import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Optional
 
 import numpy as np
 
 from opd import length as L
-from opd.batch import (answer_rollouts, build_pairs, build_train_batch, rollout_scores,
-                       teacher_kl_metrics)
+from opd.batch import (answer_rollouts, build_pairs, build_train_batch, effective_weights,
+                       rollout_scores, teacher_kl_metrics, with_extra_rows)
+from opd.evaluation import Evaluator, flatten
+from opd.evaluation import table as eval_table
 from opd.rollout import greedy_settings
 from opd.run_io import RunDir, console_line
-from opd.tasks import Example, encode_answer, encode_prompt, exact_match, prompt_batch, sample_batch
-from opd.types import PromptBatch, SamplingSettings, StepMetrics
+from opd.tasks import Example, answer_correct, encode_answer, prompt_batch, sample_batch
+from opd.types import PromptBatch, RolloutBatch, SamplingSettings, StepMetrics
 
 
 def sampling_settings(r: Any, max_new_tokens: int, step: int) -> SamplingSettings:
@@ -49,10 +53,34 @@ def make_monitor(cfg: Any, eos_id: int, reference: Optional[L.ReferenceLengths])
         max_new_tokens=cfg.rollout.max_new_tokens, overlong_buffer=ln.overlong_buffer,
         stop_properly_mode=ln.stop_properly_mode, stop_properly_weight=ln.stop_properly_weight,
         length_ratio_coef=ln.length_ratio_coef, length_ratio_tolerance=ln.length_ratio_tolerance,
-        adaptive_max_new_tokens=ln.adaptive_max_new_tokens and reference is not None, reference=reference)
+        adaptive_max_new_tokens=ln.adaptive_max_new_tokens and reference is not None, reference=reference,
+        topk_kl_coef=ln.topk_kl_coef, mixture_fraction=ln.mixture_fraction,
+        mixture_sft_coef=ln.mixture_sft_coef, loop_tail=ln.loop_tail_rule, tail_window=ln.tail_window,
+        min_effective_weight=ln.min_effective_weight)
     return L.LengthMonitor({eos_id} | set(cfg.rollout.stop_token_ids), pen, det, mode=ln.mode,
                            min_length=ln.min_length, ngram=ln.ngram, tail_window=ln.tail_window,
                            repeat_threshold=ln.repeat_threshold)
+
+
+class PhaseTimer:
+    """Seconds per named phase of one step: `with timer("learn"): ...`."""
+
+    def __init__(self):
+        self.t0, self.seconds = time.time(), {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t = time.time()
+        yield
+        self.seconds[f"time/{phase}"] = time.time() - t
+
+    def metrics(self, reported: dict[str, float]) -> dict[str, float]:
+        """Measured phases, the workers' own (generate, teacher) and the rest as time/other."""
+        out = {**self.seconds, "time/step": time.time() - self.t0}
+        known = sum(v for k, v in {**reported, **self.seconds}.items()
+                    if k in ("time/generate", "time/teacher", "time/learn", "time/sync"))
+        out["time/other"] = out["time/step"] - known
+        return out
 
 
 class Distillation:
@@ -62,92 +90,153 @@ class Distillation:
     def __init__(self, cfg: Any, workers: Any, tokenizer: Any, train: list[Example],
                  heldout: list[Example], run_dir: RunDir):
         self.cfg, self.w, self.tok, self.run_dir = cfg, workers, tokenizer, run_dir
-        self.train_set, self.heldout = train, heldout
+        self.train_set, self.heldout = train, prompt_batch(tokenizer, heldout) if heldout else None
+        self.evaluator = Evaluator(cfg, workers, tokenizer, self.heldout)
         self.rng = random.Random(cfg.seed)
         self.step, self.summary = 0, {}
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.eos_ids = {self.eos} | set(cfg.rollout.stop_token_ids)
         self.monitor: Optional[L.LengthMonitor] = None
+        self.starved = 0  # steps whose batch trained on (almost) nothing
         self.reference: Optional[L.ReferenceLengths] = None
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume_extra: Optional[dict] = None) -> dict:
         t_start = time.time()
+        self.start(resume_extra)
+        for step in range(self.step + 1, self.cfg.steps + 1):
+            timer = PhaseTimer()
+            prompts = self.next_prompts()
+            if self.rng.random() < self.cfg.loss.on_policy_fraction:  # GKD's lambda
+                batch, values, events = self.on_policy_batch(prompts, step)
+            else:
+                batch, values, events = self.off_policy_batch(prompts, step)
+            values.update(self.gradient_share(batch, step))
+            with timer("learn"):
+                values.update(self.w.train(batch))
+            with timer("sync"):
+                update, versions = self.w.sync()
+            self.step = step
+            values.update(timer.metrics(values), **{"sync/version": float(min(versions)),
+                                                     "sync/mb": len(update.blob) / 2**20})
+            self.log_step(step, values, events)
+            self.periodic(step)
+        self.summary["eval"]["after"] = self.evaluator.student()
+        self.summary["starved_steps"] = self.starved
+        self.summary.update(student_after=self.summary["eval"]["after"].get("accuracy/greedy", math.nan),
+                            wall_seconds=time.time() - t_start)
+        self.checkpoint()
+        return self.summary
+
+    def start(self, resume_extra: Optional[dict]) -> None:
+        """Fresh: reference lengths, the teacher's and the student's held-out view, a monitor.
+        Resumed: all of it from the checkpoint."""
         if resume_extra:
             self.restore(resume_extra)
         else:
             self.reference = self.reference_lengths()
-            self.summary["teacher"] = self.score_texts(self.w.teacher_eval_texts or [])
-            self.summary["student_before"] = self.evaluate()
-            self.summary["sampled_before"] = self.sampled_stats()
+            before = self.evaluator.student()
+            self.summary["eval"] = {"teacher": self.evaluator.teacher(), "before": before}
+            self.summary.update(teacher=self.summary["eval"]["teacher"].get("accuracy/greedy", math.nan),
+                                student_before=before.get("accuracy/greedy", math.nan))
             self.monitor = make_monitor(self.cfg, self.eos, self.reference)
-        print(f"held-out exact match: teacher {self.summary['teacher']:.3f}  "
-              f"student {self.summary['student_before']:.3f} (before)", flush=True)
-        for step in range(self.step + 1, self.cfg.steps + 1):
-            t0 = time.time()
-            prompts = self.next_prompts()
-            if self.rng.random() < self.cfg.loss.on_policy_fraction:
-                batch, values, events = self.on_policy_batch(prompts, step)
-            else:
-                batch, values, events = self.off_policy_batch(prompts, step)
-            t1 = time.time()
-            values.update(self.w.train(batch))
-            t2 = time.time()
-            update, versions = self.w.sync()
-            t3 = time.time()
-            self.step = step
-            values.update({"time/learn": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0,
-                           "sync/version": float(min(versions)), "sync/mb": len(update.blob) / 2**20})
-            values["time/other"] = values["time/step"] - sum(
-                values.get(k, 0.0) for k in ("time/generate", "time/teacher", "time/learn", "time/sync"))
-            self.run_dir.log(StepMetrics(step, values, [e.as_dict() for e in events]))
-            for e in events:
-                print(f"length monitor: step {e.step} {e.condition} -> {e.state} ({e.reason})", flush=True)
-            if step % self.cfg.log_every == 0:
-                print(console_line(step, self.cfg.steps, values), flush=True)
-            if self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.cfg.steps:
-                em = self.evaluate()
-                self.run_dir.log(StepMetrics(step, {"eval/exact_match": em}))
-                print(f"step {step}: held-out exact match {em:.3f}", flush=True)
-            if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0 and step < self.cfg.steps:
-                self.checkpoint()
-        self.summary["student_after"] = self.evaluate()
-        self.summary["sampled_after"] = self.sampled_stats()
-        self.summary["wall_seconds"] = time.time() - t_start
-        self.checkpoint()
-        return self.summary
+        if self.heldout is not None:
+            print("held-out before training:\n" + eval_table(self.summary["eval"]), flush=True)
+
+    def gradient_share(self, batch, step: int) -> dict[str, float]:
+        """length/effective_weight*: the share of the batch's tokens that carry gradient, per
+        term; a step under length.min_effective_weight is counted, and said, never silent."""
+        loss = self.cfg.loss
+        terms = {"pg": loss.distill == "reverse_kl_pg" and loss.distill_coef > 0,
+                 "jsd": loss.distill == "jsd" and loss.distill_coef > 0, "sft": True,
+                 "smpo": loss.smpo_coef > 0, "remedy": batch.remedy_weight_B is not None}
+        share = effective_weights(batch, terms)
+        if share["length/effective_weight"] < self.cfg.length.min_effective_weight:
+            self.starved += 1
+            print(f"warning: step {step} trains on {share['length/effective_weight']:.1%} of its tokens "
+                  f"(length/effective_weight < length.min_effective_weight="
+                  f"{self.cfg.length.min_effective_weight:g}); {self.starved} such steps so far", flush=True)
+        return {**share, "length/starved_steps": float(self.starved)}
+
+    def log_step(self, step: int, values: dict, events: list) -> None:
+        self.run_dir.log(StepMetrics(step, values, [e.as_dict() for e in events]))
+        for e in events:
+            print(f"length monitor: step {e.step} {e.condition} -> {e.state} ({e.reason})", flush=True)
+        if step % self.cfg.log_every == 0:
+            print(console_line(step, self.cfg.steps, values), flush=True)
+
+    def periodic(self, step: int) -> None:
+        """Evaluation and checkpoint cadence (the last step's are done after the loop)."""
+        if step >= self.cfg.steps:
+            return
+        if self.cfg.eval_every and step % self.cfg.eval_every == 0:
+            view = self.evaluator.student()
+            self.run_dir.log(StepMetrics(step, flatten("eval/", view)))
+            print(f"step {step}: held-out KL {view.get('kl', math.nan):.3f}, accuracy (greedy) "
+                  f"{view.get('accuracy/greedy', math.nan):.3f}", flush=True)
+        if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0:
+            self.checkpoint()
 
     # ------------------------------------------------------------------ a step's batch
     def on_policy_batch(self, prompts: PromptBatch, step: int):
-        G = self.cfg.rollout.samples_per_prompt
+        """The student's rollouts, scored by the teacher, shaped by the length monitor's plan
+        (penalties, the top-k KL remedy, the loop-tail rule, teacher mixture rows)."""
         rollouts = self.w.generate(prompts, sampling_settings(self.cfg.rollout, self.monitor.max_new_tokens, step))
         scores = self.w.score(rollouts)
         stats, events, plan = self.monitor.observe(rollouts.completion_ids, rollouts.finish_reasons, step)
         lengths, reasons = rollouts.lengths, rollouts.finish_reasons
-        pairs = None
-        if self.cfg.loss.smpo_coef:
-            s = self.cfg.loss.smpo
-            bad = None
-            if plan.prefer_bad_rejected:
-                flags = L.repetitive_flags(rollouts.completion_ids, self.cfg.length.ngram, self.cfg.length.tail_window,
-                                           self.cfg.length.repeat_threshold)
-                bad = L.rejection_badness(reasons, flags)
-            pairs = build_pairs(rollout_scores(rollouts, scores, prompts.answers, G, s.pair_score),
-                                G, s.min_score_gap, bad)
-        batch = build_train_batch(
-            rollouts, scores, self.pad, self.eos, on_policy=True, temperature=self.cfg.rollout.temperature,
-            seq_weight_N=L.loss_weights(plan, reasons), seq_advantage_N=L.apply_sequence_penalty(plan, lengths, reasons),
-            pairs=pairs)
-        n_tok = sum(lengths)
+        pairs = self.smpo_pairs(prompts, rollouts, scores, stats, plan)
         values = {**stats.as_metrics(), **plan.as_metrics(), **self.monitor.detector.metrics(),
-                  **teacher_kl_metrics(rollouts, scores),
-                  "rollout/train_exact_match": float(np.mean([exact_match(t, prompts.answers[n // G])
-                                                              for n, t in enumerate(rollouts.texts)])),
-                  "rollout/tokens": float(n_tok), "rollout/tokens_per_s": n_tok / max(1e-9, rollouts.seconds),
-                  "rollout/weight_version": float(rollouts.weight_version), "rollout/on_policy": 1.0,
-                  "time/generate": rollouts.seconds, "time/teacher": scores.seconds}
-        if pairs is not None:
-            values.update({"smpo/pairs": float(len(pairs.chosen_rows)), "smpo/pairs_skipped": float(pairs.skipped)})
+                  **self.rollout_metrics(prompts, rollouts, scores)}
+        seq_w, adv, sft_w = L.loss_weights(plan, reasons), L.apply_sequence_penalty(plan, lengths, reasons), None
+        remedy, tails, on = plan.remedy_weights(stats, reasons), plan.no_reward_tails(stats), True
+        mix = self.teacher_mixture(prompts, plan, step)
+        if mix is not None:  # StableOPD's rollout mixture: teacher rows, trained by SFT
+            k = len(mix.completion_ids)
+            rollouts, scores = with_extra_rows(rollouts, scores, mix)
+            on = np.r_[np.ones(len(seq_w), bool), np.zeros(k, bool)]
+            seq_w, adv = np.r_[seq_w, np.zeros(k)], np.r_[adv, np.zeros(k)]
+            sft_w = np.r_[np.zeros(len(lengths)), np.full(k, plan.mixture_sft_coef)]
+            remedy = None if remedy is None else np.r_[remedy, np.zeros(k)]
+            tails = None if tails is None else tails + [0] * k
+            values["length/mixture_rows"] = float(k)
+        batch = build_train_batch(rollouts, scores, self.pad, self.eos, on_policy=on,
+                                  temperature=self.cfg.rollout.temperature, seq_weight_N=seq_w,
+                                  seq_advantage_N=adv, pairs=pairs, sft_weight_N=sft_w,
+                                  remedy_weight_N=remedy, no_reward_tail_N=tails)
         return batch, values, events
+
+    def rollout_metrics(self, prompts: PromptBatch, rollouts, scores) -> dict[str, float]:
+        G, n_tok = self.cfg.rollout.samples_per_prompt, sum(rollouts.lengths)
+        hits = [answer_correct(t, prompts.answers[n // G], prompts.extraction(n // G))
+                for n, t in enumerate(rollouts.texts)]
+        return {**teacher_kl_metrics(rollouts, scores), "rollout/train_accuracy": float(np.mean(hits)),
+                "rollout/tokens": float(n_tok), "rollout/tokens_per_s": n_tok / max(1e-9, rollouts.seconds),
+                "rollout/weight_version": float(rollouts.weight_version), "rollout/on_policy": 1.0,
+                "time/generate": rollouts.seconds, "time/teacher": scores.seconds}
+
+    def smpo_pairs(self, prompts, rollouts, scores, stats, plan):
+        """Best vs worst sample of each prompt (the monitor may ask for a bad one as rejected)."""
+        if not self.cfg.loss.smpo_coef:
+            return None
+        s, G = self.cfg.loss.smpo, self.cfg.rollout.samples_per_prompt
+        bad = L.rejection_badness(rollouts.finish_reasons, stats.repetitive) if plan.prefer_bad_rejected else None
+        return build_pairs(rollout_scores(rollouts, scores, prompts, G, s.pair_score), G, s.min_score_gap, bad)
+
+    def teacher_mixture(self, prompts: PromptBatch, plan, step: int):
+        """Teacher completions for a share of this step's prompts, the ones that end in EOS
+        (None when the remedy is off or none stopped)."""
+        k = math.ceil(plan.mixture_fraction * len(prompts.prompt_ids))
+        if k == 0:
+            return None
+        settings = replace(sampling_settings(self.cfg.rollout, self.cfg.rollout.max_new_tokens, step), n=1)
+        out = self.w.teacher_generate(prompts.rows(slice(0, k)), settings)
+        keep = [i for i, r in enumerate(out.finish_reasons) if r == "stop"]
+        if not keep:
+            return None
+        return RolloutBatch(*([getattr(out, f)[i] for i in keep] for f in
+                              ("prompt_ids", "completion_ids", "sampler_logprobs", "finish_reasons", "texts")),
+                            weight_version=-1)
 
     def off_policy_batch(self, prompts: PromptBatch, step: int):
         """Teacher samples (sequence-level KD) or dataset answers, trained with SFT."""
@@ -157,7 +246,8 @@ class Distillation:
         else:
             rollouts = answer_rollouts([p for p in prompts.prompt_ids for _ in range(G)],
                                        [encode_answer(self.tok, a) for a in prompts.answers for _ in range(G)])
-        batch = build_train_batch(rollouts, None, self.pad, self.eos, on_policy=False, temperature=1.0)
+        batch = build_train_batch(rollouts, None, self.pad, self.eos, on_policy=False, temperature=1.0,
+                                  sft_weight_N=np.full(len(rollouts.completion_ids), self.cfg.loss.sft_coef))
         stats = L.rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, {self.eos},
                                 self.cfg.rollout.max_new_tokens)
         return batch, {**stats.as_metrics("offpolicy/"), "rollout/on_policy": 0.0,
@@ -167,29 +257,6 @@ class Distillation:
     def next_prompts(self) -> PromptBatch:
         exs = sample_batch(self.train_set, self.cfg.rollout.prompts_per_step, self.rng)
         return prompt_batch(self.tok, exs)
-
-    def heldout_prompts(self) -> list[list[int]]:
-        return [encode_prompt(self.tok, e) for e in self.heldout]
-
-    def score_texts(self, texts: list[str]) -> float:
-        return float(np.mean([exact_match(t, e.answer) for t, e in zip(texts, self.heldout)])) if texts else float("nan")
-
-    def evaluate(self) -> float:
-        """Held-out exact match of the current student, greedy decoding through vLLM."""
-        if not self.heldout:
-            return float("nan")
-        return self.score_texts(self.w.greedy(self.heldout_prompts(), self.cfg.rollout.eval_max_new_tokens))
-
-    def sampled_stats(self) -> dict[str, float]:
-        """Length / EOS / truncation statistics of one sampled completion per held-out prompt
-        at the rollout settings (the EOS rate of the student, in summary.json)."""
-        if not self.heldout:
-            return {}
-        settings = replace(sampling_settings(self.cfg.rollout, self.cfg.rollout.max_new_tokens, 0), n=1)
-        out = self.w.generate(prompt_batch(self.tok, self.heldout), settings)
-        stats = L.rollout_stats(out.completion_ids, out.finish_reasons, {self.eos}, self.cfg.rollout.max_new_tokens,
-                                min_length=self.cfg.length.min_length)
-        return stats.as_metrics("")
 
     def reference_lengths(self) -> Optional[L.ReferenceLengths]:
         """Teacher greedy generations on a sample of train prompts (or the dataset's answers)."""
@@ -206,6 +273,7 @@ class Distillation:
             return None
         extra = {"step": self.step, "rng": list(self.rng.getstate()[1]), "rng_gauss": self.rng.getstate()[2],
                  "monitor": self.monitor.state_dict() if self.monitor else None, "summary": self.summary,
+                 "starved": self.starved,
                  "reference": None if self.reference is None else [self.reference.mean, self.reference.p95]}
         path = self.w.call(self.w.learner, "save_checkpoint", str(self.run_dir.checkpoint_dir(self.step)), extra)
         self.run_dir.prune(self.cfg.keep_checkpoints)
@@ -215,6 +283,7 @@ class Distillation:
         self.step = extra["step"]
         self.rng.setstate((3, tuple(extra["rng"]), extra["rng_gauss"]))
         self.summary = dict(extra["summary"])
+        self.starved = int(extra.get("starved", 0))
         self.reference = L.ReferenceLengths(*extra["reference"]) if extra["reference"] else None
         self.monitor = make_monitor(self.cfg, self.eos, self.reference)
         if extra.get("monitor"):

@@ -228,8 +228,9 @@ def generalized_jsd_topk(student_logits_BTV: torch.Tensor, teacher_topk_logprobs
 
 
 # ------------------------------------------------------------- sampled-token reverse KL
-def _pg_advantages(teacher_BT, sampler_BT, valid_BT, kl_coef, discount, seq_adv_B):
-    """A_t = sum_{s>=t, valid} discount^(s-t) a_s (+ seq_adv_B), a_s = kl_coef (l_teacher - l_sampler)."""
+def _pg_advantages(teacher_BT, sampler_BT, valid_BT, kl_coef, discount, seq_adv_B, no_reward_BT=None):
+    """A_t = sum_{s>=t, valid} discount^(s-t) a_s (+ seq_adv_B), a_s = kl_coef (l_teacher - l_sampler);
+    A_t = min(A_t, 0) where no_reward_BT > 0."""
     a = kl_coef * (teacher_BT.clamp(min=LOGP_FLOOR) - sampler_BT)
     a = torch.where(valid_BT, a, torch.zeros_like(a))
     if discount > 0.0:
@@ -240,6 +241,8 @@ def _pg_advantages(teacher_BT, sampler_BT, valid_BT, kl_coef, discount, seq_adv_
         a = torch.stack(out[::-1], 1)
     if seq_adv_B is not None:
         a = a + seq_adv_B.to(a.dtype).reshape(-1, 1)
+    if no_reward_BT is not None:
+        a = torch.where(no_reward_BT > 0, a.clamp(max=0.0), a)
     return torch.where(valid_BT, a, torch.zeros_like(a)).detach()
 
 
@@ -248,7 +251,8 @@ def reverse_kl_pg_loss(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: t
                        clip_eps_low: float | None = 0.2, clip_eps_high: float | None = 0.2,
                        tis_cap: float | None = None, discount: float = 0.0, kl_coef: float = 1.0,
                        seq_advantage_B: torch.Tensor | None = None,
-                       normalizer: float | None = None) -> tuple[torch.Tensor, Metrics]:
+                       normalizer: float | None = None,
+                       no_reward_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """On-policy distillation as policy gradient on the sampled-token reverse KL (Tinker, verl).
 
     Per token of a student rollout y (l_x = log p_x(y_t)):
@@ -257,6 +261,8 @@ def reverse_kl_pg_loss(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: t
             clamped to LOGP_FLOOR so a zero-probability teacher token gives a finite value;
       A_t = sum_{s>=t, mask_s>0} discount^(s-t) a_s + seq_advantage_B[b]  (detached;
             discount=0: A_t = a_t; distances count positions within the row);
+            where no_reward_BT > 0 (a looping tail), A_t = min(A_t, 0): a loop is never
+            rewarded for continuing, even where the teacher would continue it too;
       r_t = exp(l_student - l_sampler).
     tis_cap None: PPO clipped surrogate with the sampler as behaviour policy,
       L_t = -min(r_t A_t, clip(r_t, 1-eps_low, 1+eps_high) A_t)   (None eps: no bound);
@@ -279,7 +285,7 @@ def reverse_kl_pg_loss(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: t
     lp = torch.where(valid, _floor_neginf(student_logprobs_BT.to(dtype)), zeros)
     ls = torch.where(valid, sampler_logprobs_BT.detach().to(dtype), zeros)
     lt = torch.where(valid, teacher_logprobs_BT.detach().to(dtype), zeros)
-    adv = _pg_advantages(lt, ls, valid, kl_coef, discount, seq_advantage_B)
+    adv = _pg_advantages(lt, ls, valid, kl_coef, discount, seq_advantage_B, no_reward_BT)
     ratio = torch.exp(lp - ls)
     if tis_cap is not None:
         weight = torch.clamp(ratio.detach(), max=tis_cap)

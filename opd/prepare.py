@@ -1,9 +1,11 @@
 """`opd-prepare`: build (or reuse) the offline model zoo for a task and report accuracies.
 
-    opd-prepare                      # the default task (conf/train.yaml)
+    opd-prepare                      # the default task (conf/train.yaml), toy zoo
     opd-prepare task=reversal        # any override of the train config
+    opd-prepare zoo=smollm2          # the real pair: SmolLM2-135M-Instruct + a layer-dropped student
 
-Prints the held-out exact match of the teacher and the student (greedy decoding).
+Prints the held-out exact match of the toy teacher and student (greedy decoding), or the
+real pair's paths and sizes.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ def report(paths) -> str:
     lines = [f"{'model':8s} {'held-out exact match':>21s} {'SFT steps':>10s}  path"]
     for name, path in rows:
         info = zoo_info(path) or {}
-        lines.append(f"{name:8s} {info.get('heldout_exact_match', float('nan')):21.3f} "
-                     f"{info.get('sft_steps', 0):10d}  {path}")
+        if "heldout_exact_match" not in info:  # the real pair: no SFT, nothing to score here
+            lines.append(f"{name:8s} {'(pretrained)':>21s} {'-':>10s}  {path}")
+            continue
+        lines.append(f"{name:8s} {info['heldout_exact_match']:21.3f} {info.get('sft_steps', 0):10d}  {path}")
     return "\n".join(lines)
 
 

@@ -1,10 +1,18 @@
 """Tasks: where prompts come from and how answers are checked.
 
-Two built-in synthetic tasks with verifiable answers, deterministic from a seed:
-- `addition`: "37+58" -> "95" (operands of up to `max_digits` digits);
-- `reversal`: "abcde" -> "edcba" (lowercase strings of `min_chars`..`max_chars`).
-Held-out prompts are drawn first and excluded from the train stream, so exact match on
+Built-in synthetic tasks with verifiable answers, deterministic from a seed:
+- `addition`: "37+58" -> "95" (operands of up to `max_digits` digits), for the toy zoo;
+- `reversal`: "abcde" -> "edcba" (lowercase strings of `min_chars`..`max_chars`), toy zoo;
+- `arith_chat`: "What is 22 - 11? Reply with the number only." -> "11", a chat question
+  that a small real instruct model (SmolLM2-135M-Instruct) can attempt.
+Held-out prompts are drawn first and excluded from the train stream, so accuracy on
 them measures generalisation, not memorisation.
+
+Answers are checked after *extraction* from the free-text completion (`task.answer_extraction`,
+or an `extract` field on a prompt-file line): `exact` (the whole completion, whitespace
+normalised), `last_number` (the last number in the text, compared as a number), or
+`regex:<pattern>` (the first match; its first group if it has one). A real model's answer is
+rarely the bare string.
 
 And a loader for users' JSONL prompt files (`task=file`): one object per line with either
 `prompt` (raw text, encoded as is) or `messages` (a chat list, rendered with the
@@ -18,8 +26,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,15 +39,17 @@ class Example:
 
     messages: Optional[tuple[tuple[str, str], ...]]  # ((role, content), ...) chat turns
     text: Optional[str]  # a raw prompt, encoded without a chat template
-    answer: Optional[str]  # reference answer for exact match (None: unchecked)
+    answer: Optional[str]  # reference answer (None: unchecked)
     source: str  # where it came from: "addition:heldout:3" or "data.jsonl:12"
+    extract: str = "exact"  # how the answer is extracted from a completion (see module doc)
 
     def chat(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in (self.messages or ())]
 
 
-def user_example(content: str, answer: Optional[str], source: str) -> Example:
-    return Example(messages=(("user", content),), text=None, answer=answer, source=source)
+def user_example(content: str, answer: Optional[str], source: str, extract: str = "exact") -> Example:
+    return Example(messages=(("user", content),), text=None, answer=answer, source=source,
+                   extract=extract)
 
 
 def normalize_answer(s: str) -> str:
@@ -48,6 +59,57 @@ def normalize_answer(s: str) -> str:
 def exact_match(completion: str, answer: Optional[str]) -> bool:
     """True when the completion equals the answer up to surrounding/duplicate whitespace."""
     return answer is not None and normalize_answer(completion) == normalize_answer(answer)
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _as_number(s: str) -> Optional[float]:
+    try:
+        return float(s.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def check_extraction(how: str) -> str:
+    """Return `how` if it names an extraction (`exact`, `last_number`, `regex:<pattern>`
+    with a pattern that compiles); else raise ValueError saying what is allowed."""
+    if how in ("exact", "last_number"):
+        return how
+    if how.startswith("regex:"):
+        try:
+            re.compile(how[len("regex:"):])
+        except re.error as e:
+            raise ValueError(f"bad regex in {how!r}: {e}") from e
+        return how
+    raise ValueError(f"must be 'exact', 'last_number' or 'regex:<pattern>', got {how!r}")
+
+
+def extract_answer(completion: str, how: str) -> Optional[str]:
+    """The answer a completion gives, by extraction mode `how` (None: no answer found)."""
+    if how == "exact":
+        return normalize_answer(completion)
+    if how == "last_number":
+        found = _NUMBER.findall(completion)
+        return found[-1] if found else None
+    m = re.search(how[len("regex:"):], completion)
+    if m is None:
+        return None
+    return normalize_answer(m.group(1) if m.groups() else m.group(0))
+
+
+def answer_correct(completion: str, answer: Optional[str], how: str = "exact") -> bool:
+    """True when the answer extracted from `completion` equals the reference `answer`
+    (numerically for `last_number`: "11.0" == "11", "1,200" == "1200")."""
+    if answer is None:
+        return False
+    got = extract_answer(completion, how)
+    if got is None:
+        return False
+    if how == "last_number":
+        a, b = _as_number(got), _as_number(answer)
+        return a is not None and b is not None and a == b
+    return got == normalize_answer(answer)
 
 
 # ------------------------------------------------------------------ built-in tasks
@@ -63,6 +125,16 @@ def _reversal(rng: random.Random, min_chars: int, max_chars: int) -> tuple[str, 
     return s, s[::-1]
 
 
+def _arith_chat(rng: random.Random, max_digits: int) -> tuple[str, str]:
+    """A chat arithmetic question; subtraction keeps the result non-negative."""
+    hi = 10**max_digits
+    a, b = rng.randrange(hi), rng.randrange(hi)
+    if rng.random() < 0.5:
+        return f"What is {a} + {b}? Reply with the number only.", str(a + b)
+    a, b = max(a, b), min(a, b)
+    return f"What is {a} - {b}? Reply with the number only.", str(a - b)
+
+
 @dataclass
 class SyntheticTask:
     """A generator of (question, answer) pairs with disjoint train and held-out splits."""
@@ -72,6 +144,7 @@ class SyntheticTask:
     seed: int
     train_size: int
     heldout_size: int
+    extract: str = "exact"
     _heldout: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
     def heldout(self) -> list[Example]:
@@ -88,7 +161,7 @@ class SyntheticTask:
                 raise ValueError(f"task.heldout_size={self.heldout_size}: only {len(held)} "
                                  f"distinct {self.name} questions found")
             self._heldout = held
-        return [user_example(q, a, f"{self.name}:heldout:{i}") for i, (q, a) in
+        return [user_example(q, a, f"{self.name}:heldout:{i}", self.extract) for i, (q, a) in
                 enumerate(self._heldout)]
 
     def train(self) -> list[Example]:
@@ -98,22 +171,26 @@ class SyntheticTask:
             tries += 1
             q, a = self.make(rng)
             if q not in held:
-                out.append(user_example(q, a, f"{self.name}:train:{len(out)}"))
+                out.append(user_example(q, a, f"{self.name}:train:{len(out)}", self.extract))
         if len(out) < self.train_size:
             raise ValueError(f"task.train_size={self.train_size}: only {len(out)} train prompts "
                              f"in {tries} draws (are all {self.name} questions held out?)")
         return out
 
 
+BUILTIN_TASKS = ("addition", "reversal", "arith_chat")
+
+
 def build_task(name: str, seed: int, train_size: int, heldout_size: int, max_digits: int = 2,
-               min_chars: int = 3, max_chars: int = 6) -> SyntheticTask:
+               min_chars: int = 3, max_chars: int = 6, extract: str = "exact") -> SyntheticTask:
     makers = {
         "addition": lambda rng: _addition(rng, max_digits),
         "reversal": lambda rng: _reversal(rng, min_chars, max_chars),
+        "arith_chat": lambda rng: _arith_chat(rng, max_digits),
     }
     if name not in makers:
         raise ValueError(f"task.name must be one of {sorted(makers)} for a built-in task, got {name!r}")
-    return SyntheticTask(name, makers[name], seed, train_size, heldout_size)
+    return SyntheticTask(name, makers[name], seed, train_size, heldout_size, extract)
 
 
 # Characters the zoo's tokenizer must cover for the built-in tasks (and simple prompts).
@@ -136,7 +213,7 @@ class LoadReport:
         return s + "".join(f"\n  line {n}: {why}" for n, why in self.skipped[:10])
 
 
-def _parse_line(raw: str) -> Example | str:
+def _parse_line(raw: str, default_extract: str = "exact") -> Example | str:
     """Parse one JSONL line; returns an Example (source unset) or the reason it is bad."""
     try:
         obj = json.loads(raw)
@@ -147,6 +224,11 @@ def _parse_line(raw: str) -> Example | str:
     answer = obj.get("answer")
     if answer is not None and not isinstance(answer, str):
         return f"field 'answer' must be a string, got {type(answer).__name__}"
+    extract = obj.get("extract", default_extract)
+    try:
+        check_extraction(extract if isinstance(extract, str) else repr(extract))
+    except ValueError as e:
+        return f"field 'extract' {e}"
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -159,20 +241,21 @@ def _parse_line(raw: str) -> Example | str:
             turns.append((m["role"], m["content"]))
         if not any(c.strip() for _, c in turns):
             return "empty prompt: every message content is blank"
-        return Example(messages=tuple(turns), text=None, answer=answer, source="")
+        return Example(messages=tuple(turns), text=None, answer=answer, source="", extract=extract)
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str):
             return f"field 'prompt' must be a string, got {type(obj['prompt']).__name__}"
         if not obj["prompt"].strip():
             return "empty prompt"
-        return Example(messages=None, text=obj["prompt"], answer=answer, source="")
+        return Example(messages=None, text=obj["prompt"], answer=answer, source="", extract=extract)
     return "missing field: a line needs 'prompt' (string) or 'messages' (chat list)"
 
 
 def load_prompt_file(path: str | Path, on_bad_line: str = "error",
                      count_tokens: Optional[Callable[[Example], int]] = None,
                      max_prompt_tokens: Optional[int] = None,
-                     require_answer: bool = False) -> tuple[list[Example], LoadReport]:
+                     require_answer: bool = False,
+                     extract: str = "exact") -> tuple[list[Example], LoadReport]:
     """Read a JSONL prompt file. `count_tokens` + `max_prompt_tokens` reject prompts that
     cannot fit the engine (`max_model_len - max_new_tokens`) instead of truncating them."""
     if on_bad_line not in ("error", "skip"):
@@ -185,7 +268,7 @@ def load_prompt_file(path: str | Path, on_bad_line: str = "error",
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            ex = _parse_line(raw)
+            ex = _parse_line(raw, extract)
             if isinstance(ex, Example) and require_answer and ex.answer is None:
                 ex = "missing field 'answer' (held-out prompts need a reference answer)"
             if isinstance(ex, Example) and count_tokens and max_prompt_tokens is not None:
@@ -198,7 +281,7 @@ def load_prompt_file(path: str | Path, on_bad_line: str = "error",
                     raise DataError(f"{path}:{lineno}: {ex}")
                 report.skipped.append((lineno, ex))
                 continue
-            out.append(Example(ex.messages, ex.text, ex.answer, f"{path.name}:{lineno}"))
+            out.append(replace(ex, source=f"{path.name}:{lineno}"))
     report.loaded = len(out)
     if not out:
         raise DataError(f"{path}: no usable prompt ({len(report.skipped)} lines skipped)")
@@ -220,7 +303,7 @@ def prompt_batch(tokenizer: Any, examples: Sequence[Example]):
     from opd.types import PromptBatch
 
     return PromptBatch([encode_prompt(tokenizer, e) for e in examples], [e.answer for e in examples],
-                       [e.source for e in examples])
+                       [e.source for e in examples], [e.extract for e in examples])
 
 
 def encode_answer(tokenizer: Any, answer: str) -> list[int]:
@@ -233,16 +316,19 @@ def load_splits(task_cfg: Any, tokenizer: Any = None,
     """(train, held-out) examples for a TaskConfig."""
     if task_cfg.name != "file":
         t = build_task(task_cfg.name, task_cfg.seed, task_cfg.train_size, task_cfg.heldout_size,
-                       task_cfg.max_digits, task_cfg.min_chars, task_cfg.max_chars)
+                       task_cfg.max_digits, task_cfg.min_chars, task_cfg.max_chars,
+                       task_cfg.answer_extraction)
         return t.train(), t.heldout()
     count = (lambda ex: len(encode_prompt(tokenizer, ex))) if tokenizer is not None else None
-    train, rep = load_prompt_file(task_cfg.train_file, task_cfg.on_bad_line, count, max_prompt_tokens)
+    train, rep = load_prompt_file(task_cfg.train_file, task_cfg.on_bad_line, count, max_prompt_tokens,
+                                  extract=task_cfg.answer_extraction)
     if rep.skipped:
         print(rep.summary(), flush=True)
     held: list[Example] = []
     if task_cfg.heldout_file:
         held, rep = load_prompt_file(task_cfg.heldout_file, task_cfg.on_bad_line, count,
-                                     max_prompt_tokens, require_answer=True)
+                                     max_prompt_tokens, require_answer=True,
+                                     extract=task_cfg.answer_extraction)
         if rep.skipped:
             print(rep.summary(), flush=True)
     return train[: task_cfg.train_size], held[: task_cfg.heldout_size]

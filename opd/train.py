@@ -60,9 +60,9 @@ def run_training(cfg: Any) -> dict:
     workers = None
     loop = None
     try:
-        from opd.tasks import encode_prompt
+        from opd.tasks import prompt_batch
 
-        eval_prompts = None if resume else [encode_prompt(tok, e) for e in heldout]
+        eval_prompts = prompt_batch(tok, heldout) if heldout else None
         workers = Workers(cfg, student_path, teacher_path, teacher_eval_prompts=eval_prompts)
         extra = workers.call(workers.learner, "load_checkpoint", str(resume)) if resume else None
         loop = Distillation(cfg, workers, tok, train, heldout, run)
@@ -99,13 +99,16 @@ def _save_on_failure(loop: Any, err: BaseException) -> None:
 
 
 def print_table(s: dict) -> None:
-    print("\nheld-out exact match (greedy, vLLM)")
-    print(f"  teacher         {s['teacher']:.3f}")
-    print(f"  student before  {s['student_before']:.3f}")
-    print(f"  student after   {s['student_after']:.3f}")
-    gap = s["teacher"] - s["student_before"]
-    if gap > 0:
-        print(f"  gap closed      {(s['student_after'] - s['student_before']) / gap:.0%}")
+    from opd.evaluation import table
+
+    if s.get("eval", {}).get("before"):
+        print("\nheld-out, teacher vs student before and after training")
+        print(table(s["eval"]))
+    else:
+        print("\nno held-out prompts: nothing was evaluated (task.heldout_file)")
+    if s.get("starved_steps"):
+        print(f"warning: {s['starved_steps']} of {s['steps']} steps trained on less than "
+              f"length.min_effective_weight of their tokens (see length/effective_weight in metrics.jsonl)")
     print(f"wall time {s['total_seconds']:.0f}s; run dir {s['run_dir']}", flush=True)
 
 

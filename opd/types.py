@@ -38,6 +38,15 @@ class PromptBatch:
     prompt_ids: list[list[int]]  # [P][prompt_len] token ids, chat template applied
     answers: list[Optional[str]]  # [P] reference answers (None when unchecked)
     sources: list[str]  # [P] "addition:train:17" or "data.jsonl:12"
+    extract: list[str] = field(default_factory=list)  # [P] answer extraction ("exact" if empty)
+
+    def extraction(self, p: int) -> str:
+        return self.extract[p] if self.extract else "exact"
+
+    def rows(self, index: slice) -> "PromptBatch":
+        """The prompts at `index` (a slice), e.g. one rollout worker's share."""
+        return PromptBatch(self.prompt_ids[index], self.answers[index], self.sources[index],
+                           self.extract[index])
 
 
 @dataclass(frozen=True)
@@ -93,17 +102,28 @@ class TrainBatch:
     seq_advantage_B: np.ndarray  # [B] float32 sequence-level advantage term (length penalties)
     seq_weight_B: np.ndarray  # [B] float32 weight of row b in the sequence-level (policy-gradient)
     #                           term: stop-properly masks (0) or down-weights truncated rollouts
-    on_policy: bool  # True: the student's rollouts; False: teacher/dataset completions
+    on_policy_B: np.ndarray  # [B] bool True: a student rollout (distillation terms); False: a
+    #                          teacher/dataset completion (SFT only)
+    sft_weight_B: np.ndarray  # [B] float32 weight of row b in the SFT term (0: not trained by SFT)
     temperature: float  # the sampler's temperature (learner log-probs use logits / T)
     teacher_topk_ids_BSK: Optional[np.ndarray] = None  # [B, S, K] int64
     teacher_topk_logprobs_BSK: Optional[np.ndarray] = None  # [B, S, K] float32
     teacher_full_logprobs_BSV: Optional[np.ndarray] = None  # [B, S, V] float32
     pairs: Optional[PairBatch] = None  # SMPO pairs among the rows
     rejected_eos_id: int = -1  # EOS id (for SMPO's EOS protection)
+    remedy_weight_B: Optional[np.ndarray] = None  # [B] float32 weight of the length remedy's
+    #   forward KL over the teacher's top-k (truncated / repetitive rollouts); None: off
+    no_reward_BS: Optional[np.ndarray] = None  # [B, S] float32 1 where a looping tail's token may
+    #   not get a positive advantage (repetition-aware rule); None: off
 
     @property
     def num_tokens(self) -> float:
         return float(self.loss_mask_BS.sum())
+
+    @property
+    def on_policy(self) -> bool:
+        """Whether any row is a student rollout."""
+        return bool(self.on_policy_B.any())
 
 
 @dataclass(frozen=True)

@@ -232,11 +232,16 @@ def zoo_info(model_dir: str | Path) -> Optional[dict]:
 
 
 def ensure_zoo(cfg: Any) -> ZooPaths:
-    """Build (or reuse) the tokenizer, teacher and student for cfg.task."""
-    if cfg.task.name == "file":
-        raise ValueError("the model zoo builds models for the built-in tasks only; with "
-                         "task=file set student.path and teacher.path")
+    """Build (or reuse) the zoo named by cfg.zoo.name: the toy models for cfg.task, or the
+    real SmolLM2 pair (any task)."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if cfg.zoo.name == "smollm2":
+        from opd.smollm2 import ensure_smollm2
+
+        return ensure_smollm2(cfg.zoo_dir, cfg.zoo.keep_layers, cfg.zoo.keep_every)
+    if cfg.task.name not in ("addition", "reversal"):
+        raise ValueError(f"zoo=toy builds models for task=addition or task=reversal only, got "
+                         f"task={cfg.task.name}; use zoo=smollm2, or set student.path and teacher.path")
     tok_dir = ensure_tokenizer(cfg.zoo_dir)
     teacher = ensure_model("teacher", cfg.zoo_dir, cfg.task, cfg.teacher.zoo, tok_dir)
     student = ensure_model("student", cfg.zoo_dir, cfg.task, cfg.student.zoo, tok_dir)

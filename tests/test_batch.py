@@ -6,7 +6,7 @@ import pytest
 
 from opd.actors import merge_rollouts
 from opd.batch import build_pairs, build_train_batch, rollout_scores
-from opd.types import RolloutBatch, TeacherScores
+from opd.types import PromptBatch, RolloutBatch, TeacherScores
 
 
 def _rollouts():
@@ -46,7 +46,12 @@ def test_pairs_best_vs_worst_with_gap_threshold_and_badness():
 
 def test_checker_scores_use_the_prompt_answer():
     r = RolloutBatch([[1]] * 4, [[3]] * 4, [[0.0]] * 4, ["stop"] * 4, ["12", " 12 ", "13", "7"], 0)
-    np.testing.assert_array_equal(rollout_scores(r, None, ["12", "7"], 2, "checker"), [1, 1, 0, 1])
+    exact = PromptBatch([[1], [1]], ["12", "7"], ["a", "b"])
+    np.testing.assert_array_equal(rollout_scores(r, None, exact, 2, "checker"), [1, 1, 0, 1])
+    # extraction by prompt: the last number of "it is 7." is 7; exact match of it fails
+    r2 = RolloutBatch([[1]] * 4, [[3]] * 4, [[0.0]] * 4, ["stop"] * 4, ["12", "=12", "it is 7.", "7"], 0)
+    mixed = PromptBatch([[1], [1]], ["12", "7"], ["a", "b"], ["exact", "last_number"])
+    np.testing.assert_array_equal(rollout_scores(r2, None, mixed, 2, "checker"), [1, 0, 1, 1])
 
 
 def test_merge_rollouts_restores_prompt_order():

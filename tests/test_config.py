@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from opd.config import (CONF_DIR, RULES, ConfigError, RolloutConfig, TrainConfig, _get,
                         load_config, validate)
 
-GROUPS = ["task", "student", "teacher", "rollout", "loss", "optim", "length", "resources"]
+GROUPS = ["task", "student", "teacher", "rollout", "loss", "optim", "length", "resources", "zoo"]
 GROUP_FILES = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 # task=file refuses to run without a train file (a cross check): give it one.
 EXTRA = {("task", "file"): ["task.train_file=/tmp/prompts.jsonl"]}
@@ -82,7 +82,7 @@ BAD = [
     (["loss.jsd_beta=-0.1"], "loss.jsd_beta must be in [0, 1], got -0.1"),
     (["optim.beta2=1.0"], "optim.beta2 must be in [0, 1), got 1.0"),  # open high end
     (["task.max_digits=0"], "task.max_digits must be in [1, 9], got 0"),
-    (["task.name=bogus"], "task.name must be one of ['addition', 'reversal', 'file'], got 'bogus'"),
+    (["task.name=bogus"], "task.name must be one of ['addition', 'reversal', 'arith_chat', 'file'], got 'bogus'"),
     (["length.mode=loud"], "length.mode must be one of ['off', 'monitor', 'auto'], got 'loud'"),
     (["teacher.logprobs=all"], "teacher.logprobs must be one of ['sampled', 'topk', 'full'], got 'all'"),
     (["rollout.dtype=float64"], "rollout.dtype must be one of ['float32', 'bfloat16', 'float16'], got 'float64'"),

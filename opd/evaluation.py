@@ -1,0 +1,171 @@
+"""Held-out evaluation that sees real quality: numbers that mean something on real models.
+
+On a real pair, exact match alone reads 0/0 (a 135M instruct model answers in sentences), so
+every evaluation reports, on the held-out prompts:
+
+- `kl`: per-token KL(student‖teacher) of the student's *sampled* completions (T=1, no
+  filters), scored by the teacher: mean over tokens of log p_student(y_t) - log p_teacher(y_t).
+  This is the objective itself and the headline "gap" of a real pair (the teacher's is 0);
+- `nll_teacher_greedy`: the student's per-token NLL of the teacher's greedy completions (the
+  forward direction: can the student say what the teacher says?);
+- `sampled/*` and `greedy/*`: EOS rate, truncation, repetition and mean length of sampled and
+  greedy completions (they can disagree: a student can loop greedily and not when sampling);
+- `accuracy/greedy`, `accuracy/sampled`: the share of completions whose *extracted* answer
+  is right (opd/tasks.py: exact, last_number, regex).
+
+The teacher gets the same view (its own greedy and sampled completions) once, at start.
+Pure functions over typed batches: no Ray, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Collection, Optional
+
+import numpy as np
+
+from opd import length as L
+from opd.batch import build_train_batch, teacher_kl_metrics
+from opd.tasks import answer_correct
+from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
+
+LENGTH_KEYS = ("eos_frac", "truncated_frac", "repetition_frac", "mean")
+
+
+def eval_settings(max_new_tokens: int, greedy: bool, seed: int = 0) -> SamplingSettings:
+    """Greedy, or plain sampling at T=1 (no top-p/top-k/penalty: the model's own distribution,
+    so that sampled KL is KL(student‖teacher) at temperature 1)."""
+    from dataclasses import replace
+
+    from opd.rollout import greedy_settings
+
+    plain = greedy_settings(max_new_tokens)
+    return plain if greedy else replace(plain, temperature=1.0, seed=seed)
+
+
+def accuracy(rollouts: RolloutBatch, prompts: PromptBatch) -> float:
+    """Share of completions whose extracted answer equals the prompt's answer (one per prompt)."""
+    hits = [answer_correct(t, prompts.answers[i], prompts.extraction(i)) for i, t in enumerate(rollouts.texts)]
+    return float(np.mean(hits)) if hits else math.nan
+
+
+def length_view(rollouts: RolloutBatch, eos_ids: Collection[int], max_new_tokens: int,
+                prefix: str, **stats_kw) -> dict[str, float]:
+    """EOS rate, truncation, repetition and mean length of some completions."""
+    stats = L.rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, eos_ids, max_new_tokens,
+                            **stats_kw)
+    return {f"{prefix}/{k}": float(getattr(stats, k)) for k in LENGTH_KEYS}
+
+
+def model_view(prompts: PromptBatch, sampled: RolloutBatch, greedy: RolloutBatch,
+               eos_ids: Collection[int], max_new_tokens: int, **stats_kw) -> dict[str, float]:
+    """The metrics every model gets: lengths and accuracy of its sampled and greedy completions."""
+    return {**length_view(sampled, eos_ids, max_new_tokens, "sampled", **stats_kw),
+            **length_view(greedy, eos_ids, max_new_tokens, "greedy", **stats_kw),
+            "accuracy/greedy": accuracy(greedy, prompts), "accuracy/sampled": accuracy(sampled, prompts)}
+
+
+def student_view(prompts: PromptBatch, sampled: RolloutBatch, greedy: RolloutBatch,
+                 scores: TeacherScores, nll_teacher_greedy: float, eos_ids: Collection[int],
+                 max_new_tokens: int, **stats_kw) -> dict[str, float]:
+    """model_view plus the divergences from the teacher (`kl`, `nll_teacher_greedy`)."""
+    return {"kl": teacher_kl_metrics(sampled, scores)["teacher/kl"],
+            "nll_teacher_greedy": float(nll_teacher_greedy),
+            **model_view(prompts, sampled, greedy, eos_ids, max_new_tokens, **stats_kw)}
+
+
+def mean_nll(logprobs_BS: np.ndarray, mask_BS: np.ndarray) -> float:
+    """Per-token NLL: -sum(log p * mask) / sum(mask) (nan for an empty mask)."""
+    n = float(mask_BS.sum())
+    return float(-(logprobs_BS * mask_BS).sum() / n) if n else math.nan
+
+
+class Evaluator:
+    """Runs the held-out views through the workers (Ray actors or in-process objects)."""
+
+    def __init__(self, cfg, workers, tokenizer, heldout: Optional[PromptBatch]):
+        self.cfg, self.w, self.heldout = cfg, workers, heldout
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.eos_ids = {self.eos} | set(cfg.rollout.stop_token_ids)
+        self.n, self.stats_kw = cfg.rollout.eval_max_new_tokens, length_kwargs(cfg.length)
+
+    def student(self) -> dict[str, float]:
+        """The student's held-out view: KL to the teacher on its own samples, NLL of the
+        teacher's greedy answers, lengths and answer accuracy ({} without held-out prompts)."""
+        if self.heldout is None:
+            return {}
+        sampled = self.w.generate(self.heldout, eval_settings(self.n, greedy=False, seed=self.cfg.seed))
+        greedy = self.w.generate(self.heldout, eval_settings(self.n, greedy=True))
+        batch = build_train_batch(self.w.teacher_eval[0], None, self.pad, self.eos, on_policy=False,
+                                  temperature=1.0)
+        nll = mean_nll(self.w.student_logprobs(batch), batch.loss_mask_BS)
+        return student_view(self.heldout, sampled, greedy, self.w.score(sampled), nll, self.eos_ids,
+                            self.n, **self.stats_kw)
+
+    def teacher(self) -> dict[str, float]:
+        """The teacher's own view, from its greedy and sampled completions made at start; its
+        NLL of its own greedy answers is the floor of the student's."""
+        if self.heldout is None:
+            return {}
+        greedy, sampled = self.w.teacher_eval
+        own = self.w.score(greedy)
+        nll = float(-np.mean(np.concatenate([own.logprobs_NT[i, :l] for i, l in enumerate(greedy.lengths)])))
+        return {"nll_teacher_greedy": nll,
+                **model_view(self.heldout, sampled, greedy, self.eos_ids, self.n, **self.stats_kw)}
+
+
+# ---------------------------------------------------------------------------- reporting
+ROWS = (  # (key, label) of the end-of-run table
+    ("kl", "KL(student||teacher) per token, sampled"),
+    ("nll_teacher_greedy", "student NLL of teacher's greedy answers"),
+    ("accuracy/greedy", "answer accuracy, greedy"),
+    ("accuracy/sampled", "answer accuracy, sampled"),
+    ("sampled/eos_frac", "EOS rate, sampled"),
+    ("sampled/truncated_frac", "truncated, sampled"),
+    ("sampled/repetition_frac", "repetitive, sampled"),
+    ("sampled/mean", "mean length, sampled"),
+    ("greedy/eos_frac", "EOS rate, greedy"),
+    ("greedy/truncated_frac", "truncated, greedy"),
+    ("greedy/repetition_frac", "repetitive, greedy"),
+)
+
+
+def gap_closed(teacher: Optional[float], before: Optional[float], after: Optional[float]) -> Optional[float]:
+    """(after - before) / (teacher - before); None where it is undefined (no gap, or a nan)."""
+    vals = (teacher, before, after)
+    if any(v is None or not math.isfinite(v) for v in vals) or abs(teacher - before) < 1e-9:
+        return None
+    return (after - before) / (teacher - before)
+
+
+def _cell(v: Optional[float]) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.3f}"
+
+
+def table(evals: dict[str, dict[str, float]]) -> str:
+    """The end-of-run table: teacher / before / after (/ gap closed, once there is an 'after')
+    for every held-out metric. The teacher's KL to itself is 0 by definition; a gap that is 0
+    or undefined prints '-', never a 0/0."""
+    t, b, a = (evals.get(k, {}) for k in ("teacher", "before", "after"))
+    t = {**t, "kl": 0.0}
+    cols = ["teacher", "before"] + (["after", "gap closed"] if a else [])
+    lines = [f"  {'held-out metric':42s}" + "".join(f" {c:>10s}" for c in cols)]
+    for key, label in ROWS:
+        if key not in b and key not in a:
+            continue
+        cells = [_cell(t.get(key)), _cell(b.get(key))]
+        if a:
+            g = gap_closed(t.get(key), b.get(key), a.get(key))
+            cells += [_cell(a.get(key)), "-" if g is None else f"{g:.0%}"]
+        lines.append(f"  {label:42s}" + "".join(f" {c:>10s}" for c in cells))
+    return "\n".join(lines)
+
+
+def length_kwargs(length_cfg) -> dict:
+    """The repetition detector's settings (length.*) as keyword arguments of rollout_stats."""
+    return dict(min_length=length_cfg.min_length, ngram=length_cfg.ngram,
+                tail_window=length_cfg.tail_window, repeat_threshold=length_cfg.repeat_threshold)
+
+
+def flatten(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in values.items()}
