@@ -17,6 +17,7 @@ is sequence-level KD. Nothing here knows whether the workers are Ray actors or p
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import replace
@@ -25,10 +26,11 @@ from typing import Any, Optional
 import numpy as np
 
 from opd import length as L
+from opd.actors import LearnerDied
 from opd.batch import (answer_rollouts, build_pairs, build_train_batch, rollout_scores,
                        teacher_kl_metrics)
 from opd.rollout import greedy_settings
-from opd.run_io import RunDir, console_line
+from opd.run_io import RunDir, console_line, newest_checkpoint
 from opd.tasks import Example, encode_answer, encode_prompt, exact_match, prompt_batch, sample_batch
 from opd.types import PromptBatch, SamplingSettings, StepMetrics
 
@@ -82,24 +84,30 @@ class Distillation:
             self.monitor = make_monitor(self.cfg, self.eos, self.reference)
         print(f"held-out exact match: teacher {self.summary['teacher']:.3f}  "
               f"student {self.summary['student_before']:.3f} (before)", flush=True)
-        for step in range(self.step + 1, self.cfg.steps + 1):
-            t0 = time.time()
+        self.start_state = json.loads(json.dumps(self.loop_state()))  # a copy, for a lost learner
+        while self.step < self.cfg.steps:
+            step, t0 = self.step + 1, time.time()
             prompts = self.next_prompts()
             if self.rng.random() < self.cfg.loss.on_policy_fraction:
                 batch, values, events = self.on_policy_batch(prompts, step)
             else:
                 batch, values, events = self.off_policy_batch(prompts, step)
             t1 = time.time()
-            values.update(self.w.train(batch))
-            t2 = time.time()
-            update, versions = self.w.sync()
+            try:
+                values.update(self.w.train(batch))
+                t2 = time.time()
+                update, versions = self.w.sync()
+            except LearnerDied as e:
+                self.recover_learner(e)  # back to the newest checkpoint: its later steps are redone
+                continue
             t3 = time.time()
             self.step = step
             values.update({"time/learn": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0,
                            "sync/version": float(min(versions)), "sync/mb": len(update.blob) / 2**20})
+            values["fault/restarts"] = float(self.w.restarts)
             values["time/other"] = values["time/step"] - sum(
                 values.get(k, 0.0) for k in ("time/generate", "time/teacher", "time/learn", "time/sync"))
-            self.run_dir.log(StepMetrics(step, values, [e.as_dict() for e in events]))
+            self.run_dir.log(StepMetrics(step, values, [e.as_dict() for e in events] + self.w.take_events()))
             for e in events:
                 print(f"length monitor: step {e.step} {e.condition} -> {e.state} ({e.reason})", flush=True)
             if step % self.cfg.log_every == 0:
@@ -204,12 +212,22 @@ class Distillation:
     def checkpoint(self) -> Optional[str]:
         if self.step == 0:
             return None
-        extra = {"step": self.step, "rng": list(self.rng.getstate()[1]), "rng_gauss": self.rng.getstate()[2],
-                 "monitor": self.monitor.state_dict() if self.monitor else None, "summary": self.summary,
-                 "reference": None if self.reference is None else [self.reference.mean, self.reference.p95]}
-        path = self.w.call(self.w.learner, "save_checkpoint", str(self.run_dir.checkpoint_dir(self.step)), extra)
+        path = self.w.call(self.w.learner, "save_checkpoint", str(self.run_dir.checkpoint_dir(self.step)),
+                           self.loop_state())
         self.run_dir.prune(self.cfg.keep_checkpoints)
         return path
+
+    def loop_state(self) -> dict:
+        """What a checkpoint keeps of the loop (JSON): step, data cursor, monitor, summary."""
+        return {"step": self.step, "rng": list(self.rng.getstate()[1]), "rng_gauss": self.rng.getstate()[2],
+                "monitor": self.monitor.state_dict() if self.monitor else None, "summary": self.summary,
+                "reference": None if self.reference is None else [self.reference.mean, self.reference.p95]}
+
+    def recover_learner(self, err: Exception) -> None:
+        """The learner died: rebuild it from the newest whole checkpoint (or the start of this
+        run) and rewind the loop to that step; the steps since are replayed."""
+        ckpt = newest_checkpoint(self.run_dir, "learner restart", upto=self.step)
+        self.restore(self.w.restart_learner(ckpt, str(err)) or self.start_state)
 
     def restore(self, extra: dict) -> None:
         self.step = extra["step"]
