@@ -47,10 +47,22 @@ def start_ray(resources: Any) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
         return False
+    try:
+        _init_local_ray(resources, env)
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its raylet is late
+        # Ray gives its raylet 30 s to register, which a heavily loaded machine can miss
+        ray.shutdown()
+        print(f"Ray did not start ({e}); trying once more", flush=True)
+        _init_local_ray(resources, env)
+    return True
+
+
+def _init_local_ray(resources: Any, env: dict) -> None:
+    import ray
+
     # address="local": our own Ray, even if another one (another user's) runs on this machine
     ray.init(address="local", num_cpus=resources.ray_num_cpus or os.cpu_count(), include_dashboard=False,
              runtime_env=env, log_to_driver=True, _node_ip_address="127.0.0.1")
-    return True
 
 
 class _Actor:
@@ -78,9 +90,6 @@ class _Local(_Actor):
 
     def submit(self, method: str, *args):
         return getattr(self.obj, method)(*args)
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def kill(self) -> None:
         self.obj = None

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from opd.actors import ActorDied, ActorError, LearnerDied, Workers, _Local, _Remote, check_resources
+from opd.actors import ActorDied, ActorError, LearnerDied, Workers, _Local, _Remote, check_resources, start_ray
 from opd.batch import build_train_batch
 from opd.config import load_config
 from opd.learner import BadStepsError, Learner
@@ -247,3 +247,22 @@ def test_hung_actor_times_out_with_its_name():
                                      "resources.learner_num_cpus=0.2"]).resources)
     finally:
         ray.shutdown()
+
+
+def test_a_local_ray_that_starts_too_slowly_is_started_again(monkeypatch, capsys):
+    import ray
+
+    calls = []
+
+    def slow_init(**kwargs):
+        calls.append(kwargs["address"])
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", slow_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert start_ray(load_config([]).resources)
+    assert calls == ["local", "shutdown", "local"]  # a Ray of its own each time, the failed one shut down
+    assert "Ray did not start (The current node timed out during startup.); trying once more" in capsys.readouterr().out
