@@ -4,7 +4,14 @@ as plain objects in this process (`resources.use_ray=false`, for tests and debug
 `Workers` is the one handle the driver loop uses. Its methods are the loop's verbs
 (generate, score, train, sync, evaluate) and hide whether a call crosses a process: with Ray
 each call is a remote call waited on with `resources.remote_timeout_s`, so a hung actor
-becomes a clear `TimeoutError` naming the actor and the call, never a silent hang.
+becomes a clear `ActorError` naming the actor and the call, never a silent hang.
+
+A rollout worker or the teacher whose process dies is rebuilt here, up to
+`resources.max_actor_restarts` times each, and the call that found it dead is sent again
+(every verb but `train` is a pure function of its arguments and the weights); a rebuilt
+rollout worker first takes the learner's current weights and version. A dead learner is
+rebuilt by the loop from the newest checkpoint (`restart_learner`). Each restart is printed
+and kept as an event for the step's metrics line.
 
 Models and losses are *what*; this file is *where* (docs/architecture.md).
 """
@@ -12,6 +19,7 @@ Models and losses are *what*; this file is *where* (docs/architecture.md).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores, TrainBatch, WeightUpdate
@@ -19,6 +27,14 @@ from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
 
 class ActorError(RuntimeError):
     """A remote actor failed or timed out; the message names it and the call."""
+
+
+class ActorDied(ActorError):
+    """An actor's process is gone (killed, crashed) and could not be restarted."""
+
+
+class LearnerDied(ActorDied):
+    """The learner's process is gone: the loop restores it from the newest checkpoint."""
 
 
 def start_ray(resources: Any) -> bool:
@@ -31,17 +47,46 @@ def start_ray(resources: Any) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
         return False
-    # address="local": always a new local Ray, never a cluster someone else started here
-    ray.init(address="local", num_cpus=resources.ray_num_cpus or os.cpu_count(), include_dashboard=False,
-             runtime_env=env, log_to_driver=True, _node_ip_address="127.0.0.1")
+    try:
+        _init_local_ray(resources, env)
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its raylet is late
+        # Ray gives its raylet 30 s to register, which a heavily loaded machine can miss
+        ray.shutdown()
+        print(f"Ray did not start ({e}); trying once more", flush=True)
+        _init_local_ray(resources, env)
     return True
 
 
-class _Local:
-    """In-process stand-in for an actor handle: same `call` interface, no Ray."""
+def _init_local_ray(resources: Any, env: dict) -> None:
+    import ray
 
-    def __init__(self, obj: Any, name: str):
-        self.obj, self.name = obj, name
+    # address="local": our own Ray, even if another one (another user's) runs on this machine
+    ray.init(address="local", num_cpus=resources.ray_num_cpus or os.cpu_count(), include_dashboard=False,
+             runtime_env=env, log_to_driver=True, _node_ip_address="127.0.0.1")
+
+
+class _Actor:
+    """A handle on one actor that can be rebuilt (`restart`) from its class and arguments."""
+
+    def __init__(self, cls: type, name: str, args: tuple, opts: Optional[dict] = None):
+        self.cls, self.name, self.args, self.opts, self.restarts = cls, name, args, opts or {}, 0
+        self.start()
+
+    def restart(self, *args) -> None:
+        """Drop the old instance and build a new one (with new arguments, if given)."""
+        try:
+            self.kill()
+        except Exception:  # noqa: BLE001 - the old one is usually dead already
+            pass
+        self.args, self.restarts = args or self.args, self.restarts + 1
+        self.start()
+
+
+class _Local(_Actor):
+    """In-process stand-in for an actor handle: same interface, no Ray."""
+
+    def start(self) -> None:
+        self.obj = self.cls(*self.args)
 
     def submit(self, method: str, *args):
         return getattr(self.obj, method)(*args)
@@ -50,12 +95,23 @@ class _Local:
         self.obj = None
 
 
-class _Remote:
-    def __init__(self, handle: Any, name: str):
-        self.handle, self.name = handle, name
+class _Remote(_Actor):
+    """A Ray actor; `opts` are its `.options()` (resources, runtime_env)."""
+
+    def start(self) -> None:
+        import ray
+
+        # max_restarts=0: a dead actor is rebuilt by `Workers`, which also reloads its state
+        self.handle = ray.remote(self.cls).options(name=None, max_restarts=0, **self.opts).remote(*self.args)
 
     def submit(self, method: str, *args):
         return getattr(self.handle, method).remote(*args)
+
+    def pid(self) -> int:
+        """The actor's process id (for tests that kill it)."""
+        import ray
+
+        return ray.get(self.handle.__ray_call__.remote(_getpid), timeout=60)
 
     def kill(self) -> None:
         import ray
@@ -63,16 +119,16 @@ class _Remote:
         ray.kill(self.handle, no_restart=True)
 
 
-def _make(cls: type, name: str, use_ray: bool, num_cpus: float, num_gpus: float,
-          env: dict, *args) -> Any:
-    if not use_ray:
-        return _Local(cls(*args), name)
-    import ray
+def _getpid(_instance: Any) -> int:
+    return os.getpid()
 
-    actor = ray.remote(cls).options(
-        name=None, num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
-        runtime_env={"env_vars": env})
-    return _Remote(actor.remote(*args), name)
+
+def _make(cls: type, name: str, use_ray: bool, num_cpus: float, num_gpus: float,
+          env: dict, *args) -> _Actor:
+    if not use_ray:
+        return _Local(cls, name, args)
+    return _Remote(cls, name, args, {"num_cpus": num_cpus, "num_gpus": num_gpus,
+                                     "runtime_env": {"env_vars": env}})
 
 
 def _rollout_env(ncpu: int) -> dict:
@@ -112,8 +168,11 @@ class Workers:
 
         cpu_engine_env()
         r, self.cfg = cfg.resources, cfg
-        self.teacher_path = teacher_path
-        self.use_ray, self.timeout = r.use_ray, r.remote_timeout_s
+        self.student_path, self.teacher_path = student_path, teacher_path
+        self.use_ray, self.timeout, self.max_restarts = r.use_ray, r.remote_timeout_s, r.max_actor_restarts
+        self.rollouts: list[_Actor] = []
+        self.learner: Optional[_Actor] = None
+        self.restarts, self.events = 0, []  # restarts so far; restart events not yet logged
         if r.use_ray:
             check_resources(r)
         # the teacher's held-out completions come first, while every CPU/GPU is still free (a
@@ -132,26 +191,69 @@ class Workers:
         self.learner = _make(Learner, "learner", r.use_ray, r.learner_num_cpus, r.learner_num_gpus,
                              plain, student_path, cfg)
         # actor construction (engine start, model load) finishes here, under its own timeout
-        self.gather([(a, "ready") for a in self.rollouts + [self.teacher]], r.startup_timeout_s)
+        self.gather([(a, "ready") for a in self.rollouts + [self.teacher, self.learner]], r.startup_timeout_s)
 
     # ------------------------------------------------------------------ plumbing
     def gather(self, calls: Sequence[tuple[Any, str, tuple] | tuple[Any, str]],
                timeout: Optional[float] = None) -> list:
-        """Submit every (actor, method, args) call, then wait for all of them."""
-        subs = [(c[0], c[1], c[0].submit(c[1], *(c[2] if len(c) > 2 else ()))) for c in calls]
+        """Submit every (actor, method, args) call, then wait for all of them. A rollout worker
+        or the teacher found dead is restarted and its call resubmitted; a dead learner raises
+        `LearnerDied` (the loop restores it from a checkpoint)."""
+        calls = [(c[0], c[1], c[2] if len(c) > 2 else ()) for c in calls]
+        refs = [actor.submit(method, *args) for actor, method, args in calls]
         if not self.use_ray:
-            return [s[2] for s in subs]
+            return refs
+        return [self._wait(call, ref, timeout or self.timeout) for call, ref in zip(calls, refs)]
+
+    def _wait(self, call: tuple[Any, str, tuple], ref: Any, timeout: float) -> Any:
         import ray
 
-        out = []
-        for actor, method, ref in subs:
+        actor, method, args = call
+        while True:
             try:
-                out.append(ray.get(ref, timeout=timeout or self.timeout))
+                return ray.get(ref, timeout=timeout)
             except ray.exceptions.GetTimeoutError as e:
                 raise ActorError(f"{actor.name}.{method} did not answer within "
-                                 f"{timeout or self.timeout:.0f}s (resources.remote_timeout_s)") from e
+                                 f"{timeout:.0f}s (resources.remote_timeout_s)") from e
+            except ray.exceptions.RayActorError as e:
+                reason = f"{actor.name}.{method}: the actor died ({type(e).__name__})"
+                if actor is self.learner:
+                    raise LearnerDied(reason) from e
+                self.restart(actor, reason)
+                ref = actor.submit(method, *args)
             except ray.exceptions.RayError as e:
                 raise ActorError(f"{actor.name}.{method} failed: {e}") from e
+
+    def restart(self, actor: _Actor, reason: str, *args) -> None:
+        """Rebuild a dead actor (a rollout worker then takes the learner's current weights, so
+        its weight version never goes backwards); an event on the console and in the metrics."""
+        if actor.restarts >= self.max_restarts:
+            raise ActorDied(f"{reason}; it was restarted {actor.restarts} times already "
+                            f"(resources.max_actor_restarts={self.max_restarts})")
+        actor.restart(*args)
+        self.restarts += 1
+        self.events.append({"event": "restart", "actor": actor.name, "restart": actor.restarts,
+                            "reason": reason})
+        print(f"fault: {reason}; restarted {actor.name} ({actor.restarts} of at most "
+              f"{self.max_restarts})", flush=True)
+        self.gather([(actor, "ready")], self.cfg.resources.startup_timeout_s)
+        if actor in self.rollouts:
+            update = self.call(self.learner, "export_weights", self.cfg.rollout.dtype)
+            self.call(actor, "load_weights", update)
+
+    def restart_learner(self, ckpt: Optional[Path], reason: str) -> Optional[dict]:
+        """A new learner from `ckpt` (or the run's starting point), synced to every rollout
+        worker. Returns the loop state saved with the checkpoint (None: start of the run)."""
+        path = str(ckpt or self.student_path)
+        self.restart(self.learner, f"{reason}; restoring it from {path}", path, self.cfg)
+        extra = (self.call(self.learner, "load_checkpoint", path)
+                 if (Path(path) / "learner_state.json").is_file() else None)
+        self.sync()
+        return extra
+
+    def take_events(self) -> list[dict]:
+        """Restart events since the last call (for the current step's metrics line)."""
+        out, self.events = self.events, []
         return out
 
     def call(self, actor: Any, method: str, *args) -> Any:

@@ -147,6 +147,7 @@ class OptimConfig:
     grad_clip: float = MISSING  # max global grad norm (0 = off)
     micro_batch_size: int = MISSING  # sequences per forward/backward
     device: str = MISSING  # "auto" | "cpu" | "cuda"
+    max_bad_steps: int = MISSING  # stop after this many steps in a row with a non-finite loss/grad
 
 
 @dataclass
@@ -200,6 +201,7 @@ class ResourcesConfig:
     remote_timeout_s: float = MISSING  # every remote call times out after this
     startup_timeout_s: float = MISSING  # actor construction (engine start, model load)
     use_ray: bool = MISSING  # false = plain classes in one process (debugging)
+    max_actor_restarts: int = MISSING  # times each dead actor is restarted (0 = a death ends the run)
 
 
 @dataclass
@@ -319,6 +321,7 @@ RULES: dict[str, tuple] = {
     "optim.beta2": _range(0, 1, hi_open=True), "optim.schedule": _in("constant", "cosine"),
     "optim.warmup_steps": _ge(0), "optim.min_lr_ratio": _range(0, 1), "optim.grad_clip": _ge(0),
     "optim.micro_batch_size": _ge(1), "optim.device": _in("auto", "cpu", "cuda"),
+    "optim.max_bad_steps": _ge(1),
     "length.mode": _in("off", "monitor", "auto"), "length.min_length": _ge(0),
     "length.ngram": _ge(1), "length.tail_window": _ge(2), "length.repeat_threshold": _range(0, 1),
     "length.reference_prompts": _ge(0), "length.ema_decay": _range(0, 1, hi_open=True),
@@ -336,6 +339,7 @@ RULES: dict[str, tuple] = {
     "resources.rollout_num_gpus": _ge(0), "resources.teacher_num_gpus": _ge(0),
     "resources.learner_num_gpus": _ge(0), "resources.ray_num_cpus": _opt(_ge(1)),
     "resources.remote_timeout_s": _gt(0), "resources.startup_timeout_s": _gt(0),
+    "resources.max_actor_restarts": _ge(0),
     "seed": _ge(0), "steps": _ge(0), "eval_every": _ge(0), "checkpoint_every": _ge(0),
     "keep_checkpoints": _ge(1), "log_every": _ge(1),
 }

@@ -7,20 +7,26 @@ A plain class (`Learner`); `opd.actors` wraps it as a Ray actor. What it does pe
    pure function of `opd.losses`; token-mean terms are normalised by the whole batch's token
    count, pair terms by the whole batch's pair count, so the gradient does not depend on
    how the batch is split into micro-batches;
-4. clip the global gradient norm, step AdamW and the LR schedule.
+4. clip the global gradient norm, step AdamW and the LR schedule; a non-finite loss or
+   gradient norm skips the AdamW step instead (`optim/skipped`), and `optim.max_bad_steps`
+   such steps in a row stop the run.
 
 Weights leave as safetensors bytes under Hugging Face names (`export_weights`), for the
 rollout workers' in-place reload. Checkpoints are a Hugging Face model directory (loadable
 by transformers and vLLM) plus `learner_state.pt` (optimizer, scheduler, torch RNG; loaded
-with `weights_only=True`) and `learner_state.json` (step, Python/numpy RNG).
+with `weights_only=True`) and `learner_state.json` (step, Python/numpy RNG); each is written
+into a hidden sibling directory that is renamed into place once complete.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -106,6 +112,10 @@ def pick_device(device: str) -> str:
     return device
 
 
+class BadStepsError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient norm (optim.max_bad_steps)."""
+
+
 class Learner:
     """Holds the student, its optimizer and schedule; trains on TrainBatches."""
 
@@ -130,6 +140,7 @@ class Learner:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(self.o.schedule, self.o.warmup_steps, cfg.steps, self.o.min_lr_ratio))
         self.step = 0
+        self.skipped, self.bad_in_row = 0, 0  # skipped steps: in all, and the current run of them
 
     # ------------------------------------------------------------------ forward
     def _window(self, mask_BS: np.ndarray) -> "Window":
@@ -225,8 +236,35 @@ class Learner:
 
     # ------------------------------------------------------------------ step
     def train_step(self, b: TrainBatch) -> dict[str, float]:
-        t0, mb = time.time(), self.o.micro_batch_size
+        """One optimizer step. A non-finite loss or gradient norm skips the update (the grads
+        are dropped, the LR schedule still advances) and counts in `optim/skipped`."""
+        t0 = time.time()
         self.opt.zero_grad(set_to_none=True)
+        acc = self._backward(b)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.o.grad_clip if self.o.grad_clip > 0 else float("inf")))
+        lr = self.sched.get_last_lr()[0]
+        losses_ok = all(math.isfinite(v) for k, vs in acc.items() if k.endswith("_total") for v, _ in vs)
+        if losses_ok and math.isfinite(grad_norm):
+            self.opt.step()
+            self.bad_in_row = 0
+        else:
+            self._skip_update(grad_norm)
+        with warnings.catch_warnings():  # torch warns if the first step skipped optimizer.step()
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.sched.step()
+        self.step += 1
+        # loss/* of a micro-batch is its share of the whole-batch loss (global normaliser): sum;
+        # every other metric is a mean within its micro-batch: average weighted by rows
+        out = {k: (sum(v for v, _ in vs) if k.startswith("loss/")
+                   else sum(v * n for v, n in vs) / max(1, sum(n for _, n in vs))) for k, vs in acc.items()}
+        return {**out, "optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": float(self.skipped),
+                "learner/tokens": max(1.0, b.num_tokens), "learner/step": self.step,
+                "time/learn_compute": time.time() - t0}
+
+    def _backward(self, b: TrainBatch) -> dict[str, list]:
+        """Forward and backward over every micro-batch; returns each metric's (value, rows)."""
+        mb = self.o.micro_batch_size
         norm, B = Normalizers.of(b), b.input_ids_BS.shape[0]
         acc: dict[str, list] = {}
         chunks = [("rows", np.arange(i, min(B, i + mb))) for i in range(0, B, mb)]
@@ -241,19 +279,23 @@ class Learner:
                 loss.backward()
             for k, v in {**m, f"loss/{kind}_total": float(loss.detach())}.items():
                 acc.setdefault(k, []).append((v, len(idx)))
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.o.grad_clip if self.o.grad_clip > 0 else float("inf"))
-        lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
-        self.step += 1
-        # loss/* of a micro-batch is its share of the whole-batch loss (global normaliser): sum;
-        # every other metric is a mean within its micro-batch: average weighted by rows
-        out = {k: (sum(v for v, _ in vs) if k.startswith("loss/")
-                   else sum(v * n for v, n in vs) / max(1, sum(n for _, n in vs))) for k, vs in acc.items()}
-        return {**out, "optim/grad_norm": float(grad_norm), "optim/lr": lr,
-                "learner/tokens": b.num_tokens, "learner/step": self.step,
-                "time/learn_compute": time.time() - t0}
+        return acc
+
+    def _skip_update(self, grad_norm: float) -> None:
+        """A bad step: drop the gradients; too many in a row stop the run (the learner's step
+        is then still the last completed one, so the driver's final checkpoint matches it)."""
+        self.opt.zero_grad(set_to_none=True)
+        self.bad_in_row += 1
+        if self.bad_in_row >= self.o.max_bad_steps:
+            raise BadStepsError(
+                f"{self.bad_in_row} steps in a row had a non-finite loss or gradient norm (last grad "
+                f"norm {grad_norm}), optim.max_bad_steps={self.o.max_bad_steps}: stopping. Check the "
+                f"teacher's log-probs and the losses' inputs, or lower optim.lr")
+        self.skipped += 1
+
+    def ready(self) -> int:
+        """Answers once the model is loaded (start-up has its own timeout); the process id."""
+        return os.getpid()
 
     @torch.no_grad()
     def logprobs(self, b: TrainBatch) -> np.ndarray:
@@ -283,16 +325,26 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, ckpt_dir: str | Path, extra: dict) -> str:
-        """A Hugging Face model dir + learner state; `extra` is JSON (data cursor, monitor)."""
+        """A Hugging Face model dir + learner state; `extra` is JSON (data cursor, monitor).
+        Atomic: a crash mid-save leaves only a hidden `.step-*.tmp` directory behind."""
         d = Path(ckpt_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(d, safe_serialization=True)
-        self.tokenizer.save_pretrained(d)
+        tmp = d.parent / f".{d.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
+        tmp.mkdir(parents=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, d / "learner_state.pt")
-        state = {"step": self.step, "python_rng": _jsonable(random.getstate()),
-                 "numpy_rng": _jsonable(np.random.get_state()), "extra": extra}
-        (d / "learner_state.json").write_text(json.dumps(state))
+                    "torch_rng": torch.get_rng_state()}, tmp / "learner_state.pt")
+        state = {"step": self.step, "skipped": self.skipped, "bad_in_row": self.bad_in_row,
+                 "python_rng": _jsonable(random.getstate()), "numpy_rng": _jsonable(np.random.get_state()),
+                 "extra": extra}
+        (tmp / "learner_state.json").write_text(json.dumps(state))
+        if d.exists():  # the same step saved again (e.g. the final save after an error)
+            old = d.parent / f".{d.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(d, old)
+            shutil.rmtree(old)
+        os.rename(tmp, d)
         return str(d)
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict:
@@ -304,6 +356,7 @@ class Learner:
         torch.set_rng_state(st["torch_rng"])
         js = json.loads((d / "learner_state.json").read_text())
         self.step = js["step"]
+        self.skipped, self.bad_in_row = js.get("skipped", 0), js.get("bad_in_row", 0)
         random.setstate(_tuplify(js["python_rng"]))
         np.random.set_state(tuple(_tuplify(js["numpy_rng"])))
         return js["extra"]

@@ -17,6 +17,7 @@ is sequence-level KD. Nothing here knows whether the workers are Ray actors or p
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -27,12 +28,13 @@ from typing import Any, Optional
 import numpy as np
 
 from opd import length as L
+from opd.actors import LearnerDied
 from opd.batch import (answer_rollouts, build_pairs, build_train_batch, effective_weights,
                        rollout_scores, teacher_kl_metrics, with_extra_rows)
 from opd.evaluation import Evaluator, flatten
 from opd.evaluation import table as eval_table
 from opd.rollout import greedy_settings
-from opd.run_io import RunDir, console_line
+from opd.run_io import RunDir, console_line, newest_checkpoint
 from opd.tasks import Example, answer_correct, encode_answer, prompt_batch, sample_batch
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, StepMetrics
 
@@ -105,22 +107,27 @@ class Distillation:
     def run(self, resume_extra: Optional[dict] = None) -> dict:
         t_start = time.time()
         self.start(resume_extra)
-        for step in range(self.step + 1, self.cfg.steps + 1):
-            timer = PhaseTimer()
+        self.start_state = json.loads(json.dumps(self.loop_state()))  # a copy, for a lost learner
+        while self.step < self.cfg.steps:
+            step, timer = self.step + 1, PhaseTimer()
             prompts = self.next_prompts()
             if self.rng.random() < self.cfg.loss.on_policy_fraction:  # GKD's lambda
                 batch, values, events = self.on_policy_batch(prompts, step)
             else:
                 batch, values, events = self.off_policy_batch(prompts, step)
-            values.update(self.gradient_share(batch, step))
-            with timer("learn"):
-                values.update(self.w.train(batch))
-            with timer("sync"):
-                update, versions = self.w.sync()
+            try:
+                with timer("learn"):
+                    values.update(self.w.train(batch))
+                with timer("sync"):
+                    update, versions = self.w.sync()
+            except LearnerDied as e:
+                self.recover_learner(e)  # back to the newest checkpoint: its later steps are redone
+                continue
             self.step = step
-            values.update(timer.metrics(values), **{"sync/version": float(min(versions)),
-                                                     "sync/mb": len(update.blob) / 2**20})
-            self.log_step(step, values, events)
+            values.update(self.gradient_share(batch, step), **timer.metrics(values),
+                          **{"sync/version": float(min(versions)), "sync/mb": len(update.blob) / 2**20,
+                             "fault/restarts": float(self.w.restarts)})
+            self.log_step(step, values, [e.as_dict() for e in events] + self.w.take_events())
             self.periodic(step)
         self.summary["eval"]["after"] = self.evaluator.student()
         self.summary["starved_steps"] = self.starved
@@ -159,10 +166,12 @@ class Distillation:
                   f"{self.cfg.length.min_effective_weight:g}); {self.starved} such steps so far", flush=True)
         return {**share, "length/starved_steps": float(self.starved)}
 
-    def log_step(self, step: int, values: dict, events: list) -> None:
-        self.run_dir.log(StepMetrics(step, values, [e.as_dict() for e in events]))
+    def log_step(self, step: int, values: dict, events: list[dict]) -> None:
+        self.run_dir.log(StepMetrics(step, values, events))
         for e in events:
-            print(f"length monitor: step {e.step} {e.condition} -> {e.state} ({e.reason})", flush=True)
+            if "condition" in e:  # restart events are printed where they happen
+                print(f"length monitor: step {e['step']} {e['condition']} -> {e['state']} ({e['reason']})",
+                      flush=True)
         if step % self.cfg.log_every == 0:
             print(console_line(step, self.cfg.steps, values), flush=True)
 
@@ -274,13 +283,23 @@ class Distillation:
     def checkpoint(self) -> Optional[str]:
         if self.step == 0:
             return None
-        extra = {"step": self.step, "rng": list(self.rng.getstate()[1]), "rng_gauss": self.rng.getstate()[2],
-                 "monitor": self.monitor.state_dict() if self.monitor else None, "summary": self.summary,
-                 "starved": self.starved,
-                 "reference": None if self.reference is None else [self.reference.mean, self.reference.p95]}
-        path = self.w.call(self.w.learner, "save_checkpoint", str(self.run_dir.checkpoint_dir(self.step)), extra)
+        path = self.w.call(self.w.learner, "save_checkpoint", str(self.run_dir.checkpoint_dir(self.step)),
+                           self.loop_state())
         self.run_dir.prune(self.cfg.keep_checkpoints)
         return path
+
+    def loop_state(self) -> dict:
+        """What a checkpoint keeps of the loop (JSON): step, data cursor, monitor, summary."""
+        return {"step": self.step, "rng": list(self.rng.getstate()[1]), "rng_gauss": self.rng.getstate()[2],
+                "monitor": self.monitor.state_dict() if self.monitor else None, "summary": self.summary,
+                "starved": self.starved,
+                "reference": None if self.reference is None else [self.reference.mean, self.reference.p95]}
+
+    def recover_learner(self, err: Exception) -> None:
+        """The learner died: rebuild it from the newest whole checkpoint (or the start of this
+        run) and rewind the loop to that step; the steps since are replayed."""
+        ckpt = newest_checkpoint(self.run_dir, "learner restart", upto=self.step)
+        self.restore(self.w.restart_learner(ckpt, str(err)) or self.start_state)
 
     def restore(self, extra: dict) -> None:
         self.step = extra["step"]

@@ -56,16 +56,55 @@ class RunDir:
         tmp.replace(self.path / name)
 
 
+def checkpoint_problem(d: Path) -> Optional[str]:
+    """Why a checkpoint directory cannot be resumed from (None if it looks whole): its learner
+    state must parse and every weights file must have a readable safetensors header whose
+    tensors fit in the file (a truncated file is caught here)."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((d / "learner_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"learner_state.json is unreadable ({e})"
+    if not (d / "learner_state.pt").is_file():
+        return "learner_state.pt is missing"
+    weights = sorted(d.glob("*.safetensors"))
+    if not weights:
+        return "model.safetensors is missing"
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            return f"{w.name} is unreadable ({e})"
+    return None
+
+
+def newest_checkpoint(run: RunDir, what: str = "resume=auto", upto: Optional[int] = None) -> Optional[Path]:
+    """The newest whole checkpoint of a run (of step <= `upto`, if given); broken newer ones
+    are skipped with a message."""
+    for d in reversed(run.checkpoints()):
+        if upto is not None and int(d.name.split("-")[1]) > upto:
+            continue
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return d
+        print(f"{what}: skipping checkpoint {d} ({problem}); trying the previous one", flush=True)
+    return None
+
+
 def resolve_resume(resume: Optional[str], run: RunDir) -> Optional[Path]:
-    """`resume`: null, "auto" (newest checkpoint of this run dir, if any), or a checkpoint dir."""
+    """`resume`: null, "auto" (newest whole checkpoint of this run dir, if any), or a checkpoint dir."""
     if not resume:
         return None
     if resume == "auto":
-        ckpts = run.checkpoints()
-        return ckpts[-1] if ckpts else None
+        return newest_checkpoint(run)
     p = Path(resume)
     if not (p / "learner_state.json").is_file():
         raise FileNotFoundError(f"resume={resume}: not a checkpoint directory (no learner_state.json)")
+    problem = checkpoint_problem(p)
+    if problem:
+        raise ValueError(f"resume={resume}: the checkpoint is broken: {problem}")
     return p
 
 

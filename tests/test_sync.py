@@ -13,7 +13,6 @@ import torch
 
 from opd.batch import build_train_batch
 from opd.learner import Learner
-from opd.rollout import RolloutWorker
 from opd.tasks import build_task, prompt_batch
 from opd.teacher import TeacherScorer, TokenizerMismatch, check_tokenizers
 from opd.types import SamplingSettings
@@ -33,12 +32,9 @@ def _settings(n=2, seed=7, temperature=1.0):
                             repetition_penalty=1.0, stop=(), stop_token_ids=(), seed=seed, n=n)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_cfg, tiny_zoo):
-    w = RolloutWorker(str(tiny_zoo.student), tiny_cfg.rollout)
-    yield w
-    del w
-    gc.collect()
+@pytest.fixture
+def engine(student_engine):
+    return student_engine  # the session's engine, holding the zoo student's weights again
 
 
 @torch.no_grad()

@@ -3,7 +3,6 @@ student; artefacts are reused from cache, rebuilt when their spec changes, and w
 atomically; and a vLLM engine serving a zoo model agrees with transformers on the log-probs
 of sampled tokens (fp32, <= 1e-4) and on greedy decoding."""
 import dataclasses
-import gc
 import json
 import os
 from pathlib import Path
@@ -168,19 +167,9 @@ def test_atomic_build_replaces_a_leftover_without_marker(tmp_path):
 
 
 # ------------------------------------------------------------------ vLLM parity
-@pytest.fixture(scope="module")
-def worker(tiny_zoo, tiny_cfg):
-    from opd.rollout import RolloutWorker
-
-    w = RolloutWorker(str(tiny_zoo.student), tiny_cfg.rollout)
-    yield w
-    # pytest keeps the fixture value until the session ends, so `del` alone frees nothing:
-    # stop the engine-core process now (else vLLM force-kills it at interpreter exit).
-    core = getattr(getattr(w.llm, "llm_engine", None), "engine_core", None)
-    if core is not None:
-        core.shutdown()
-    del w
-    gc.collect()
+@pytest.fixture
+def worker(student_engine):
+    return student_engine  # the session's engine on the zoo student
 
 
 @pytest.fixture(scope="module")
