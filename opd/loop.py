@@ -28,7 +28,8 @@ from opd import length as L
 from opd.batch import (answer_rollouts, build_pairs, build_train_batch, rollout_scores,
                        teacher_kl_metrics)
 from opd.rollout import greedy_settings
-from opd.run_io import RunDir, console_line
+from opd.console import Console
+from opd.run_io import RunDir
 from opd.tasks import Example, encode_answer, encode_prompt, exact_match, prompt_batch, sample_batch
 from opd.types import PromptBatch, SamplingSettings, StepMetrics
 
@@ -80,8 +81,9 @@ class Distillation:
             self.summary["student_before"] = self.evaluate()
             self.summary["sampled_before"] = self.sampled_stats()
             self.monitor = make_monitor(self.cfg, self.eos, self.reference)
-        print(f"held-out exact match: teacher {self.summary['teacher']:.3f}  "
-              f"student {self.summary['student_before']:.3f} (before)", flush=True)
+        console = Console(self.cfg.steps, self.cfg.log_every, start_step=self.step)
+        console.note(f"held-out exact match: teacher {self.summary['teacher']:.3f}  "
+                     f"student {self.summary['student_before']:.3f} (before)")
         for step in range(self.step + 1, self.cfg.steps + 1):
             t0 = time.time()
             prompts = self.next_prompts()
@@ -101,15 +103,15 @@ class Distillation:
                 values.get(k, 0.0) for k in ("time/generate", "time/teacher", "time/learn", "time/sync"))
             self.run_dir.log(StepMetrics(step, values, [e.as_dict() for e in events]))
             for e in events:
-                print(f"length monitor: step {e.step} {e.condition} -> {e.state} ({e.reason})", flush=True)
-            if step % self.cfg.log_every == 0:
-                print(console_line(step, self.cfg.steps, values), flush=True)
+                console.note(f"length monitor: step {e.step} {e.condition} -> {e.state} ({e.reason})")
+            console.step(step, values)
             if self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.cfg.steps:
                 em = self.evaluate()
                 self.run_dir.log(StepMetrics(step, {"eval/exact_match": em}))
-                print(f"step {step}: held-out exact match {em:.3f}", flush=True)
+                console.note(f"step {step}: held-out exact match {em:.3f}")
             if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0 and step < self.cfg.steps:
                 self.checkpoint()
+        console.close()
         self.summary["student_after"] = self.evaluate()
         self.summary["sampled_after"] = self.sampled_stats()
         self.summary["wall_seconds"] = time.time() - t_start
