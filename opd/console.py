@@ -50,8 +50,10 @@ class Console:
         if self.stream.isatty() if bar is None else bar:
             from tqdm import tqdm
 
+            known = _columns(self.stream) > 0  # 0 on a pty without a size: tqdm would draw nothing
+            size = {} if known else {"ncols": 120, "nrows": 20}
             self.bar = tqdm(total=total_steps, initial=start_step, desc="distill", unit="step",
-                            file=self.stream, dynamic_ncols=True, leave=True)
+                            file=self.stream, dynamic_ncols=known, **size)
 
     def step(self, step: int, values: dict) -> None:
         if self.bar is not None:
@@ -74,6 +76,13 @@ class Console:
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 # ------------------------------------------------------------------ library output
