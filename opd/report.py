@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 PHASES = ("time/generate", "time/teacher", "time/learn", "time/sync", "time/other", "time/step")
+# summary.json leaves that are settings or counts, not outcomes: never paired
+NOT_METRICS = {"n", "max_new_tokens"}
+# paired in report.md, but left out of heldout.png to keep it readable
+TABLE_ONLY = {"median", "min", "max"}
 CONFIG_KEYS = ("task.name", "student.path", "teacher.path", "loss.distill", "loss.smpo_coef",
                "loss.sft_coef", "steps", "rollout.prompts_per_step", "rollout.samples_per_prompt",
                "rollout.max_new_tokens", "optim.lr", "length.mode", "resources.use_ray",
@@ -98,7 +102,7 @@ def before_after_pairs(summary: dict) -> list[BeforeAfter]:
     out = []
     for path, before in flat.items():
         twin = _swap(path, "before", "after")
-        if twin is None or twin not in flat:
+        if twin is None or twin not in flat or path[-1] in NOT_METRICS:
             continue
         label = "/".join(p for p in _swap(path, "before", "") if p).replace("_/", "/").rstrip("_")
         teacher = flat.get(("teacher",)) if label == "student" else None
@@ -163,7 +167,7 @@ def plot_length(rec: RunRecord, out: Path) -> Optional[Path]:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     drawn = _line(ax1, rec.rows, "length/mean", "mean length", color="tab:blue")
     _line(ax1, rec.rows, "length/p95", "p95 length", color="tab:cyan")
-    _line(ax1, rec.rows, "length/penalty/max_new_tokens", "max_new_tokens", color="gray", linestyle="--")
+    _line(ax1, rec.rows, "length/penalty/max_new_tokens", "max_new_tokens (cap)", color="gray", linestyle="--")
     _line(ax2, rec.rows, "length/truncated_frac", "truncated (hit max_new_tokens)", color="tab:red")
     _line(ax2, rec.rows, "length/eos_frac", "ended with EOS", color="tab:green")
     for ax in (ax1, ax2):
@@ -177,6 +181,7 @@ def plot_length(rec: RunRecord, out: Path) -> Optional[Path]:
 def plot_heldout(pairs: list[BeforeAfter], out: Path) -> Optional[Path]:
     """One small panel per before/after pair (their scales differ)."""
     plt = _pyplot()
+    pairs = [p for p in pairs if p.label.rsplit("/", 1)[-1] not in TABLE_ONLY]
     cols = min(4, max(1, len(pairs)))
     rows = max(1, math.ceil(len(pairs) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
@@ -188,6 +193,8 @@ def plot_heldout(pairs: list[BeforeAfter], out: Path) -> Optional[Path]:
             ax.legend(fontsize=8, loc="best")
         ax.set_title(p.label, fontsize=10)
         ax.margins(y=0.15)
+        if p.before == p.after == 0:
+            ax.set_ylim(0, 1)  # else matplotlib centres an empty axis on 0
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
     fig.suptitle("Held-out metrics before and after training")

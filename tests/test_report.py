@@ -8,7 +8,7 @@ import pytest
 from opd.report import before_after_pairs, main, write_report
 
 SUMMARY = {"teacher": 0.9, "student_before": 0.25, "student_after": 0.625,
-           "sampled_before": {"mean": 7.5, "eos_frac": 0.5}, "sampled_after": {"mean": 5.25, "eos_frac": 0.875},
+           "sampled_before": {"mean": 7.5, "eos_frac": 0.5, "n": 30}, "sampled_after": {"mean": 5.25, "eos_frac": 0.875, "n": 30},
            "eval": {"before": {"gsm_like": 0.125}, "after": {"gsm_like": 0.375}},
            "wall_seconds": 12.0, "environment": {"cpus_before": 2}}
 
@@ -47,7 +47,7 @@ def test_report_on_an_old_run_dir(tmp_path, capsys):
     assert "![heldout](heldout.png)" in md
 
 
-def test_before_after_pairs_are_generic_and_skip_unpaired():
+def test_before_after_pairs_are_generic_and_skip_unpaired_and_counts():
     pairs = {p.label: (p.before, p.after, p.teacher) for p in before_after_pairs(
         {**SUMMARY, "orphan_before": 1.0, "flag_before": True, "flag_after": False})}
     assert pairs == {"student exact match": (0.25, 0.625, 0.9), "sampled/mean": (7.5, 5.25, None),
