@@ -58,12 +58,11 @@ def run_training(cfg: Any) -> dict:
     from opd.run_io import environment
 
     t0 = time.time()
-    debug = cfg.log_level == "debug"
-    if not cfg.resources.use_ray:
-        quiet_libraries(debug)  # the engines run in this process (with Ray: in actors, logged to files)
+    if not cfg.resources.use_ray:  # the engines run in this process (with Ray: in actors, logged to files)
+        quiet_libraries(cfg.log_level == "debug")
     run, student_path, teacher_path, resume, tok, train, heldout = prepare_run(cfg)
     run.write_json("config.json", run.config)
-    started_ray = start_ray(cfg.resources, debug) if cfg.resources.use_ray else False
+    started_ray = start_ray(cfg.resources, cfg.log_level == "debug") if cfg.resources.use_ray else False
     workers = None
     loop = None
     try:
@@ -74,11 +73,10 @@ def run_training(cfg: Any) -> dict:
         extra = workers.call(workers.learner, "load_checkpoint", str(resume)) if resume else None
         loop = Distillation(cfg, workers, tok, train, heldout, run)
         summary = loop.run(extra)
-        summary.update(total_seconds=time.time() - t0, run_dir=str(run.path), steps=cfg.steps,
+        summary.update(total_seconds=time.time() - t0, run_dir=str(run.path.resolve()), steps=cfg.steps,
                        environment=environment(), student_path=student_path,
                        teacher_path=teacher_path)
         run.write_json("summary.json", summary)
-        run.close()
         _write_report(run.path)
         return summary
     except BaseException as e:
