@@ -20,6 +20,9 @@ export PATH="$VENV/bin:$PATH"  # the nodes (and so the job's driver) find opd-tr
 export RAY_AUTH_MODE=token
 ZOO=${OPD_ZOO_DIR:-$HOME/.cache/opd}
 WORK=$(mktemp -d /tmp/opd-raycheck.XXXXXX)
+# Ray's own files (sessions, sockets, and ray_current_cluster, which a plain ray.init() on
+# this machine would otherwise find and join) stay in this directory, not in /tmp/ray.
+export RAY_TMPDIR=$WORK
 RUN_DIR=$WORK/run
 
 free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

@@ -36,7 +36,9 @@ def start_ray(resources: Any, debug: bool = False) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **common)
         return False
-    ray.init(num_cpus=resources.ray_num_cpus or os.cpu_count(), include_dashboard=False,
+    # address="local": always a new instance; without it ray.init joins any cluster that
+    # `ray start` left on this machine (and then refuses num_cpus)
+    ray.init(address="local", num_cpus=resources.ray_num_cpus or os.cpu_count(), include_dashboard=False,
              _node_ip_address="127.0.0.1", **common)
     return True
 

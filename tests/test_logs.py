@@ -44,4 +44,5 @@ def test_ray_forwards_worker_logs_only_in_debug(monkeypatch):
     assert actors.start_ray(res) is True
     assert actors.start_ray(res, debug=True) is True
     assert [c["log_to_driver"] for c in calls] == [False, True]
+    assert calls[0]["address"] == "local"  # never joins a cluster `ray start` left behind
     assert calls[0]["logging_level"] > calls[1]["logging_level"]  # WARNING vs INFO banners
