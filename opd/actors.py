@@ -18,10 +18,12 @@ Models and losses are *what*; this file is *where* (docs/architecture.md).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from opd.console import filter_benign_vllm_warnings, redirect_output
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores, TrainBatch, WeightUpdate
 
 
@@ -37,32 +39,35 @@ class LearnerDied(ActorDied):
     """The learner's process is gone: the loop restores it from the newest checkpoint."""
 
 
-def start_ray(resources: Any) -> bool:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray. Returns True if started."""
+def start_ray(resources: Any, debug: bool = False) -> bool:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray. Returns True if started.
+    Unless `debug`, the actors' output stays in their log files and Ray's banners are off."""
     import ray
 
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
+    common = dict(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}},
+                  log_to_driver=debug, logging_level=logging.INFO if debug else logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], **common)
         return False
     try:
-        _init_local_ray(resources, env)
+        _init_local_ray(resources, common)
     except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its raylet is late
         # Ray gives its raylet 30 s to register, which a heavily loaded machine can miss
         ray.shutdown()
         print(f"Ray did not start ({e}); trying once more", flush=True)
-        _init_local_ray(resources, env)
+        _init_local_ray(resources, common)
     return True
 
 
-def _init_local_ray(resources: Any, env: dict) -> None:
+def _init_local_ray(resources: Any, common: dict) -> None:
     import ray
 
-    # address="local": our own Ray, even if another one (another user's) runs on this machine
+    # address="local": always a new instance; without it ray.init joins any cluster that
+    # `ray start` left on this machine (and then refuses num_cpus)
     ray.init(address="local", num_cpus=resources.ray_num_cpus or os.cpu_count(), include_dashboard=False,
-             runtime_env=env, log_to_driver=True, _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.1", **common)
 
 
 class _Actor:
@@ -123,12 +128,31 @@ def _getpid(_instance: Any) -> int:
     return os.getpid()
 
 
+def _in_actor(cls: type, log_path: Optional[str]) -> type:
+    """`cls` whose constructor first sends the actor process's output to `log_path` (None:
+    leave it to Ray), and then filters vLLM's benign warnings."""
+
+    class InActor(cls):
+        def __init__(self, *args):
+            if log_path:
+                redirect_output(log_path)
+            super().__init__(*args)
+            filter_benign_vllm_warnings()
+
+    InActor.__name__ = InActor.__qualname__ = cls.__name__
+    return InActor
+
+
 def _make(cls: type, name: str, use_ray: bool, num_cpus: float, num_gpus: float,
-          env: dict, *args) -> _Actor:
+          env: dict, *args, log_dir: Optional[str] = None) -> _Actor:
+    """An actor `name` (or a plain object); with `log_dir` its output goes to `<log_dir>/<name>.log`."""
     if not use_ray:
-        return _Local(cls, name, args)
-    return _Remote(cls, name, args, {"num_cpus": num_cpus, "num_gpus": num_gpus,
-                                     "runtime_env": {"env_vars": env}})
+        local = _Local(cls, name, args)
+        filter_benign_vllm_warnings()
+        return local
+    log_path = os.path.join(log_dir, f"{name}.log") if log_dir else None
+    return _Remote(_in_actor(cls, log_path), name, args, {"num_cpus": num_cpus, "num_gpus": num_gpus,
+                                                          "runtime_env": {"env_vars": env}})
 
 
 def _rollout_env(ncpu: int) -> dict:
@@ -173,6 +197,8 @@ class Workers:
         self.rollouts: list[_Actor] = []
         self.learner: Optional[_Actor] = None
         self.restarts, self.events = 0, []  # restarts so far; restart events not yet logged
+        self.log_dir = (str(Path(cfg.run_dir).resolve() / "logs")
+                        if r.use_ray and cfg.log_level != "debug" else None)
         if r.use_ray:
             check_resources(r)
         # the teacher's held-out completions come first, while every CPU/GPU is still free (a
@@ -183,13 +209,14 @@ class Workers:
         plain = {"OMP_NUM_THREADS": ncpu, "TOKENIZERS_PARALLELISM": "false"}
         self.rollouts = [
             _make(RolloutWorker, f"rollout-{i}", r.use_ray, r.rollout_num_cpus, r.rollout_num_gpus,
-                  _rollout_env(int(ncpu)), student_path, cfg.rollout, i, cfg.student.trust_remote_code)
+                  _rollout_env(int(ncpu)), student_path, cfg.rollout, i, cfg.student.trust_remote_code,
+                  log_dir=self.log_dir)
             for i in range(r.rollout_workers)]
         self.teacher = _make(TeacherScorer, "teacher", r.use_ray, r.teacher_num_cpus,
                              r.teacher_num_gpus, _rollout_env(int(ncpu)), teacher_path, cfg.teacher,
-                             cfg.rollout, cfg.optim.device)
+                             cfg.rollout, cfg.optim.device, log_dir=self.log_dir)
         self.learner = _make(Learner, "learner", r.use_ray, r.learner_num_cpus, r.learner_num_gpus,
-                             plain, student_path, cfg)
+                             plain, student_path, cfg, log_dir=self.log_dir)
         # actor construction (engine start, model load) finishes here, under its own timeout
         self.gather([(a, "ready") for a in self.rollouts + [self.teacher, self.learner]], r.startup_timeout_s)
 
@@ -300,7 +327,7 @@ class Workers:
         r, n = self.cfg.resources, self.cfg.rollout.eval_max_new_tokens
         engine = _make(RolloutWorker, "teacher-eval", self.use_ray, r.teacher_num_cpus, r.teacher_num_gpus,
                        _rollout_env(os.cpu_count() or 1), self.teacher_path, self.cfg.rollout, 0,
-                       self.cfg.teacher.trust_remote_code)
+                       self.cfg.teacher.trust_remote_code, log_dir=self.log_dir)
         try:
             return tuple(self.gather([(engine, "generate", (prompts, eval_settings(n, greedy))) for greedy in (True, False)],
                                      r.startup_timeout_s))

@@ -223,7 +223,10 @@ class TrainConfig:
     checkpoint_every: int = MISSING  # 0 = only at the end
     keep_checkpoints: int = MISSING  # newest checkpoints kept on disk
     resume: Optional[str] = None  # a checkpoint dir, or "auto" (newest in run_dir)
-    log_every: int = MISSING
+    log_every: int = MISSING  # steps between console lines when stdout is not a terminal
+    log_level: str = MISSING  # "info": actor/engine logs go to run_dir/logs/ | "debug": to the console
+    loggers: list[str] = field(default_factory=list)  # extra metric sinks: "tensorboard", "wandb"
+    #                                                   (metrics.jsonl is always written)
 
 
 def register_configs() -> None:
@@ -269,6 +272,10 @@ def _extraction():
             return False
 
     return ok, "must be 'exact', 'last_number' or 'regex:<pattern>' (a valid regex)"
+
+
+def _subset(*allowed: Any):
+    return lambda v: all(x in allowed for x in v), f"must list only {list(allowed)}"
 
 
 def _opt(rule):
@@ -341,7 +348,8 @@ RULES: dict[str, tuple] = {
     "resources.remote_timeout_s": _gt(0), "resources.startup_timeout_s": _gt(0),
     "resources.max_actor_restarts": _ge(0),
     "seed": _ge(0), "steps": _ge(0), "eval_every": _ge(0), "checkpoint_every": _ge(0),
-    "keep_checkpoints": _ge(1), "log_every": _ge(1),
+    "keep_checkpoints": _ge(1), "log_every": _ge(1), "log_level": _in("info", "debug"),
+    "loggers": _subset("tensorboard", "wandb"),
 }
 
 

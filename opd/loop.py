@@ -34,7 +34,8 @@ from opd.batch import (answer_rollouts, build_pairs, build_train_batch, effectiv
 from opd.evaluation import Evaluator, flatten
 from opd.evaluation import table as eval_table
 from opd.rollout import greedy_settings
-from opd.run_io import RunDir, console_line, newest_checkpoint
+from opd.console import Console
+from opd.run_io import RunDir, newest_checkpoint
 from opd.tasks import Example, answer_correct, encode_answer, prompt_batch, sample_batch
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, StepMetrics
 
@@ -107,6 +108,9 @@ class Distillation:
     def run(self, resume_extra: Optional[dict] = None) -> dict:
         t_start = time.time()
         self.start(resume_extra)
+        self.console = Console(self.cfg.steps, self.cfg.log_every, start_step=self.step)
+        if self.heldout is not None:
+            self.console.note("held-out before training:\n" + eval_table(self.summary["eval"]))
         self.start_state = json.loads(json.dumps(self.loop_state()))  # a copy, for a lost learner
         while self.step < self.cfg.steps:
             step, timer = self.step + 1, PhaseTimer()
@@ -129,6 +133,7 @@ class Distillation:
                              "fault/restarts": float(self.w.restarts)})
             self.log_step(step, values, [e.as_dict() for e in events] + self.w.take_events())
             self.periodic(step)
+        self.console.close()
         self.summary["eval"]["after"] = self.evaluator.student()
         self.summary["starved_steps"] = self.starved
         self.summary.update(student_after=self.summary["eval"]["after"].get("accuracy/greedy", math.nan),
@@ -148,8 +153,6 @@ class Distillation:
             self.summary.update(teacher=self.summary["eval"]["teacher"].get("accuracy/greedy", math.nan),
                                 student_before=before.get("accuracy/greedy", math.nan))
             self.monitor = make_monitor(self.cfg, self.eos, self.reference)
-        if self.heldout is not None:
-            print("held-out before training:\n" + eval_table(self.summary["eval"]), flush=True)
 
     def gradient_share(self, batch, step: int) -> dict[str, float]:
         """length/effective_weight*: the share of the batch's tokens that carry gradient, per
@@ -161,19 +164,18 @@ class Distillation:
         share = effective_weights(batch, terms)
         if share["length/effective_weight"] < self.cfg.length.min_effective_weight:
             self.starved += 1
-            print(f"warning: step {step} trains on {share['length/effective_weight']:.1%} of its tokens "
-                  f"(length/effective_weight < length.min_effective_weight="
-                  f"{self.cfg.length.min_effective_weight:g}); {self.starved} such steps so far", flush=True)
+            self.console.note(f"warning: step {step} trains on {share['length/effective_weight']:.1%} of its "
+                              f"tokens (length/effective_weight < length.min_effective_weight="
+                              f"{self.cfg.length.min_effective_weight:g}); {self.starved} such steps so far")
         return {**share, "length/starved_steps": float(self.starved)}
 
     def log_step(self, step: int, values: dict, events: list[dict]) -> None:
         self.run_dir.log(StepMetrics(step, values, events))
         for e in events:
             if "condition" in e:  # restart events are printed where they happen
-                print(f"length monitor: step {e['step']} {e['condition']} -> {e['state']} ({e['reason']})",
-                      flush=True)
-        if step % self.cfg.log_every == 0:
-            print(console_line(step, self.cfg.steps, values), flush=True)
+                self.console.note(f"length monitor: step {e['step']} {e['condition']} -> {e['state']} "
+                                  f"({e['reason']})")
+        self.console.step(step, values)
 
     def periodic(self, step: int) -> None:
         """Evaluation and checkpoint cadence (the last step's are done after the loop)."""
@@ -182,8 +184,8 @@ class Distillation:
         if self.cfg.eval_every and step % self.cfg.eval_every == 0:
             view = self.evaluator.student()
             self.run_dir.log(StepMetrics(step, flatten("eval/", view)))
-            print(f"step {step}: held-out KL {view.get('kl', math.nan):.3f}, accuracy (greedy) "
-                  f"{view.get('accuracy/greedy', math.nan):.3f}", flush=True)
+            self.console.note(f"step {step}: held-out KL {view.get('kl', math.nan):.3f}, accuracy (greedy) "
+                              f"{view.get('accuracy/greedy', math.nan):.3f}")
         if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0:
             self.checkpoint()
 

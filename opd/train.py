@@ -27,13 +27,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def prepare_run(cfg: Any):
-    """Everything before the actors: models, tokenizers (checked), prompts, run dir."""
+    """Everything before the actors: paths (checked), models, tokenizers (checked), prompts,
+    run dir."""
+    from opd.config import as_dict
+    from opd.preflight import check_start
     from opd.run_io import RunDir, resolve_resume
     from opd.tasks import load_splits
     from opd.teacher import check_tokenizers
     from opd.zoo import load_tokenizer, resolve_model_paths
 
-    run = RunDir(cfg.run_dir)
+    check_start(cfg)
+    run = RunDir(cfg.run_dir, cfg.loggers, config=as_dict(cfg))
     student_path, teacher_path = resolve_model_paths(cfg)
     resume = resolve_resume(cfg.resume, run)
     if resume is not None:
@@ -49,14 +53,16 @@ def prepare_run(cfg: Any):
 def run_training(cfg: Any) -> dict:
     """Run one distillation; returns the summary (also written to run_dir/summary.json)."""
     from opd.actors import Workers, start_ray
-    from opd.config import as_dict
+    from opd.console import quiet_libraries
     from opd.loop import Distillation
     from opd.run_io import environment
 
     t0 = time.time()
+    if not cfg.resources.use_ray:  # the engines run in this process (with Ray: in actors, logged to files)
+        quiet_libraries(cfg.log_level == "debug")
     run, student_path, teacher_path, resume, tok, train, heldout = prepare_run(cfg)
-    run.write_json("config.json", as_dict(cfg))
-    started_ray = start_ray(cfg.resources) if cfg.resources.use_ray else False
+    run.write_json("config.json", run.config)
+    started_ray = start_ray(cfg.resources, cfg.log_level == "debug") if cfg.resources.use_ray else False
     workers = None
     loop = None
     try:
@@ -67,15 +73,17 @@ def run_training(cfg: Any) -> dict:
         extra = workers.call(workers.learner, "load_checkpoint", str(resume)) if resume else None
         loop = Distillation(cfg, workers, tok, train, heldout, run)
         summary = loop.run(extra)
-        summary.update(total_seconds=time.time() - t0, run_dir=str(run.path), steps=cfg.steps,
+        summary.update(total_seconds=time.time() - t0, run_dir=str(run.path.resolve()), steps=cfg.steps,
                        environment=environment(), student_path=student_path,
                        teacher_path=teacher_path)
         run.write_json("summary.json", summary)
+        _write_report(run.path)
         return summary
     except BaseException as e:
         _save_on_failure(loop, e)
         raise
     finally:
+        run.close()
         if workers is not None:
             workers.shutdown()
         if started_ray:
@@ -96,6 +104,17 @@ def _save_on_failure(loop: Any, err: BaseException) -> None:
     except Exception as e2:  # noqa: BLE001 - the learner itself may be what failed
         print(f"no final checkpoint ({e2}); the newest periodic one is in "
               f"{loop.run_dir.ckpt_root}", file=sys.stderr, flush=True)
+
+
+def _write_report(run_dir: Any) -> None:
+    """Plots and report.md; a failure here never fails a finished run."""
+    from opd.report import write_report
+
+    try:
+        out = write_report(run_dir)
+        print(f"report: {out}", flush=True)
+    except Exception as e:  # noqa: BLE001 - the run itself succeeded
+        print(f"no report ({type(e).__name__}: {e}); try opd-report {run_dir}", file=sys.stderr, flush=True)
 
 
 def print_table(s: dict) -> None:
