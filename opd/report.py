@@ -105,10 +105,19 @@ def before_after_pairs(summary: dict) -> list[BeforeAfter]:
         if twin is None or twin not in flat or path[-1] in NOT_METRICS:
             continue
         label = "/".join(p for p in _swap(path, "before", "") if p).replace("_/", "/").rstrip("_")
-        teacher = flat.get(("teacher",)) if label == "student" else None
-        out.append(BeforeAfter("student exact match" if label == "student" else label,
-                               before, flat[twin], teacher))
+        label, teacher = _teacher_of(flat, path, label)
+        out.append(BeforeAfter(label, before, flat[twin], teacher))
     return out
+
+
+def _teacher_of(flat: dict[tuple, float], path: tuple, label: str) -> tuple[str, Optional[float]]:
+    """(label, the teacher's value of the same metric): `eval/teacher/<k>` for `eval/before/<k>`
+    (the teacher's KL to itself is 0), `teacher` for the headline `student_before`."""
+    if label == "student":
+        return "answer accuracy, greedy", flat.get(("teacher",))
+    if path[:2] == ("eval", "before"):
+        return label, 0.0 if path[2:] == ("kl",) else flat.get(("eval", "teacher", *path[2:]))
+    return label, None
 
 
 # ------------------------------------------------------------------ plots

@@ -37,7 +37,7 @@ def test_report_on_an_old_run_dir(tmp_path, capsys):
     for png in ("training.png", "length.png", "heldout.png"):
         assert (run / png).stat().st_size > 5000, png
     md = (run / "report.md").read_text()
-    assert "| student exact match | 0.25 | 0.625 | +0.375 | 0.9 |" in md
+    assert "| answer accuracy, greedy | 0.25 | 0.625 | +0.375 | 0.9 |" in md
     assert "| sampled/mean | 7.5 | 5.25 | -2.25 |  |" in md
     assert "| eval/gsm_like | 0.125 | 0.375 | +0.25 |  |" in md
     assert "| learn | 1.000 | 50% |" in md and "| step | 2.000 |  |" in md
@@ -50,7 +50,7 @@ def test_report_on_an_old_run_dir(tmp_path, capsys):
 def test_before_after_pairs_are_generic_and_skip_unpaired_and_counts():
     pairs = {p.label: (p.before, p.after, p.teacher) for p in before_after_pairs(
         {**SUMMARY, "orphan_before": 1.0, "flag_before": True, "flag_after": False})}
-    assert pairs == {"student exact match": (0.25, 0.625, 0.9), "sampled/mean": (7.5, 5.25, None),
+    assert pairs == {"answer accuracy, greedy": (0.25, 0.625, 0.9), "sampled/mean": (7.5, 5.25, None),
                      "sampled/eos_frac": (0.5, 0.875, None), "eval/gsm_like": (0.125, 0.375, None)}
 
 
@@ -68,3 +68,12 @@ def test_missing_run_dir_is_a_clear_error(tmp_path, capsys):
         main([str(tmp_path / "nope")])
     assert e.value.code == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_heldout_views_pair_with_the_teachers_own_value():
+    summary = {"eval": {"teacher": {"accuracy/greedy": 0.5, "sampled/eos_frac": 0.75},
+                        "before": {"kl": 4.0, "accuracy/greedy": 0.0, "sampled/eos_frac": 0.0},
+                        "after": {"kl": 1.5, "accuracy/greedy": 0.25, "sampled/eos_frac": 0.5}}}
+    pairs = {p.label: (p.before, p.after, p.teacher) for p in before_after_pairs(summary)}
+    assert pairs == {"eval/kl": (4.0, 1.5, 0.0), "eval/accuracy/greedy": (0.0, 0.25, 0.5),
+                     "eval/sampled/eos_frac": (0.0, 0.5, 0.75)}
