@@ -84,3 +84,25 @@ def test_ray_run_teacher_kl_falls(tiny_overrides, tiny_zoo, tmp_path):
     assert len(kl) == 24
     # the tiny student (1 layer, hidden 64) plateaus near 2.3 nats from ~3: a clear, not a deep, fall
     assert np.mean(kl[-6:]) < 0.9 * np.mean(kl[:6]), kl
+
+
+def test_summary_and_opd_eval_report_the_heldout_views(tiny_overrides, tiny_zoo, tmp_path, capsys):
+    """summary.json holds the teacher's view and the student's before and after; opd-eval
+    prints the same view for any model directory, as a table and as JSON."""
+    from opd.evaluate import main as opd_eval
+
+    cfg = load_config(tiny_overrides + FAST + [f"run_dir={tmp_path}", "resources.use_ray=false", "steps=1"])
+    summary = run_training(cfg)
+    ev = summary["eval"]
+    for view in ("before", "after"):
+        assert {"kl", "nll_teacher_greedy", "accuracy/greedy", "sampled/eos_frac",
+                "greedy/repetition_frac"} <= set(ev[view])
+    assert "kl" not in ev["teacher"] and ev["teacher"]["nll_teacher_greedy"] < ev["before"]["nll_teacher_greedy"]
+    assert summary["student_before"] == ev["before"]["accuracy/greedy"]  # the headline is the same number
+    capsys.readouterr()
+    opd_eval(tiny_overrides + [f"student.path={tmp_path / 'checkpoints' / 'step-000001'}"])
+    out = capsys.readouterr().out
+    assert "KL(student||teacher) per token, sampled" in out
+    views = json.loads(out.strip().splitlines()[-1])
+    # the same weights, greedy: the same answers (one of 30 prompts may flip on float noise)
+    assert views["before"]["accuracy/greedy"] == pytest.approx(ev["after"]["accuracy/greedy"], abs=0.04)
