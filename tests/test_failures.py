@@ -134,7 +134,7 @@ def test_resume_auto_skips_a_broken_newest_checkpoint(tiny_cfg, tiny_zoo, tmp_pa
     assert resolve_resume("auto", run) == run.checkpoint_dir(1)
     out = capsys.readouterr().out
     assert f"resume=auto: skipping checkpoint {run.checkpoint_dir(2)} ({reason}" in out
-    with pytest.raises(ValueError, match="the checkpoint is broken"):
+    with pytest.raises(FileNotFoundError, match=f"resume=.*step-000002: {reason}"):
         resolve_resume(str(run.checkpoint_dir(2)), run)
 
 
@@ -202,16 +202,21 @@ def test_non_finite_step_skips_the_update_and_too_many_stop(tiny_cfg, tiny_zoo):
 
 def test_too_many_bad_steps_stop_the_run_with_a_checkpoint(tiny_overrides, tiny_zoo, tmp_path, monkeypatch):
     over = tiny_overrides + FAST + [f"run_dir={tmp_path}", "steps=5", "checkpoint_every=0", "optim.max_bad_steps=2"]
-    real_score, calls = Workers.score, {"n": 0}
+    real_score, real_train, trained = Workers.score, Workers.train, {"steps": 0}
 
-    def nan_score(self, rollouts):
-        calls["n"] += 1
+    def nan_score(self, rollouts):  # the teacher goes bad after the first step
         s = real_score(self, rollouts)
-        if calls["n"] < 2:
+        if trained["steps"] < 1:
             return s
         return replace(s, full_logprobs_NTV=np.full_like(s.full_logprobs_NTV, np.nan))
 
+    def counting_train(self, batch):
+        out = real_train(self, batch)
+        trained["steps"] += 1
+        return out
+
     monkeypatch.setattr(Workers, "score", nan_score)
+    monkeypatch.setattr(Workers, "train", counting_train)
     with pytest.raises(BadStepsError, match="optim.max_bad_steps=2"):
         run_training(load_config(over))
     steps = _steps(tmp_path)

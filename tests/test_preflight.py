@@ -54,7 +54,10 @@ def test_missing_prompt_files_are_named(tmp_path):
 def test_missing_or_incomplete_checkpoint_names_resume(tmp_path):
     assert f"resume={tmp_path}/gone: no such checkpoint directory" in _problems([f"resume={tmp_path}/gone"])
     (tmp_path / "learner_state.json").write_text("{}")
-    assert f"resume={tmp_path}: incomplete checkpoint (no model weights" in _problems([f"resume={tmp_path}"])
+    assert f"resume={tmp_path}: learner_state.pt is missing" in _problems([f"resume={tmp_path}"])
+    (tmp_path / "learner_state.pt").write_bytes(b"")
+    assert f"resume={tmp_path}: model.safetensors is missing (incomplete checkpoint: no model weights)" in _problems(
+        [f"resume={tmp_path}"])
 
 
 def test_gpu_config_without_a_gpu(monkeypatch):
