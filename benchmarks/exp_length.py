@@ -84,9 +84,9 @@ def run_variant(student: Optional[str], loss: str, variant: str, steps: int, roo
     from opd.train import run_training
 
     run_dir = root / f"{loss}-{variant}"
-    over = [f"loss={loss}", *VARIANTS[variant], f"steps={steps}", "eval_every=0", "checkpoint_every=0",
-            f"run_dir={run_dir}"] + ([f"student.path={student}"] if student else [])
-    cfg = load_config(over + extra)
+    over = [f"loss={loss}", f"steps={steps}", "eval_every=0", "checkpoint_every=0", f"run_dir={run_dir}"]
+    over += [f"student.path={student}"] if student else []
+    cfg = load_config(over + extra + VARIANTS[variant])  # the variant's keys win
     s = run_training(cfg)
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps_m = [l for l in lines if "length/truncated_frac" in l]
@@ -123,7 +123,8 @@ def main() -> None:
     root = Path(f"runs/exp_length-{args.pair}-{stamp}")
     student = None
     if args.pair == "smollm2":
-        extra = ["experiment=smollm2_cpu", "teacher.logprobs=topk"] + extra
+        # the top-k teacher feeds remedy (a); the experiment turns it off for its own loss
+        extra = ["experiment=smollm2_cpu", "teacher.logprobs=topk", "length.topk_kl_coef=1.0"] + extra
     else:
         cfg = load_config(extra)
         src, _ = resolve_model_paths(cfg)
