@@ -140,8 +140,9 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    keys = [("kl", "KL"), ("sampled/truncated_frac", "trunc"), ("sampled/eos_frac", "EOS"),
-            ("sampled/repetition_frac", "rep"), ("accuracy/greedy", "acc")]
+    keys = [("kl", "KL"), ("nll_teacher_greedy", "NLL"), ("sampled/truncated_frac", "trunc"),
+            ("sampled/eos_frac", "EOS"), ("sampled/repetition_frac", "rep"),
+            ("greedy/repetition_frac", "rep(gr)"), ("accuracy/greedy", "acc")]
     head = " ".join(f"{n:>11s}" for _, n in keys)
     print(f"\n{'loss':5s} {'variant':17s} {'recovered@':>10s} {'starved':>7s} {head}  (held-out before -> after)")
     for r in rows:
