@@ -172,12 +172,8 @@ class Learner:
         """Distillation, length-remedy and SFT terms over a micro-batch of rows, each
         normalised by the whole batch's count of the tokens it trains (`norm`)."""
         L = self.loss_cfg
-        win = self._window(b.loss_mask_BS[rows])
-        ids = self._tensor(b.input_ids_BS, rows)
-        logits = self._logits(ids, win)
-        tgt, mask = win.targets(ids), self._tensor(b.loss_mask_BS, rows, win)
+        win, logits, lp, mask, _ = self._forward(b, rows)
         on = self._tensor(b.on_policy_B.astype(np.float32), rows)[:, None]
-        lp = losses.gather_logprobs(logits, tgt, temperature=b.temperature)
         terms = []
         if L.distill == "reverse_kl_pg" and L.distill_coef and norm.pg:
             pg_mask = mask * on * self._tensor(b.seq_weight_B, rows)[:, None]  # stop-properly
@@ -213,19 +209,20 @@ class Learner:
             self._tensor(b.teacher_topk_ids_BSK, rows, win), mask, beta=beta,
             temperature=L.jsd_temperature, tail_bucket=L.tail_bucket, normalizer=n_tokens)
 
-    def _side_logprobs(self, b: TrainBatch, rows: np.ndarray):
-        """(log-probs, mask, target ids) of some rows over their window, for SMPO."""
+    def _forward(self, b: TrainBatch, rows: np.ndarray):
+        """(window, logits, log-probs of the targets, mask, target ids) of some rows, each
+        [B, Tc(, V)] over the rows' window of target positions."""
         win = self._window(b.loss_mask_BS[rows])
         ids = self._tensor(b.input_ids_BS, rows)
-        tgt = win.targets(ids)
-        lp = losses.gather_logprobs(self._logits(ids, win), tgt, temperature=b.temperature)
-        return lp, self._tensor(b.loss_mask_BS, rows, win), tgt
+        logits, tgt = self._logits(ids, win), win.targets(ids)
+        lp = losses.gather_logprobs(logits, tgt, temperature=b.temperature)
+        return win, logits, lp, self._tensor(b.loss_mask_BS, rows, win), tgt
 
     def _pair_terms(self, b: TrainBatch, idx: np.ndarray, n_pairs: int) -> tuple[torch.Tensor, dict]:
         """SMPO over a micro-batch of pairs, weighted by its share of the batch's pairs."""
         s = self.loss_cfg.smpo
-        c_lp, c_mask, _ = self._side_logprobs(b, b.pairs.chosen_rows[idx])
-        r_lp, r_mask, r_ids = self._side_logprobs(b, b.pairs.rejected_rows[idx])
+        _, _, c_lp, c_mask, _ = self._forward(b, b.pairs.chosen_rows[idx])
+        _, _, r_lp, r_mask, r_ids = self._forward(b, b.pairs.rejected_rows[idx])
         margin = losses.margin_schedule(self.step, s.margin, s.margin_start, s.margin_ramp_steps)
         loss, m = losses.smpo_loss(
             c_lp, c_mask, r_lp, r_mask, r_ids, b.rejected_eos_id,
@@ -304,8 +301,7 @@ class Learner:
         mb = self.o.micro_batch_size
         for i in range(0, len(out), mb):
             rows = np.arange(i, min(len(out), i + mb))
-            lp, mask, _ = self._side_logprobs(b, rows)
-            win = self._window(b.loss_mask_BS[rows])
+            win, _, lp, mask, _ = self._forward(b, rows)
             win.scatter(out[rows[0]: rows[-1] + 1], (lp * (mask > 0)).cpu().numpy())
         return out
 

@@ -99,7 +99,6 @@ class Distillation:
         self.rng = random.Random(cfg.seed)
         self.step, self.summary = 0, {}
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        self.eos_ids = {self.eos} | set(cfg.rollout.stop_token_ids)
         self.monitor: Optional[L.LengthMonitor] = None
         self.starved = 0  # steps whose batch trained on (almost) nothing
         self.reference: Optional[L.ReferenceLengths] = None
