@@ -38,7 +38,8 @@ def build_train_batch(rollouts: RolloutBatch, scores: Optional[TeacherScores], p
                       seq_advantage_N: Optional[np.ndarray] = None,
                       pairs: Optional[PairBatch] = None, sft_weight_N: Optional[np.ndarray] = None,
                       remedy_weight_N: Optional[np.ndarray] = None,
-                      no_reward_tail_N: Optional[Sequence[int]] = None) -> TrainBatch:
+                      no_reward_tail_N: Optional[Sequence[int]] = None,
+                      anchor_coef: float = 0.0) -> TrainBatch:
     """`on_policy`: per row (or one value for all) whether it is a student rollout;
     `sft_weight_N`: SFT weight per row (default 1 on off-policy rows, 0 on student rollouts);
     `no_reward_tail_N`: per row, how many final tokens may not get a positive advantage."""
@@ -77,7 +78,8 @@ def build_train_batch(rollouts: RolloutBatch, scores: Optional[TeacherScores], p
                                         for l, k in zip(lens, no_reward_tail_N)], P, S, (), np.float32)
     return TrainBatch(input_ids_BS=ids, loss_mask_BS=mask, sampler_logprobs_BS=sampler,
                       seq_advantage_B=adv, seq_weight_B=w, on_policy_B=on, sft_weight_B=sft,
-                      temperature=temperature, pairs=pairs, rejected_eos_id=eos_id, **extra)
+                      temperature=temperature, pairs=pairs, rejected_eos_id=eos_id,
+                      anchor_coef=float(anchor_coef), **extra)
 
 
 def with_extra_rows(rollouts: RolloutBatch, scores: TeacherScores,
@@ -107,14 +109,15 @@ def with_extra_rows(rollouts: RolloutBatch, scores: TeacherScores,
 def effective_weights(b: TrainBatch, terms: dict[str, bool]) -> dict[str, float]:
     """Share of the batch's trained tokens that carry gradient, per loss term, weighted by each
     term's per-row weight (stop-properly's 0.1 counts 0.1), and `any` for the union. `terms`
-    names the terms the loss uses: pg, jsd, sft, smpo, remedy.
+    names the terms the loss uses: pg, jsd, sft, smpo, remedy, anchor.
 
     Exact and pure: a batch whose every rollout is masked reads 0.0, and the loop says so."""
     mask = b.loss_mask_BS
     total = float(mask.sum())
     if total == 0:
         return {"length/effective_weight": 0.0}
-    per_row = {"pg": b.seq_weight_B * b.on_policy_B, "jsd": b.on_policy_B.astype(np.float32),
+    on = b.on_policy_B.astype(np.float32)
+    per_row = {"pg": b.seq_weight_B * b.on_policy_B, "jsd": on, "anchor": on,
                "sft": b.sft_weight_B.clip(max=1.0),
                "remedy": (b.remedy_weight_B > 0).astype(np.float32) * b.on_policy_B
                if b.remedy_weight_B is not None else np.zeros(len(mask), np.float32),

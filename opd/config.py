@@ -183,6 +183,8 @@ class LengthConfig:
     mixture_fraction: float = MISSING  # (b) StableOPD rollout mixture: share of prompts answered by
     #                                    the teacher (ending in EOS), trained by SFT; 0 = off
     mixture_sft_coef: float = MISSING  # SFT weight of those teacher completions
+    anchor_coef: float = MISSING  # (c) StableOPD KL constraint: KL(student||starting student) on
+    #                               every rollout while repetition is on (keeps a frozen copy); 0 = off
     loop_tail_rule: bool = MISSING  # a looping tail never gets a positive advantage (PG)
     min_effective_weight: float = MISSING  # below this share of tokens with gradient, stop-properly
     #                                        down-weights instead of masking, and the run warns
@@ -339,7 +341,7 @@ RULES: dict[str, tuple] = {
     "length.stop_properly_mode": _in("mask", "downweight"),
     "length.stop_properly_weight": _range(0, 1), "length.length_ratio_coef": _ge(0),
     "length.topk_kl_coef": _ge(0), "length.mixture_fraction": _range(0, 1),
-    "length.mixture_sft_coef": _ge(0), "length.min_effective_weight": _range(0, 1),
+    "length.mixture_sft_coef": _ge(0), "length.anchor_coef": _ge(0), "length.min_effective_weight": _range(0, 1),
     "length.length_ratio_tolerance": _ge(0),
     "resources.rollout_workers": _ge(1), "resources.rollout_num_cpus": _gt(0),
     "resources.teacher_num_cpus": _gt(0), "resources.learner_num_cpus": _gt(0),

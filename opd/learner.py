@@ -139,24 +139,36 @@ class Learner:
                                      weight_decay=self.o.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(self.o.schedule, self.o.warmup_steps, cfg.steps, self.o.min_lr_ratio))
+        self.anchor = self._frozen_copy() if cfg.length.mode == "auto" and cfg.length.anchor_coef > 0 else None
         self.step = 0
         self.skipped, self.bad_in_row = 0, 0  # skipped steps: in all, and the current run of them
+
+    def _frozen_copy(self) -> torch.nn.Module:
+        """The starting student, frozen: the reference of the divergence anchor (built before
+        any checkpoint is loaded, so a resumed run anchors to the same start)."""
+        import copy
+
+        anchor = copy.deepcopy(self.model).eval()
+        return anchor.requires_grad_(False)
 
     # ------------------------------------------------------------------ forward
     def _window(self, mask_BS: np.ndarray) -> "Window":
         return Window.of(mask_BS, self.device)
 
-    def _logits(self, ids_BS: torch.Tensor, win: "Window") -> torch.Tensor:
+    def _logits(self, ids_BS: torch.Tensor, win: "Window", model: Optional[torch.nn.Module] = None
+                ) -> torch.Tensor:
         """Student logits [B, Tc, V] at the window's positions only: the decoder runs over the
         whole sequence, the LM head (the [*, V] cost) only where a target token is predicted.
-        Right padding only: causal attention keeps pads from touching real positions."""
+        Right padding only: causal attention keeps pads from touching real positions.
+        `model`: another model of the same architecture (the anchor); default the student."""
+        model = self.model if model is None else model
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             if self.head_only_on_targets:
-                hidden = self.model.model(input_ids=ids_BS).last_hidden_state
+                hidden = model.model(input_ids=ids_BS).last_hidden_state
                 h = hidden.gather(1, win.pos_BT[..., None].expand(-1, -1, hidden.shape[-1]))
-                logits = self.model.get_output_embeddings()(h)
+                logits = model.get_output_embeddings()(h)
             else:  # models that post-process logits (soft-capping, scaling): the full forward
-                full = self.model(input_ids=ids_BS).logits
+                full = model(input_ids=ids_BS).logits
                 logits = full.gather(1, win.pos_BT[..., None].expand(-1, -1, full.shape[-1]))
         return logits.float()[..., : self.vocab_size]
 
@@ -190,6 +202,8 @@ class Learner:
             w = self._tensor(b.remedy_weight_B, rows)[:, None]
             loss, m = self._jsd(b, rows, win, logits, mask * on * w, norm.on, 0.0)
             terms.append((1.0, loss, {"loss/remedy_topk_kl": loss.item()}))
+        if b.anchor_coef > 0 and norm.on:  # the divergence anchor: KL(student || starting student)
+            terms.append((b.anchor_coef, *self._anchor_kl(b, rows, win, logits, mask * on, norm.on)))
         if norm.sft:
             sft_mask = mask * self._tensor(b.sft_weight_B, rows)[:, None]
             terms.append((1.0, *losses.sft_loss(lp, sft_mask, normalizer=norm.sft)))
@@ -208,6 +222,17 @@ class Learner:
             logits, self._tensor(b.teacher_topk_logprobs_BSK, rows, win),
             self._tensor(b.teacher_topk_ids_BSK, rows, win), mask, beta=beta,
             temperature=L.jsd_temperature, tail_bucket=L.tail_bucket, normalizer=n_tokens)
+
+    def _anchor_kl(self, b: TrainBatch, rows, win, logits, mask, n_tokens):
+        """KL(student || anchor) per token over the full vocabulary (StableOPD's KL constraint;
+        the anchor is the frozen starting student), normalised like the distillation terms."""
+        if self.anchor is None:
+            raise ValueError("the batch asks for the divergence anchor, but this learner has none: "
+                             "set length.mode=auto and length.anchor_coef > 0 when it starts")
+        with torch.no_grad():
+            ref = self._logits(self._tensor(b.input_ids_BS, rows), win, self.anchor)
+        loss, _ = losses.generalized_jsd(logits, ref, mask, beta=1.0, normalizer=n_tokens)
+        return loss, {"loss/anchor_kl": loss.item()}
 
     def _forward(self, b: TrainBatch, rows: np.ndarray):
         """(window, logits, log-probs of the targets, mask, target ids) of some rows, each

@@ -441,6 +441,8 @@ class PenaltyConfig:
     mixture_fraction: float = 0.0            # remedy (b): share of a step's prompts answered by
     #                                          the teacher and trained by SFT; 0: never
     mixture_sft_coef: float = 1.0            # SFT weight of those teacher completions
+    anchor_coef: float = 0.0                 # remedy (c): KL(student‖starting student) on every
+    #                                          rollout while repetition is on; 0: never
     loop_tail: bool = False                  # no positive advantage on a looping tail
     tail_window: int = 32                    # tokens of a looping tail (the detector's window)
     min_effective_weight: float = 0.1        # stop-properly never leaves less than this share
@@ -488,6 +490,7 @@ class PenaltyPlan:
     topk_kl_coef: float = 0.0             # remedy (a) on truncated/repetitive rollouts (0: off)
     mixture_fraction: float = 0.0         # remedy (b): share of prompts the teacher answers
     mixture_sft_coef: float = 1.0
+    anchor_coef: float = 0.0              # remedy (c): divergence anchor to the starting student
     loop_tail: int = 0                    # tokens of a looping tail denied positive advantage
 
     @classmethod
@@ -498,7 +501,7 @@ class PenaltyPlan:
     def any_on(self) -> bool:
         return bool(self.overlong or self.stop_properly or self.length_ratio_coef > 0
                     or self.prefer_bad_rejected or self.topk_kl_coef > 0 or self.mixture_fraction > 0
-                    or self.loop_tail)
+                    or self.anchor_coef > 0 or self.loop_tail)
 
     def as_metrics(self, prefix: str = "length/penalty/") -> dict[str, float]:
         return {prefix + "overlong": float(self.overlong),
@@ -509,6 +512,7 @@ class PenaltyPlan:
                 prefix + "max_new_tokens": float(self.max_new_tokens),
                 prefix + "topk_kl_coef": float(self.topk_kl_coef),
                 prefix + "mixture_fraction": float(self.mixture_fraction),
+                prefix + "anchor_coef": float(self.anchor_coef),
                 prefix + "loop_tail": float(self.loop_tail)}
 
     def remedy_weights(self, stats: "LengthStats", finish_reasons: Sequence[str]) -> Optional[np.ndarray]:
@@ -566,6 +570,7 @@ class LengthMonitor:
         inflation      -> overlong + stop_properly + adaptive max_new_tokens (if enabled)
                           + top-k KL remedy + teacher mixture
         repetition     -> stop_properly + prefer_bad_rejected + top-k KL remedy + loop-tail rule
+                          + divergence anchor to the starting student
         short_collapse -> length_ratio (needs a reference)
         eos_collapse   -> stop_properly + overlong + top-k KL remedy + teacher mixture
     and switch off when the detector reports the condition recovered.
@@ -576,7 +581,10 @@ class LengthMonitor:
     instead of masked (an event says so), and the remedies that *teach* stopping carry the
     signal: the teacher's top-k distribution (which holds its EOS probability wherever it would
     stop) and teacher completions that end in EOS. Masking alone does not teach a model to
-    stop (DAPO, Yu et al. 2025, who use a soft overlong penalty for that reason).
+    stop (DAPO, Yu et al. 2025, who use a soft overlong penalty for that reason). While
+    repetition is on, a divergence anchor (StableOPD's KL constraint to a reference policy,
+    here the starting student) keeps the student near where it began, so a loop the
+    distillation signal rewards cannot run away.
     """
 
     def __init__(self, eos_ids: Collection[int], penalty: PenaltyConfig,
@@ -654,6 +662,7 @@ class LengthMonitor:
             topk_kl_coef=p.topk_kl_coef if stop else 0.0,
             mixture_fraction=p.mixture_fraction if active & {"inflation", "eos_collapse"} else 0.0,
             mixture_sft_coef=p.mixture_sft_coef,
+            anchor_coef=p.anchor_coef if "repetition" in active else 0.0,
             loop_tail=p.tail_window if p.loop_tail and "repetition" in active else 0)
 
     def state_dict(self) -> dict:

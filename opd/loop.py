@@ -58,7 +58,7 @@ def make_monitor(cfg: Any, eos_id: int, reference: Optional[L.ReferenceLengths])
         length_ratio_coef=ln.length_ratio_coef, length_ratio_tolerance=ln.length_ratio_tolerance,
         adaptive_max_new_tokens=ln.adaptive_max_new_tokens and reference is not None, reference=reference,
         topk_kl_coef=ln.topk_kl_coef, mixture_fraction=ln.mixture_fraction,
-        mixture_sft_coef=ln.mixture_sft_coef, loop_tail=ln.loop_tail_rule, tail_window=ln.tail_window,
+        mixture_sft_coef=ln.mixture_sft_coef, anchor_coef=ln.anchor_coef, loop_tail=ln.loop_tail_rule, tail_window=ln.tail_window,
         # the guard protects the policy-gradient term, the one stop-properly weights act on
         min_effective_weight=ln.min_effective_weight if cfg.loss.distill == "reverse_kl_pg" else 0.0)
     return L.LengthMonitor({eos_id} | set(cfg.rollout.stop_token_ids), pen, det, mode=ln.mode,
@@ -159,7 +159,8 @@ class Distillation:
         loss = self.cfg.loss
         terms = {"pg": loss.distill == "reverse_kl_pg" and loss.distill_coef > 0,
                  "jsd": loss.distill == "jsd" and loss.distill_coef > 0, "sft": True,
-                 "smpo": loss.smpo_coef > 0, "remedy": batch.remedy_weight_B is not None}
+                 "smpo": loss.smpo_coef > 0, "remedy": batch.remedy_weight_B is not None,
+                 "anchor": batch.anchor_coef > 0}
         share = effective_weights(batch, terms)
         if share["length/effective_weight"] < self.cfg.length.min_effective_weight:
             self.starved += 1
@@ -216,7 +217,8 @@ class Distillation:
         batch = build_train_batch(rollouts, scores, self.pad, self.eos, on_policy=on,
                                   temperature=self.cfg.rollout.temperature, seq_weight_N=seq_w,
                                   seq_advantage_N=adv, pairs=pairs, sft_weight_N=sft_w,
-                                  remedy_weight_N=remedy, no_reward_tail_N=tails)
+                                  remedy_weight_N=remedy, no_reward_tail_N=tails,
+                                  anchor_coef=plan.anchor_coef)
         return batch, values, events
 
     def rollout_metrics(self, prompts: PromptBatch, rollouts, scores) -> dict[str, float]:

@@ -115,6 +115,7 @@ class TrainBatch:
     #   forward KL over the teacher's top-k (truncated / repetitive rollouts); None: off
     no_reward_BS: Optional[np.ndarray] = None  # [B, S] float32 1 where a looping tail's token may
     #   not get a positive advantage (repetition-aware rule); None: off
+    anchor_coef: float = 0.0  # weight of KL(student||starting student) on student rollouts (0: off)
 
     @property
     def num_tokens(self) -> float:

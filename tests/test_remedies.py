@@ -200,3 +200,56 @@ def test_teacher_mixture_rows_teach_stopping(learner, tiny_zoo):
     for _ in range(3):
         learner.train_step(batch)
     _assert_stops_more(before, _eos_logprob(learner, tok, prompt, []))
+
+
+# ----------------------------------------------------------------- remedy (c): the anchor
+def test_anchor_is_on_only_while_repetition_is():
+    m = _monitor(max_new_tokens=16, anchor_coef=0.5)
+    loop = [3, 4] * 8
+    _, _, plan = m.observe([list(range(5, 21))] * 2, ["length"] * 2, step=1)  # inflation only
+    assert plan.topk_kl_coef == 1.0 and plan.anchor_coef == 0.0
+    _, _, plan = m.observe([loop] * 2, ["length"] * 2, step=2)  # repetition
+    assert plan.anchor_coef == 0.5 and plan.as_metrics()["length/penalty/anchor_coef"] == 0.5
+
+
+@pytest.fixture()
+def anchored(learner_cfg, tiny_zoo):
+    """A learner with the anchor, its student pushed away from the start by weight noise."""
+    from dataclasses import replace as dc_replace
+
+    from opd.learner import Learner
+
+    cfg = dc_replace(learner_cfg, length=dc_replace(learner_cfg.length, mode="auto", anchor_coef=1.0))
+    lrn = Learner(str(tiny_zoo.student), cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lrn.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return lrn
+
+
+def _kl_to_anchor(lrn, batch) -> float:
+    """Brute force: mean over completion tokens of KL(student || anchor), from full forwards."""
+    ids = torch.as_tensor(batch.input_ids_BS)
+    with torch.no_grad():
+        s = torch.log_softmax(lrn.model(input_ids=ids).logits[:, :-1], -1)
+        a = torch.log_softmax(lrn.anchor(input_ids=ids).logits[:, :-1], -1)
+    kl = (s.exp() * (s - a)).sum(-1)
+    mask = torch.as_tensor(batch.loss_mask_BS[:, 1:])
+    return float((kl * mask).sum() / mask.sum())
+
+
+def test_anchor_kl_is_exact_and_pulls_the_student_back(anchored, tiny_zoo):
+    from opd.zoo import load_tokenizer
+
+    tok = load_tokenizer(tiny_zoo.student)
+    batch, _, _ = _truncated_batch(tok, remedy=False, stop_properly_weight=0.0)  # no other term trains
+    batch = replace(batch, anchor_coef=1.0)
+    before = _kl_to_anchor(anchored, batch)
+    m = anchored.train_step(batch)
+    assert before > 1e-3 and m["loss/anchor_kl"] == pytest.approx(before, rel=1e-4)
+    for _ in range(2):
+        anchored.train_step(batch)
+    assert _kl_to_anchor(anchored, batch) < 0.5 * before
+    # off in the batch: the same learner takes no step at all
+    assert anchored.train_step(replace(batch, anchor_coef=0.0))["optim/grad_norm"] == 0.0
