@@ -74,6 +74,7 @@ VARIANTS = {  # name -> overrides: the modes, and auto with one remedy removed
     "auto-no-topk": ["length=auto", "length.topk_kl_coef=0"],
     "auto-no-mixture": ["length=auto", "length.mixture_fraction=0"],
     "auto-no-looptail": ["length=auto", "length.loop_tail_rule=false"],
+    "auto-no-anchor": ["length=auto", "length.anchor_coef=0"],
     "auto-no-guard": ["length=auto", "length.min_effective_weight=0"],  # the old masking
 }
 

@@ -2,7 +2,7 @@
 as plain objects in this process (`resources.use_ray=false`, for tests and debugging).
 
 `Workers` is the one handle the driver loop uses. Its methods are the loop's verbs
-(generate, score, train, sync, evaluate) and hide whether a call crosses a process: with Ray
+(generate, score, teacher_generate, train, sync, student_logprobs) and hide whether a call crosses a process: with Ray
 each call is a remote call waited on with `resources.remote_timeout_s`, so a hung actor
 becomes a clear `ActorError` naming the actor and the call, never a silent hang.
 

@@ -40,10 +40,13 @@ from opd.tasks import Example, answer_correct, encode_answer, prompt_batch, samp
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, StepMetrics
 
 
+STEP_SEED_STRIDE = 100003  # rollout.seed's spacing: seeds of different runs never meet
+
+
 def sampling_settings(r: Any, max_new_tokens: int, step: int) -> SamplingSettings:
     return SamplingSettings(max_new_tokens=max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                             top_k=r.top_k, repetition_penalty=r.repetition_penalty, stop=tuple(r.stop),
-                            stop_token_ids=tuple(r.stop_token_ids), seed=r.seed * 100003 + step,
+                            stop_token_ids=tuple(r.stop_token_ids), seed=r.seed * STEP_SEED_STRIDE + step,
                             n=r.samples_per_prompt)
 
 

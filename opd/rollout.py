@@ -25,6 +25,12 @@ from opd.types import PromptBatch, RolloutBatch, SamplingSettings, WeightUpdate
 EXTENSION = "opd.rollout.WeightSyncExtension"
 
 
+# Per-prompt and per-worker seed offsets of a step's base seed (loop.sampling_settings):
+# distinct primes, so two (prompt, worker) pairs of one step share a seed only if their
+# prompt indices are 104729 apart.
+PROMPT_SEED_STRIDE, WORKER_SEED_STRIDE = 7919, 104729
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the engine."""
 
@@ -114,7 +120,8 @@ class RolloutWorker:
         # one seed per prompt: a shared seed would make the k-th sample of every prompt
         # draw the same random numbers (correlated samples across prompts)
         params = [to_sampling_params(replace(sampling, seed=None if sampling.seed is None else
-                                             sampling.seed + 7919 * i + 104729 * self.index))
+                                             sampling.seed + PROMPT_SEED_STRIDE * i
+                                             + WORKER_SEED_STRIDE * self.index))
                   for i in range(len(prompts.prompt_ids))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts.prompt_ids], params, use_tqdm=False)
         prompt_ids, comp, lps, reasons, texts = [], [], [], [], []

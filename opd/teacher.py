@@ -68,11 +68,27 @@ def check_tokenizers(student_tok: Any, teacher_tok: Any, student_rows: Optional[
     return note
 
 
-def pad_ragged(rows: list[list[float]], width: int, fill: float = 0.0) -> np.ndarray:
-    out = np.full((len(rows), width), fill, dtype=np.float32)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
+def embedding_rows(model_path: str, trust_remote_code: bool = False) -> Optional[int]:
+    """Rows of a model's embedding table, read from its config (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    conf = getattr(conf, "text_config", None) or conf  # multimodal configs nest the language model
+    return getattr(conf, "vocab_size", None)
+
+
+def check_pair(student_path: str, teacher_path: str, student_trust: bool = False,
+               teacher_trust: bool = False) -> tuple[Any, str]:
+    """Start-up check of a student and a teacher: tokenizers and embedding rows (Qwen2.5-0.5B
+    has 151,936 rows and 7B 152,064 for the same tokenizer: padding, tolerated; fewer rows
+    than tokens is refused). Returns (the student's tokenizer, a one-line note)."""
+    from opd.zoo import load_tokenizer
+
+    tok = load_tokenizer(student_path, student_trust)
+    note = check_tokenizers(tok, load_tokenizer(teacher_path, teacher_trust),
+                            embedding_rows(student_path, student_trust),
+                            embedding_rows(teacher_path, teacher_trust))
+    return tok, note
 
 
 class TeacherScorer:

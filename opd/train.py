@@ -33,8 +33,8 @@ def prepare_run(cfg: Any):
     from opd.preflight import check_start
     from opd.run_io import RunDir, resolve_resume
     from opd.tasks import load_splits
-    from opd.teacher import check_tokenizers
-    from opd.zoo import load_tokenizer, resolve_model_paths
+    from opd.teacher import check_pair
+    from opd.zoo import resolve_model_paths
 
     check_start(cfg)
     run = RunDir(cfg.run_dir, cfg.loggers, config=as_dict(cfg))
@@ -42,8 +42,8 @@ def prepare_run(cfg: Any):
     resume = resolve_resume(cfg.resume, run)
     if resume is not None:
         student_path = str(resume)  # the checkpoint is a Hugging Face model dir
-    tok = load_tokenizer(student_path, cfg.student.trust_remote_code)
-    note = check_tokenizers(tok, load_tokenizer(teacher_path, cfg.teacher.trust_remote_code))
+    tok, note = check_pair(student_path, teacher_path, cfg.student.trust_remote_code,
+                           cfg.teacher.trust_remote_code)
     print(f"student: {student_path}\nteacher: {teacher_path}\n{note}", flush=True)
     max_prompt = cfg.rollout.max_model_len - cfg.rollout.max_new_tokens
     train, heldout = load_splits(cfg.task, tok, max_prompt)

@@ -5,6 +5,7 @@ weights: after the learner's weights change and are synced, the engine must samp
 exactly the learner's distribution (fp32, <= 1e-3) and decode what the learner decodes.
 """
 
+import json
 import gc
 
 import numpy as np
@@ -124,3 +125,25 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tiny_zoo):
     assert "padding" in note
     with pytest.raises(TokenizerMismatch, match="fewer rows"):
         check_tokenizers(student, load_tokenizer(tiny_zoo.teacher), len(student) - 1, len(student))
+
+
+def test_start_up_checks_embedding_rows(tmp_path, tiny_zoo):
+    """The launch's pair check reads each model's embedding rows from its config: rows that
+    differ only by padding past the tokenizer are tolerated and said; fewer rows are refused."""
+    import shutil
+
+    from opd.teacher import check_pair
+
+    def with_rows(name: str, rows: int) -> str:
+        dst = tmp_path / name
+        shutil.copytree(tiny_zoo.teacher, dst)
+        conf = json.loads((dst / "config.json").read_text())
+        conf["vocab_size"] = rows
+        (dst / "config.json").write_text(json.dumps(conf))
+        return str(dst)
+
+    n = len(load_tokenizer(tiny_zoo.student))
+    tok, note = check_pair(str(tiny_zoo.student), with_rows("padded", n + 64))
+    assert len(tok) == n and f"student {n}, teacher {n + 64}" in note
+    with pytest.raises(TokenizerMismatch, match="fewer rows"):
+        check_pair(with_rows("short", n - 1), str(tiny_zoo.teacher))
