@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from opd import losses
+from opd.device import pick_device
 from opd.types import TrainBatch, WeightUpdate
 
 
@@ -104,12 +105,6 @@ class Normalizers:
         return cls(on=float((tok_B * b.on_policy_B).sum()),
                    pg=float((tok_B * b.on_policy_B * b.seq_weight_B).sum()),
                    sft=float((tok_B * (b.sft_weight_B > 0)).sum()))
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class BadStepsError(RuntimeError):

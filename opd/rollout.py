@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from typing import Any, Optional, Sequence
 
-from opd.types import PromptBatch, RolloutBatch, SamplingSettings, WeightUpdate
+from opd.types import FinishReason, PromptBatch, RolloutBatch, SamplingSettings, WeightUpdate
 
 EXTENSION = "opd.rollout.WeightSyncExtension"
 
@@ -130,7 +130,7 @@ class RolloutWorker:
                 prompt_ids.append(list(p))
                 comp.append(list(o.token_ids))
                 lps.append([float(d[t].logprob) for t, d in zip(o.token_ids, o.logprobs)])
-                reasons.append("length" if o.finish_reason == "length" else "stop")
+                reasons.append(FinishReason.of(o.finish_reason))
                 texts.append(o.text)
         return RolloutBatch(prompt_ids, comp, lps, reasons, texts, self.version, time.time() - t0)
 

@@ -25,7 +25,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
+from opd.device import pick_device
+from opd.types import FinishReason, PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
 
 
 class TokenizerMismatch(ValueError):
@@ -105,8 +106,7 @@ class TeacherScorer:
     def _init_hf(self, device: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = "cuda" if device == "auto" and torch.cuda.is_available() else (
-            "cpu" if device == "auto" else device)
+        self.device = pick_device(device)
         dtype = getattr(torch, self.cfg.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.cfg.trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -228,7 +228,7 @@ class TeacherScorer:
         return RolloutBatch(
             prompt_ids=[list(p) for p, _, _ in rows], completion_ids=comp,
             sampler_logprobs=[[0.0] * len(c) for c in comp],
-            finish_reasons=["length" if r == "length" else "stop" for _, _, r in rows],
+            finish_reasons=[FinishReason.of(r) for _, _, r in rows],
             texts=self.tokenizer.batch_decode(comp, skip_special_tokens=True),
             weight_version=-1, seconds=time.time() - t0)
 
@@ -245,7 +245,7 @@ class TeacherScorer:
         rows = []
         for row in out[:, W:].tolist():
             cut = row.index(eos) + 1 if eos in row else len(row)
-            rows.append((row[:cut], "stop" if eos in row else "length"))
+            rows.append((row[:cut], FinishReason.STOP if eos in row else FinishReason.LENGTH))
         return [rows[i * s.n: (i + 1) * s.n] for i in range(len(prompts))]
 
     def ready(self) -> tuple[int, int]:

@@ -10,9 +10,23 @@ data as numpy arrays (cheap to ship through Ray's object store, no torch needed)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Optional
 
 import numpy as np
+
+
+class FinishReason(StrEnum):
+    """Why a completion ended. A str: compares and serialises as "stop" / "length"."""
+
+    STOP = "stop"      # EOS or a stop string / stop token
+    LENGTH = "length"  # cut at max_new_tokens
+
+    @classmethod
+    def of(cls, engine_reason: Optional[str]) -> "FinishReason":
+        """An engine's reason (vLLM: 'stop', 'length', 'abort', None) as one of ours: only
+        'length' means cut; everything else ended on its own."""
+        return cls.LENGTH if engine_reason == "length" else cls.STOP
 
 
 @dataclass(frozen=True)
@@ -57,7 +71,7 @@ class RolloutBatch:
     completion_ids: list[list[int]]  # [N][L_n] sampled tokens, EOS included when generated
     sampler_logprobs: list[list[float]]  # [N][L_n] log-prob of each sampled token under the
     #                                      distribution actually sampled from (processed)
-    finish_reasons: list[str]  # [N] "stop" (EOS / stop string) | "length" (max_new_tokens)
+    finish_reasons: list[str]  # [N] FinishReason: "stop" (EOS / stop string) | "length" (cut)
     texts: list[str]  # [N] decoded completions (special tokens skipped)
     weight_version: int  # version of the weights that produced every rollout here
     seconds: float = 0.0  # wall time of generation
