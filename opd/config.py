@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from opd.length import hysteresis_errors
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -165,6 +167,8 @@ class LengthConfig:
     ratio_off: float = MISSING
     short_on: float = MISSING
     short_off: float = MISSING
+    short_ratio_on: float = MISSING  # short collapse also when mean length / reference < this
+    short_ratio_off: float = MISSING
     rep_on: float = MISSING
     rep_off: float = MISSING
     eos_on: float = MISSING
@@ -177,6 +181,8 @@ class LengthConfig:
     length_ratio_coef: float = MISSING
     length_ratio_tolerance: float = MISSING
     adaptive_max_new_tokens: bool = MISSING
+    adaptive_shrink: float = MISSING  # cap *= shrink per step under inflation (down to the reference p95)
+    adaptive_grow: float = MISSING  # cap *= grow per step once recovered (up to rollout.max_new_tokens)
     # remedies that teach stopping (mode auto; see opd/length.py LengthMonitor):
     topk_kl_coef: float = MISSING  # (a) forward KL over the teacher's top-k on truncated/repetitive
     #                                rollouts (needs teacher.logprobs=topk or full); 0 = off
@@ -337,6 +343,8 @@ RULES: dict[str, tuple] = {
     **{f"length.{k}": _range(0, 1) for k in (
         "trunc_on", "trunc_off", "short_on", "short_off", "rep_on", "rep_off", "eos_on", "eos_off")},
     "length.ratio_on": _gt(0), "length.ratio_off": _gt(0),
+    "length.short_ratio_on": _gt(0), "length.short_ratio_off": _gt(0),
+    "length.adaptive_shrink": _range(0, 1, lo_open=True), "length.adaptive_grow": _ge(1),
     "length.k_on": _ge(1), "length.k_off": _ge(1), "length.overlong_buffer": _ge(1),
     "length.stop_properly_mode": _in("mask", "downweight"),
     "length.stop_properly_weight": _range(0, 1), "length.length_ratio_coef": _ge(0),
@@ -375,11 +383,7 @@ def _cross_checks(cfg: TrainConfig) -> list[str]:
     if ln.overlong_buffer > r.max_new_tokens:
         errs.append(f"length.overlong_buffer must be <= rollout.max_new_tokens "
                     f"({r.max_new_tokens}), got {ln.overlong_buffer}")
-    for lo, hi in (("trunc_off", "trunc_on"), ("rep_off", "rep_on"), ("short_off", "short_on"),
-                   ("ratio_off", "ratio_on"), ("eos_on", "eos_off")):
-        if getattr(ln, lo) > getattr(ln, hi):
-            errs.append(f"length.{lo} must be <= length.{hi} ({getattr(ln, hi)}), "
-                        f"got {getattr(ln, lo)}")
+    errs += hysteresis_errors(vars(ln), "length.")
     for name in ("student", "teacher"):
         z = getattr(cfg, name).zoo
         if z.hidden % z.heads or z.heads % z.kv_heads:

@@ -34,7 +34,7 @@ import numpy as np
 
 __all__ = [
     "CONDITIONS", "LengthStats", "rollout_stats", "ReferenceLengths", "reference_lengths",
-    "tail_repeat_fraction", "repetitive_flags", "DetectorConfig", "LengthEvent",
+    "tail_repeat_fraction", "repetitive_flags", "DetectorConfig", "hysteresis_errors", "LengthEvent",
     "LengthDetector", "overlong_penalty", "stop_properly_weights", "length_ratio_penalty",
     "rejection_badness", "adaptive_max_new_tokens", "PenaltyConfig", "PenaltyPlan",
     "LengthMonitor", "apply_sequence_penalty", "loss_weights",
@@ -222,11 +222,21 @@ class DetectorConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.k_on < 1 or self.k_off < 1:
             raise ValueError(f"k_on and k_off must be >= 1, got {self.k_on}, {self.k_off}")
-        for rules in _RULES.values():
-            for _, op, on_key, off_key in rules:
-                on, off = getattr(self, on_key), getattr(self, off_key)
-                if (off > on) if op == ">" else (off < on):
-                    raise ValueError(f"{off_key}={off} must be on the healthy side of {on_key}={on}")
+        errors = hysteresis_errors(self.__dict__)
+        if errors:
+            raise ValueError(errors[0])
+
+
+def hysteresis_errors(values: dict, prefix: str = "") -> list[str]:
+    """Each off-threshold must lie on the healthy side of its on-threshold (the hysteresis
+    band); one message per pair that does not, keys named with ``prefix``."""
+    errors = []
+    for rules in _RULES.values():
+        for _, op, on_key, off_key in rules:
+            lo, hi = (off_key, on_key) if op == ">" else (on_key, off_key)
+            if values[lo] > values[hi]:
+                errors.append(f"{prefix}{lo} must be <= {prefix}{hi} ({values[hi]}), got {values[lo]}")
+    return errors
 
 
 @dataclass(frozen=True)

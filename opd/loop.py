@@ -22,7 +22,7 @@ import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -51,17 +51,19 @@ def sampling_settings(r: Any, max_new_tokens: int, step: int) -> SamplingSetting
 
 
 def make_monitor(cfg: Any, eos_id: int, reference: Optional[L.ReferenceLengths]) -> L.LengthMonitor:
+    """The length monitor of `cfg.length`: its detector thresholds are LengthConfig's fields
+    of the same names; its penalties and remedies are the rest."""
     ln = cfg.length
-    det = L.DetectorConfig(**{k: getattr(ln, k) for k in (
-        "ema_decay", "k_on", "k_off", "trunc_on", "trunc_off", "ratio_on", "ratio_off", "short_on",
-        "short_off", "rep_on", "rep_off", "eos_on", "eos_off")})
+    det = L.DetectorConfig(**{f.name: getattr(ln, f.name) for f in fields(L.DetectorConfig)})
     pen = L.PenaltyConfig(
         max_new_tokens=cfg.rollout.max_new_tokens, overlong_buffer=ln.overlong_buffer,
         stop_properly_mode=ln.stop_properly_mode, stop_properly_weight=ln.stop_properly_weight,
         length_ratio_coef=ln.length_ratio_coef, length_ratio_tolerance=ln.length_ratio_tolerance,
-        adaptive_max_new_tokens=ln.adaptive_max_new_tokens and reference is not None, reference=reference,
+        adaptive_max_new_tokens=ln.adaptive_max_new_tokens and reference is not None,
+        adaptive_shrink=ln.adaptive_shrink, adaptive_grow=ln.adaptive_grow, reference=reference,
         topk_kl_coef=ln.topk_kl_coef, mixture_fraction=ln.mixture_fraction,
-        mixture_sft_coef=ln.mixture_sft_coef, anchor_coef=ln.anchor_coef, loop_tail=ln.loop_tail_rule, tail_window=ln.tail_window,
+        mixture_sft_coef=ln.mixture_sft_coef, anchor_coef=ln.anchor_coef, loop_tail=ln.loop_tail_rule,
+        tail_window=ln.tail_window,
         # the guard protects the policy-gradient term, the one stop-properly weights act on
         min_effective_weight=ln.min_effective_weight if cfg.loss.distill == "reverse_kl_pg" else 0.0)
     return L.LengthMonitor({eos_id} | set(cfg.rollout.stop_token_ids), pen, det, mode=ln.mode,

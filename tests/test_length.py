@@ -440,3 +440,21 @@ def test_config_validation():
     assert PenaltyConfig(max_new_tokens=100).buffer == 20
     assert set(CONDITIONS) == {"inflation", "short_collapse", "repetition", "eos_collapse"}
     assert isinstance(LengthEvent(1, "inflation", "on", "x").as_dict(), dict)
+
+
+def test_every_detector_and_adaptive_knob_is_settable_from_yaml():
+    from dataclasses import fields
+
+    from opd import length as L
+    from opd.config import load_config
+    from opd.loop import make_monitor
+
+    cfg = load_config(["length.short_ratio_on=0.4", "length.short_ratio_off=0.6", "length.adaptive_shrink=0.8",
+                       "length.adaptive_grow=1.3", "length.anchor_coef=0.2", "length.k_off=5"])
+    m = make_monitor(cfg, 2, L.reference_lengths([4, 5, 6]))
+    assert {f.name: getattr(m.detector.config, f.name) for f in fields(L.DetectorConfig)} == {
+        f.name: getattr(cfg.length, f.name) for f in fields(L.DetectorConfig)}
+    assert (m.detector.config.short_ratio_on, m.detector.config.k_off) == (0.4, 5)
+    assert (m.penalty.adaptive_shrink, m.penalty.adaptive_grow, m.penalty.anchor_coef) == (0.8, 1.3, 0.2)
+    with pytest.raises(Exception, match="length.short_ratio_on must be <= length.short_ratio_off"):
+        load_config(["length.short_ratio_on=0.9"])
