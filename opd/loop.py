@@ -160,18 +160,20 @@ class Distillation:
 
     def gradient_share(self, batch, step: int) -> dict[str, float]:
         """length/effective_weight*: the share of the batch's tokens that carry gradient, per
-        term; a step under length.min_effective_weight is counted, and said, never silent."""
+        term; a step under length.min_effective_weight, or with none at all, is counted and
+        said, never silent."""
         loss = self.cfg.loss
         terms = {"pg": loss.distill == "reverse_kl_pg" and loss.distill_coef > 0,
                  "jsd": loss.distill == "jsd" and loss.distill_coef > 0, "sft": True,
                  "smpo": loss.smpo_coef > 0, "remedy": batch.remedy_weight_B is not None,
                  "anchor": batch.anchor_coef > 0}
-        share = effective_weights(batch, terms)
-        if share["length/effective_weight"] < self.cfg.length.min_effective_weight:
+        share, floor = effective_weights(batch, terms), self.cfg.length.min_effective_weight
+        w = share["length/effective_weight"]
+        if w < floor or w == 0.0:  # a batch with no gradient at all is said even with the floor at 0
             self.starved += 1
-            self.console.note(f"warning: step {step} trains on {share['length/effective_weight']:.1%} of its "
-                              f"tokens (length/effective_weight < length.min_effective_weight="
-                              f"{self.cfg.length.min_effective_weight:g}); {self.starved} such steps so far")
+            self.console.note(f"warning: step {step} trains on {w:.1%} of its tokens (length/effective_weight"
+                              f" {'= 0' if w == 0 else '<'} length.min_effective_weight={floor:g}); "
+                              f"{self.starved} such steps so far")
         return {**share, "length/starved_steps": float(self.starved)}
 
     def log_step(self, step: int, values: dict, events: list[dict]) -> None:

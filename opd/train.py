@@ -126,7 +126,7 @@ def print_table(s: dict) -> None:
     else:
         print("\nno held-out prompts: nothing was evaluated (task.heldout_file)")
     if s.get("starved_steps"):
-        print(f"warning: {s['starved_steps']} of {s['steps']} steps trained on less than "
+        print(f"warning: {s['starved_steps']} of {s['steps']} steps trained on nothing or on less than "
               f"length.min_effective_weight of their tokens (see length/effective_weight in metrics.jsonl)")
     print(f"wall time {s['total_seconds']:.0f}s; run dir {s['run_dir']}", flush=True)
 

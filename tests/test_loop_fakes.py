@@ -1,0 +1,154 @@
+"""The driver loop with fake workers (canned rollouts, no engines, no Ray): what the loop
+itself decides, checked exactly.
+
+- `length=auto` penalties and remedies reach the TrainBatch the learner gets;
+- `loss.on_policy_fraction` picks on- or off-policy steps;
+- a batch that trains on nothing is counted and said, even with the floor at 0;
+- the loop's RNG and the monitor's state survive a checkpoint and restore;
+- the summary's "before" view is carried over exactly.
+"""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from opd.loop import Distillation, sampling_settings
+from opd.run_io import RunDir
+from opd.tasks import Example
+from opd.types import RolloutBatch, TeacherScores, WeightUpdate
+
+
+class FakeWorkers:
+    """Canned rollouts: the student writes `loop_token` until the cap (or stops after
+    `stop_after` tokens); the teacher answers one token and EOS. Records every TrainBatch."""
+
+    def __init__(self, eos: int, loop_token: int = 5, stop_after=None):
+        self.eos, self.loop_token, self.stop_after = eos, loop_token, stop_after
+        self.batches, self.version, self.restarts, self.learner = [], 0, 0, "learner"
+        self.saved = {}
+
+    def generate(self, prompts, sampling):
+        n = len(prompts.prompt_ids) * sampling.n
+        if self.stop_after is None:
+            comp, why = [self.loop_token] * sampling.max_new_tokens, "length"
+        else:
+            comp, why = [self.loop_token] * self.stop_after + [self.eos], "stop"
+        return RolloutBatch([list(p) for p in prompts.prompt_ids for _ in range(sampling.n)],
+                            [list(comp) for _ in range(n)], [[-1.0] * len(comp) for _ in range(n)],
+                            [why] * n, ["x"] * n, self.version, 0.01)
+
+    def score(self, rollouts):
+        T = max(rollouts.lengths)
+        return TeacherScores(np.full((len(rollouts.lengths), T), -2.0, np.float32), 1.0, seconds=0.01)
+
+    def teacher_generate(self, prompts, sampling):
+        n = len(prompts.prompt_ids) * sampling.n
+        return RolloutBatch([list(p) for p in prompts.prompt_ids for _ in range(sampling.n)],
+                            [[7, self.eos]] * n, [[0.0, 0.0]] * n, ["stop"] * n, ["7"] * n, -1)
+
+    def train(self, batch):
+        self.batches.append(batch)
+        return {"loss/rows_total": 0.5, "optim/grad_norm": 1.0}
+
+    def sync(self):
+        self.version += 1
+        return WeightUpdate(self.version, b"w"), [self.version]
+
+    def student_logprobs(self, batch):
+        return np.full(batch.input_ids_BS.shape, -1.0, np.float32)
+
+    def take_events(self):
+        return []
+
+    def call(self, actor, method, *args):
+        assert method == "save_checkpoint"
+        self.saved[args[0]] = json.loads(json.dumps(args[1]))
+        return args[0]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_cfg):
+    from opd.zoo import ensure_tokenizer, load_tokenizer
+
+    return load_tokenizer(ensure_tokenizer(tiny_cfg.zoo_dir))
+
+
+def _loop(tiny_overrides, tok, tmp_path, overrides, workers=None, heldout=True):
+    from opd.config import load_config
+
+    cfg = load_config(tiny_overrides + ["steps=4", "eval_every=0", "checkpoint_every=0", "log_every=100",
+                                        "length.reference_prompts=0", "rollout.max_new_tokens=8",
+                                        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
+                                        "length.k_on=1", f"run_dir={tmp_path}"] + overrides)
+    train = [Example(None, f"{a}+{b}=", str(a + b), f"fake:{a}{b}") for a in range(5) for b in range(5)]
+    w = workers or FakeWorkers(tok.eos_token_id)
+    loop = Distillation(cfg, w, tok, train, train[:4] if heldout else [], RunDir(tmp_path))
+    if heldout:  # the teacher's held-out (greedy, sampled) completions, made at start
+        one = replace(sampling_settings(cfg.rollout, 8, 0), n=1)
+        w.teacher_eval = (w.teacher_generate(loop.heldout, one), w.teacher_generate(loop.heldout, one))
+    return loop, w
+
+
+def test_auto_penalties_and_remedies_reach_the_train_batch(tiny_overrides, tok, tmp_path):
+    loop, w = _loop(tiny_overrides, tok, tmp_path, ["length=auto", "loss=opd", "teacher.logprobs=topk",
+                                                   "length.mixture_fraction=0.5"])
+    loop.run()
+    first, later = w.batches[0], w.batches[-1]
+    # step 1: every rollout truncated -> inflation on at once (k_on=1): the guard down-weights
+    # instead of masking, the overlong penalty is -1, the top-k remedy covers every rollout
+    np.testing.assert_array_equal(first.seq_weight_B[first.on_policy_B], np.float32([0.1] * 8))
+    assert first.seq_advantage_B[first.on_policy_B].tolist() == [-1.0] * 8
+    assert first.remedy_weight_B[first.on_policy_B].tolist() == [1.0] * 8
+    # the teacher mixture: 2 of 4 prompts answered by the teacher, trained by SFT only
+    assert (~first.on_policy_B).sum() == 2 and first.sft_weight_B[~first.on_policy_B].tolist() == [1.0, 1.0]
+    assert later.remedy_weight_B is not None and loop.summary["starved_steps"] == 0
+
+
+def test_monitor_mode_changes_nothing_in_the_batch(tiny_overrides, tok, tmp_path):
+    loop, w = _loop(tiny_overrides, tok, tmp_path, ["length=monitor", "loss=opd"])
+    loop.run()
+    b = w.batches[-1]
+    assert b.seq_weight_B.tolist() == [1.0] * 8 and b.seq_advantage_B.tolist() == [0.0] * 8
+    assert b.remedy_weight_B is None and b.on_policy_B.all()
+
+
+@pytest.mark.parametrize("fraction, on_steps", [(1.0, 4), (0.0, 0)])
+def test_on_policy_fraction_picks_the_step_kind(tiny_overrides, tok, tmp_path, fraction, on_steps):
+    loop, w = _loop(tiny_overrides, tok, tmp_path, ["loss=gkd", f"loss.on_policy_fraction={fraction}",
+                                                   "teacher.logprobs=topk"])
+    loop.run()
+    assert [b.on_policy for b in w.batches].count(True) == on_steps and len(w.batches) == 4
+
+
+def test_a_batch_with_no_gradient_is_counted_even_with_the_floor_at_zero(tiny_overrides, tok, tmp_path, capsys):
+    loop, w = _loop(tiny_overrides, tok, tmp_path, [
+        "length=auto", "loss=opd", "length.min_effective_weight=0", "length.topk_kl_coef=0",
+        "length.mixture_fraction=0", "length.anchor_coef=0", "length.overlong_buffer=1"])
+    summary = loop.run()
+    # stop-properly masks every (truncated) rollout from step 1 on: nothing left to train
+    assert all(b.seq_weight_B.sum() == 0 for b in w.batches)
+    assert summary["starved_steps"] == 4
+    assert "trains on 0.0% of its tokens" in capsys.readouterr().out
+
+
+def test_rng_and_monitor_state_survive_checkpoint_and_restore(tiny_overrides, tok, tmp_path):
+    a, _ = _loop(tiny_overrides, tok, tmp_path / "a", ["length=auto", "loss=opd", "teacher.logprobs=topk"])
+    a.run()
+    state = json.loads(json.dumps(a.loop_state()))  # what a checkpoint keeps (JSON)
+    b, _ = _loop(tiny_overrides, tok, tmp_path / "b", ["length=auto", "loss=opd", "teacher.logprobs=topk"])
+    b.restore(state)
+    assert b.step == a.step == 4 and b.rng.getstate() == a.rng.getstate()
+    assert b.monitor.state_dict() == a.monitor.state_dict()
+    assert b.next_prompts().prompt_ids == a.next_prompts().prompt_ids
+    assert b.summary["eval"]["before"] == a.summary["eval"]["before"]  # carried over exactly
+
+
+def test_resumed_run_keeps_the_before_view(tiny_overrides, tok, tmp_path):
+    a, _ = _loop(tiny_overrides, tok, tmp_path / "a", ["steps=2"])
+    a.run()
+    state = json.loads(json.dumps(a.loop_state()))
+    b, w = _loop(tiny_overrides, tok, tmp_path / "b", ["steps=4"])
+    summary = b.run(state)
+    assert summary["eval"]["before"] == a.summary["eval"]["before"] and len(w.batches) == 2
