@@ -185,7 +185,9 @@ class Workers:
     """The rollout workers, the teacher and the learner, wherever they run."""
 
     def __init__(self, cfg: Any, student_path: str, teacher_path: str,
-                 teacher_eval_prompts: Optional[PromptBatch] = None):
+                 teacher_eval_prompts: Optional[PromptBatch] = None, start_path: Optional[str] = None):
+        """`student_path`: the weights to start from (a checkpoint when resuming);
+        `start_path`: the run's original student (the learner's divergence anchor)."""
         from opd.learner import Learner
         from opd.rollout import RolloutWorker, cpu_engine_env
         from opd.teacher import TeacherScorer
@@ -193,6 +195,7 @@ class Workers:
         cpu_engine_env()
         r, self.cfg = cfg.resources, cfg
         self.student_path, self.teacher_path = student_path, teacher_path
+        self.start_path = start_path or student_path
         self.use_ray, self.timeout, self.max_restarts = r.use_ray, r.remote_timeout_s, r.max_actor_restarts
         self.rollouts: list[_Actor] = []
         self.learner: Optional[_Actor] = None
@@ -216,7 +219,7 @@ class Workers:
                              r.teacher_num_gpus, _rollout_env(int(ncpu)), teacher_path, cfg.teacher,
                              cfg.rollout, cfg.optim.device, log_dir=self.log_dir)
         self.learner = _make(Learner, "learner", r.use_ray, r.learner_num_cpus, r.learner_num_gpus,
-                             plain, student_path, cfg, log_dir=self.log_dir)
+                             plain, student_path, cfg, self.start_path, log_dir=self.log_dir)
         # actor construction (engine start, model load) finishes here, under its own timeout
         self.gather([(a, "ready") for a in self.rollouts + [self.teacher, self.learner]], r.startup_timeout_s)
 
@@ -272,7 +275,7 @@ class Workers:
         """A new learner from `ckpt` (or the run's starting point), synced to every rollout
         worker. Returns the loop state saved with the checkpoint (None: start of the run)."""
         path = str(ckpt or self.student_path)
-        self.restart(self.learner, f"{reason}; restoring it from {path}", path, self.cfg)
+        self.restart(self.learner, f"{reason}; restoring it from {path}", path, self.cfg, self.start_path)
         extra = (self.call(self.learner, "load_checkpoint", path)
                  if (Path(path) / "learner_state.json").is_file() else None)
         self.sync()

@@ -114,7 +114,9 @@ class BadStepsError(RuntimeError):
 class Learner:
     """Holds the student, its optimizer and schedule; trains on TrainBatches."""
 
-    def __init__(self, model_path: str, cfg: Any):
+    def __init__(self, model_path: str, cfg: Any, start_path: Optional[str] = None):
+        """`model_path`: the weights to train (the student, or a checkpoint when resuming);
+        `start_path`: the run's starting student (the divergence anchor), default model_path."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.loss_cfg, self.o = cfg, cfg.loss, cfg.optim
@@ -134,17 +136,19 @@ class Learner:
                                      weight_decay=self.o.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(self.o.schedule, self.o.warmup_steps, cfg.steps, self.o.min_lr_ratio))
-        self.anchor = self._frozen_copy() if cfg.length.mode == "auto" and cfg.length.anchor_coef > 0 else None
+        self.anchor = (self._frozen(start_path or model_path)
+                       if cfg.length.mode == "auto" and cfg.length.anchor_coef > 0 else None)
         self.step = 0
         self.skipped, self.bad_in_row = 0, 0  # skipped steps: in all, and the current run of them
 
-    def _frozen_copy(self) -> torch.nn.Module:
-        """The starting student, frozen: the reference of the divergence anchor (built before
-        any checkpoint is loaded, so a resumed run anchors to the same start)."""
-        import copy
+    def _frozen(self, path: str) -> torch.nn.Module:
+        """The run's starting student, frozen: the reference of the divergence anchor (a
+        resumed or restarted learner loads it from the start path, not from its checkpoint)."""
+        from transformers import AutoModelForCausalLM
 
-        anchor = copy.deepcopy(self.model).eval()
-        return anchor.requires_grad_(False)
+        anchor = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=self.cfg.student.trust_remote_code)
+        return anchor.to(self.device).eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ forward
     def _window(self, mask_BS: np.ndarray) -> "Window":

@@ -55,6 +55,7 @@ def run_training(cfg: Any) -> dict:
     from opd.actors import Workers, start_ray
     from opd.console import quiet_libraries
     from opd.loop import Distillation
+    from opd.zoo import resolve_model_paths
     from opd.run_io import environment
 
     t0 = time.time()
@@ -69,7 +70,8 @@ def run_training(cfg: Any) -> dict:
         from opd.tasks import prompt_batch
 
         eval_prompts = prompt_batch(tok, heldout) if heldout else None
-        workers = Workers(cfg, student_path, teacher_path, teacher_eval_prompts=eval_prompts)
+        start = resolve_model_paths(cfg)[0] if resume else student_path  # the anchor's reference
+        workers = Workers(cfg, student_path, teacher_path, teacher_eval_prompts=eval_prompts, start_path=start)
         extra = workers.call(workers.learner, "load_checkpoint", str(resume)) if resume else None
         loop = Distillation(cfg, workers, tok, train, heldout, run)
         summary = loop.run(extra)

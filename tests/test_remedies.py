@@ -253,3 +253,19 @@ def test_anchor_kl_is_exact_and_pulls_the_student_back(anchored, tiny_zoo):
     assert _kl_to_anchor(anchored, batch) < 0.5 * before
     # off in the batch: the same learner takes no step at all
     assert anchored.train_step(replace(batch, anchor_coef=0.0))["optim/grad_norm"] == 0.0
+
+
+def test_anchor_is_the_start_even_when_the_learner_loads_a_checkpoint(anchored, learner_cfg, tiny_zoo, tmp_path):
+    """A resumed (or restarted) learner trains its checkpoint's weights and anchors to the run's
+    starting student: its anchor equals the start's weights, not the checkpoint's."""
+    from dataclasses import replace as dc_replace
+
+    from opd.learner import Learner
+
+    ckpt = anchored.save_checkpoint(tmp_path / "step-000001", {"step": 1})  # perturbed weights
+    cfg = dc_replace(learner_cfg, length=dc_replace(learner_cfg.length, mode="auto", anchor_coef=1.0))
+    resumed = Learner(ckpt, cfg, start_path=str(tiny_zoo.student))
+    for (name, a), s, m in zip(resumed.anchor.state_dict().items(), anchored.anchor.state_dict().values(),
+                               resumed.model.state_dict().values()):
+        assert torch.equal(a, s), name
+    assert any(not torch.equal(a, m) for a, m in zip(resumed.anchor.parameters(), resumed.model.parameters()))
