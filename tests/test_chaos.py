@@ -48,5 +48,4 @@ def test_killed_actors_are_restarted_and_the_run_finishes(tiny_overrides, tiny_z
     out = capsys.readouterr().out
     for name in ("rollout-0", "teacher", "learner"):
         assert f"restarted {name} (1 of at most 1)" in out
-    assert 0 <= summary["student_after"] <= 1
     assert "student_after" in json.loads((tmp_path / "summary.json").read_text())

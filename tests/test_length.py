@@ -439,7 +439,8 @@ def test_config_validation():
         LengthMonitor({EOS}, PenaltyConfig(max_new_tokens=100), mode="on")
     assert PenaltyConfig(max_new_tokens=100).buffer == 20
     assert set(CONDITIONS) == {"inflation", "short_collapse", "repetition", "eos_collapse"}
-    assert isinstance(LengthEvent(1, "inflation", "on", "x").as_dict(), dict)
+    assert LengthEvent(1, "inflation", "on", "x").as_dict() == {
+        "step": 1, "condition": "inflation", "state": "on", "reason": "x"}
 
 
 def test_every_detector_and_adaptive_knob_is_settable_from_yaml():

@@ -323,7 +323,6 @@ def test_pg_k1_k3_metrics_by_hand():
                 w += m[b, t].item()
     assert metrics["kl/k1"] == pytest.approx(k1 / w, rel=1e-10)
     assert metrics["kl/k3"] == pytest.approx(k3 / w, rel=1e-10)
-    assert metrics["kl/k3"] >= 0
 
 
 @pytest.mark.parametrize("tis_cap", [None, 2.0])

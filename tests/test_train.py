@@ -35,7 +35,7 @@ def test_inprocess_run_writes_metrics_summary_and_checkpoint(tiny_overrides, tin
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     for key in ("student_before", "student_after", "teacher", "wall_seconds", "environment"):
         assert key in on_disk
-    assert 0 <= summary["student_after"] <= 1
+    assert on_disk["student_after"] == summary["student_after"] == summary["eval"]["after"]["accuracy/greedy"]
     ckpt = tmp_path / "checkpoints" / "step-000003"
     model = AutoModelForCausalLM.from_pretrained(ckpt)  # a Hugging Face model directory
     assert model.config.num_hidden_layers == cfg.student.zoo.layers
