@@ -32,7 +32,7 @@ def prepare_run(cfg: Any):
     from opd.config import as_dict
     from opd.preflight import check_start
     from opd.run_io import RunDir, resolve_resume
-    from opd.tasks import load_splits
+    from opd.tasks import FormatRule, load_splits
     from opd.teacher import check_tokenizers
     from opd.zoo import load_tokenizer, resolve_model_paths
 
@@ -46,7 +46,9 @@ def prepare_run(cfg: Any):
     note = check_tokenizers(tok, load_tokenizer(teacher_path, cfg.teacher.trust_remote_code))
     print(f"student: {student_path}\nteacher: {teacher_path}\n{note}", flush=True)
     max_prompt = cfg.rollout.max_model_len - cfg.rollout.max_new_tokens
-    train, heldout = load_splits(cfg.task, tok, max_prompt)
+    f = cfg.format
+    rule = FormatRule(tuple(f.checks), f.on_prompt_file, tuple(f.extra_tokens))
+    train, heldout = load_splits(cfg.task, tok, max_prompt, rule)
     return run, student_path, teacher_path, resume, tok, train, heldout
 
 
