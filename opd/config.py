@@ -213,7 +213,8 @@ class EarlyStopConfig:
     better: str = MISSING  # "lower" | "higher": which direction of the signal is good
     threshold: Optional[float] = None  # stop when the signal is worse than this (null = no bound)
     sweep_dir: Optional[str] = None  # stop when worse than the best finished run found here
-    #                                  (its run dirs' summary.json), by final quality
+    #                                  (its run dirs' summary.json), by final quality; "auto":
+    #                                  the run dir's parent (under -m: this sweep's directory)
     tolerance: float = MISSING  # relative slack against the best run: worse by more than this
     quality: str = MISSING  # final quality ranking the sweep's runs: "kl" (lower) | "accuracy"
 

@@ -36,7 +36,8 @@ from opd.formatting import RolloutFormat, check_rollouts
 from opd.evaluation import table as eval_table
 from opd.rollout import greedy_settings
 from opd.console import Console
-from opd.run_io import RunDir, newest_checkpoint
+from opd.run_io import RunDir, newest_checkpoint, read_metrics
+from opd.sweep import best_finished_run, early_stop_decision
 from opd.tasks import Example, answer_correct, encode_answer, prompt_batch, sample_batch
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, StepMetrics
 
@@ -148,12 +149,14 @@ class Distillation:
                           **{"sync/version": float(min(versions)), "sync/mb": len(update.blob) / 2**20,
                              "fault/restarts": float(self.w.restarts)})
             self.log_step(step, values, [e.as_dict() for e in events] + self.w.take_events())
+            if self.early_stop(step):
+                break
             self.periodic(step)
         self.console.close()
         self.summary["eval"]["after"] = self.evaluator.student()
         self.summary["starved_steps"] = self.starved
         self.summary.update(student_after=self.summary["eval"]["after"].get("accuracy/greedy", math.nan),
-                            wall_seconds=time.time() - t_start)
+                            wall_seconds=time.time() - t_start, steps_done=self.step)
         self.checkpoint()
         return self.summary
 
@@ -184,6 +187,27 @@ class Distillation:
                               f"tokens (length/effective_weight < length.min_effective_weight="
                               f"{self.cfg.length.min_effective_weight:g}); {self.starved} such steps so far")
         return {**share, "length/starved_steps": float(self.starved)}
+
+    def early_stop(self, step: int) -> bool:
+        """The early-stop rule (`early_stop.*`, opd/sweep.py) at step `after_steps`: its
+        verdict goes to summary.json; a stopped run is evaluated and checkpointed as usual."""
+        es = self.cfg.early_stop
+        if not es.enabled or step != es.after_steps:
+            return False
+        best = None
+        if es.sweep_dir:
+            sweep_dir = self.run_dir.path.parent if es.sweep_dir == "auto" else es.sweep_dir
+            best = best_finished_run(sweep_dir, es.quality, es.after_steps, exclude=self.run_dir.path)
+        rows = read_metrics(self.run_dir.path)
+        d = early_stop_decision(rows, es.after_steps, es.signal, es.better, es.threshold,
+                                best.early[es.signal] if best else None, es.tolerance,
+                                best.path if best else None)
+        if d is None:  # fewer step lines than steps (a resumed run lost some): no verdict
+            return False
+        self.summary["early_stop"] = d.as_dict()
+        self.console.note(("EARLY STOP at step {}: {}; evaluating and saving a final checkpoint"
+                           if d.stop else "early-stop check at step {}: {}").format(step, d.reason))
+        return d.stop
 
     def log_step(self, step: int, values: dict, events: list[dict]) -> None:
         self.run_dir.log(StepMetrics(step, values, events))

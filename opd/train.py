@@ -130,11 +130,26 @@ def print_table(s: dict) -> None:
     if s.get("starved_steps"):
         print(f"warning: {s['starved_steps']} of {s['steps']} steps trained on less than "
               f"length.min_effective_weight of their tokens (see length/effective_weight in metrics.jsonl)")
+    if (s.get("early_stop") or {}).get("stop"):
+        print(f"stopped early after {s.get('steps_done')} of {s['steps']} steps: {s['early_stop']['reason']}")
     print(f"wall time {s['total_seconds']:.0f}s; run dir {s['run_dir']}", flush=True)
+
+
+def multirun_dir(node: DictConfig) -> None:
+    """Under `opd-train -m`, each job's run_dir is its own Hydra job directory
+    (hydra.sweep.dir/hydra.sweep.subdir): `${now:...}` is resolved once per process, so the
+    default run_dir would be shared by every job of the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        node.run_dir = hc.runtime.output_dir
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _hydra_main(node: DictConfig) -> None:
+    multirun_dir(node)
     cfg = to_dataclass(node)
     print_table(run_training(cfg))
 
