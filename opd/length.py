@@ -599,7 +599,9 @@ class LengthMonitor:
         repetition     -> stop_properly + prefer_bad_rejected + top-k KL remedy + loop-tail rule
         short_collapse -> length_ratio (needs a reference)
         eos_collapse   -> stop_properly + overlong + top-k KL remedy + teacher mixture
-    and switch off when the detector reports the condition recovered.
+    and switch off when the detector reports the condition recovered. Format checks
+    (opd/formatting.py) are not gated by the detector: in 'auto' a malformed rollout always
+    gets ``malformed_weight`` and, with ``prefer_malformed_rejected``, counts as bad for SMPO.
 
     Never training on nothing: stop-properly masking would leave no gradient at all when every
     rollout is truncated (a collapsing student). When the stopped rollouts hold less than
