@@ -7,7 +7,8 @@
 Reads every finished run under SWEEP (`opd-report --compare`, opd/compare.py), and writes
 JSON to benchmarks/results/exp_sweep-<name>-<time>.json: the ranked table, the Spearman
 correlations between early gradient norm / loss (steps 1..N) and final held-out quality, the
-best run, whether the largest batch with the lowest learning rate won, and the environment.
+best run, whether the largest batch with the lowest learning rate won, the early-stop rule
+replayed on the recorded histories (tolerance 0.1), and the environment.
 """
 
 from __future__ import annotations
@@ -40,6 +41,27 @@ def large_batch_low_lr(rows: list[dict]) -> dict:
             "best_by_kl": best["run"], "runs": len(rows)}
 
 
+def replay_triage(dirs: list[Path], n: int, signal: str, better: str, tolerance: float) -> list[dict]:
+    """The early-stop rule replayed on the recorded histories, jobs in launch order, each
+    against the best finished run before it (what `early_stop.sweep_dir=auto` would have
+    done); a replayed stop marks the run as stopped for the later ones."""
+    from opd import sweep as S
+    from opd.run_io import read_metrics
+
+    done, out = [], []
+    for d in sorted(dirs, key=lambda p: int(p.name.split("-")[0])):
+        run = S.read_run(d, n)
+        if run is None:
+            continue
+        best = S.best_run(done, "kl")
+        dec = S.early_stop_decision(read_metrics(d), n, signal, better,
+                                    reference=best.early[signal] if best else None, tolerance=tolerance)
+        stop = bool(dec and dec.stop)
+        out.append({"run": d.name, "stop": stop, "final_kl": run.quality["kl"]})
+        done.append(S.RunSignals(run.path, run.early, run.quality, stop))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("sweep_dir")
@@ -58,6 +80,9 @@ def main() -> None:
     summary = {"sweep_dir": args.sweep_dir, "early_steps": args.early_steps, "steps": config.get("steps"),
                "task": (config.get("task") or {}).get("name"), "loss": config.get("loss"),
                "optim": config.get("optim"), "large_batch_low_lr": large_batch_low_lr(result["rows"]),
+               "replayed_triage": {f"{sig}-{better}": replay_triage(dirs, args.early_steps, sig, better, 0.1)
+                                   for sig, better in (("grad_norm", "lower"), ("loss", "lower"),
+                                                       ("loss", "higher"))},
                **result, "environment": environment()}
     out.write_text(json.dumps(_finite(summary), indent=1, default=str))
     print(render_markdown(result, args.early_steps))
