@@ -197,6 +197,37 @@ class LengthConfig:
 
 
 @dataclass
+class FormatConfig:
+    """Format checks (opd/formatting.py) on prompt files and on the student's rollouts."""
+
+    checks: list[str] = field(default_factory=list)  # of quotes, asterisk, bold, brackets,
+    #                                                  code_fence, special_tokens, empty; [] = off
+    extra_tokens: list[str] = field(default_factory=list)  # more strings that count as leftovers
+    on_prompt_file: str = MISSING  # a malformed prompt-file line: "warn" | "skip" | "refuse"
+    rollouts: bool = MISSING  # check every step's rollouts: format/bad_frac and format/<check>
+    prefer_rejected: bool = MISSING  # length.mode=auto: a malformed rollout is SMPO's rejected first
+    seq_weight: float = MISSING  # length.mode=auto: weight of a malformed rollout in the
+    #                              sequence-level (policy-gradient) term; 1 = no down-weighting
+
+
+@dataclass
+class EarlyStopConfig:
+    """Early-signal triage (opd/sweep.py): after `after_steps` steps, stop a run whose early
+    signal (mean over those steps) is worse than `threshold` or than the sweep's best run."""
+
+    enabled: bool = MISSING
+    after_steps: int = MISSING  # N: the early window, steps 1..N
+    signal: str = MISSING  # "grad_norm" (optim/grad_norm) | "loss" (sum of loss/*_total)
+    better: str = MISSING  # "lower" | "higher": which direction of the signal is good
+    threshold: Optional[float] = None  # stop when the signal is worse than this (null = no bound)
+    sweep_dir: Optional[str] = None  # stop when worse than the best finished run found here
+    #                                  (its run dirs' summary.json), by final quality; "auto":
+    #                                  the run dir's parent (under -m: this sweep's directory)
+    tolerance: float = MISSING  # relative slack against the best run: worse by more than this
+    quality: str = MISSING  # final quality ranking the sweep's runs: "kl" (lower) | "accuracy"
+
+
+@dataclass
 class ResourcesConfig:
     rollout_workers: int = MISSING  # data-parallel vLLM engines
     rollout_num_cpus: float = MISSING  # Ray CPU request per rollout worker (fractional ok)
@@ -223,6 +254,8 @@ class TrainConfig:
     length: LengthConfig = field(default_factory=LengthConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
+    format: FormatConfig = field(default_factory=FormatConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     zoo_dir: str = MISSING  # cache of built tokenizers and models
     run_dir: str = MISSING  # where metrics, checkpoints and summary.json go
     seed: int = MISSING
@@ -360,6 +393,13 @@ RULES: dict[str, tuple] = {
     "seed": _ge(0), "steps": _ge(0), "eval_every": _ge(0), "checkpoint_every": _ge(0),
     "keep_checkpoints": _ge(1), "log_every": _ge(1), "log_level": _in("info", "debug"),
     "loggers": _subset("tensorboard", "wandb"),
+    "format.checks": _subset("quotes", "asterisk", "bold", "brackets", "code_fence",
+                             "special_tokens", "empty"),
+    "format.on_prompt_file": _in("warn", "skip", "refuse"),
+    "format.seq_weight": _range(0, 1),
+    "early_stop.after_steps": _ge(1), "early_stop.signal": _in("grad_norm", "loss"),
+    "early_stop.better": _in("lower", "higher"), "early_stop.tolerance": _ge(0),
+    "early_stop.quality": _in("kl", "accuracy"),
 }
 
 
@@ -394,6 +434,11 @@ def _cross_checks(cfg: TrainConfig) -> list[str]:
                     "or full, got sampled; or set length.topk_kl_coef=0")
     if any(k < 0 for k in cfg.zoo.keep_layers):
         errs.append(f"zoo.keep_layers must hold layer indices >= 0, got {cfg.zoo.keep_layers}")
+    es = cfg.early_stop
+    if es.enabled and es.threshold is None and not es.sweep_dir:
+        errs.append("early_stop.enabled needs early_stop.threshold or early_stop.sweep_dir, got both null")
+    if es.enabled and es.after_steps >= cfg.steps:
+        errs.append(f"early_stop.after_steps must be < steps ({cfg.steps}), got {es.after_steps}")
     if cfg.loss.distill == "none" and cfg.loss.smpo_coef == 0 and cfg.loss.sft_coef == 0:
         errs.append("loss: every term is off (loss.distill=none, loss.smpo_coef=0, "
                     "loss.sft_coef=0): nothing would be trained")

@@ -390,15 +390,18 @@ def length_ratio_penalty(lengths: Sequence[int], reference_mean: float, coef: fl
     return -coef * np.maximum(0.0, dev - tolerance)
 
 
-def rejection_badness(finish_reasons: Sequence[str], repetitive_flags: Sequence[bool]) -> np.ndarray:
+def rejection_badness(finish_reasons: Sequence[str], repetitive_flags: Sequence[bool],
+                      malformed_flags: Optional[Sequence[bool]] = None) -> np.ndarray:
     """Badness for picking an SMPO pair's rejected completion among a prompt's samples:
-    b_i = [finish_i == 'length'] + [repetitive_i] in {0, 1, 2}; prefer the highest, so the
-    preference loss pushes down truncation and loops rather than EOS of a good answer."""
+    b_i = [finish_i == 'length'] + [repetitive_i] (+ [malformed_i], a failed format check,
+    opd/formatting.py) in {0, 1, 2, 3}; prefer the highest, so the preference loss pushes
+    down truncation, loops and broken markup rather than EOS of a good answer."""
     _check_batch(len(finish_reasons), finish_reasons)
-    if len(repetitive_flags) != len(finish_reasons):
-        raise ValueError("finish_reasons and repetitive_flags differ in length")
+    flags = [repetitive_flags] + ([malformed_flags] if malformed_flags is not None else [])
+    if any(len(f) != len(finish_reasons) for f in flags):
+        raise ValueError("finish_reasons and repetitive/malformed flags differ in length")
     trunc = np.array([r == "length" for r in finish_reasons], dtype=np.int64)
-    return trunc + np.asarray(repetitive_flags, dtype=np.int64)
+    return trunc + sum(np.asarray(f, dtype=np.int64) for f in flags)
 
 
 def adaptive_max_new_tokens(current: int, stats: LengthStats, inflation_active: bool,
@@ -457,6 +460,9 @@ class PenaltyConfig:
     tail_window: int = 32                    # tokens of a looping tail (the detector's window)
     min_effective_weight: float = 0.1        # stop-properly never leaves less than this share
     #                                          of the batch's tokens in the policy-gradient term
+    malformed_weight: float = 1.0            # sequence-level weight of a rollout failing a
+    #                                          format check (opd/formatting.py); 1: never
+    prefer_malformed_rejected: bool = False  # malformed rollouts are SMPO's rejected first
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -502,6 +508,8 @@ class PenaltyPlan:
     mixture_sft_coef: float = 1.0
     anchor_coef: float = 0.0              # remedy (c): divergence anchor to the starting student
     loop_tail: int = 0                    # tokens of a looping tail denied positive advantage
+    malformed_weight: float = 1.0         # sequence-level weight of a malformed rollout (format)
+    prefer_malformed_rejected: bool = False  # malformed rollouts count in rejection_badness
 
     @classmethod
     def off(cls, max_new_tokens: int) -> "PenaltyPlan":
@@ -511,7 +519,8 @@ class PenaltyPlan:
     def any_on(self) -> bool:
         return bool(self.overlong or self.stop_properly or self.length_ratio_coef > 0
                     or self.prefer_bad_rejected or self.topk_kl_coef > 0 or self.mixture_fraction > 0
-                    or self.anchor_coef > 0 or self.loop_tail)
+                    or self.anchor_coef > 0 or self.loop_tail or self.malformed_weight < 1
+                    or self.prefer_malformed_rejected)
 
     def as_metrics(self, prefix: str = "length/penalty/") -> dict[str, float]:
         return {prefix + "overlong": float(self.overlong),
@@ -523,7 +532,22 @@ class PenaltyPlan:
                 prefix + "topk_kl_coef": float(self.topk_kl_coef),
                 prefix + "mixture_fraction": float(self.mixture_fraction),
                 prefix + "anchor_coef": float(self.anchor_coef),
-                prefix + "loop_tail": float(self.loop_tail)}
+                prefix + "loop_tail": float(self.loop_tail),
+                prefix + "malformed_weight": float(self.malformed_weight),
+                prefix + "prefer_malformed_rejected": float(self.prefer_malformed_rejected)}
+
+    def rejection_preference(self, finish_reasons: Sequence[str], repetitive: Sequence[bool],
+                             malformed: Optional[Sequence[bool]] = None) -> Optional[np.ndarray]:
+        """SMPO's rejected-badness per rollout (rejection_badness) from what this plan turns
+        on: truncation and loops under prefer_bad_rejected, failed format checks under
+        prefer_malformed_rejected; None when neither is on."""
+        use_len = self.prefer_bad_rejected
+        use_fmt = self.prefer_malformed_rejected and malformed is not None
+        if not (use_len or use_fmt):
+            return None
+        if use_len:
+            return rejection_badness(finish_reasons, repetitive, malformed if use_fmt else None)
+        return np.asarray(malformed, dtype=np.int64)
 
     def remedy_weights(self, stats: "LengthStats", finish_reasons: Sequence[str]) -> Optional[np.ndarray]:
         """Per rollout, the weight of remedy (a): topk_kl_coef on truncated or repetitive
@@ -560,12 +584,20 @@ def apply_sequence_penalty(plan: PenaltyPlan, lengths: Sequence[int],
     return out
 
 
-def loss_weights(plan: PenaltyPlan, finish_reasons: Sequence[str]) -> np.ndarray:
-    """Per-rollout weight of the sequence-level (policy-gradient) term: stop-properly when on, else 1."""
+def loss_weights(plan: PenaltyPlan, finish_reasons: Sequence[str],
+                 malformed: Optional[Sequence[bool]] = None) -> np.ndarray:
+    """Per-rollout weight of the sequence-level (policy-gradient) term: stop-properly when on,
+    else 1; times plan.malformed_weight on rollouts that fail a format check."""
     if plan.stop_properly is None:
         _check_batch(len(finish_reasons), finish_reasons)
-        return np.ones(len(finish_reasons))
-    return stop_properly_weights(finish_reasons, plan.stop_properly, plan.stop_properly_weight)
+        w = np.ones(len(finish_reasons))
+    else:
+        w = stop_properly_weights(finish_reasons, plan.stop_properly, plan.stop_properly_weight)
+    if malformed is not None and plan.malformed_weight < 1:
+        if len(malformed) != len(finish_reasons):
+            raise ValueError("finish_reasons and malformed flags differ in length")
+        w = np.where(np.asarray(malformed, bool), w * plan.malformed_weight, w)
+    return w
 
 
 MODES = ("off", "monitor", "auto")
@@ -583,7 +615,9 @@ class LengthMonitor:
                           + divergence anchor to the starting student
         short_collapse -> length_ratio (needs a reference)
         eos_collapse   -> stop_properly + overlong + top-k KL remedy + teacher mixture
-    and switch off when the detector reports the condition recovered.
+    and switch off when the detector reports the condition recovered. Format checks
+    (opd/formatting.py) are not gated by the detector: in 'auto' a malformed rollout always
+    gets ``malformed_weight`` and, with ``prefer_malformed_rejected``, counts as bad for SMPO.
 
     Never training on nothing: stop-properly masking would leave no gradient at all when every
     rollout is truncated (a collapsing student). When the stopped rollouts hold less than
@@ -673,7 +707,8 @@ class LengthMonitor:
             mixture_fraction=p.mixture_fraction if active & {"inflation", "eos_collapse"} else 0.0,
             mixture_sft_coef=p.mixture_sft_coef,
             anchor_coef=p.anchor_coef if "repetition" in active else 0.0,
-            loop_tail=p.tail_window if p.loop_tail and "repetition" in active else 0)
+            loop_tail=p.tail_window if p.loop_tail and "repetition" in active else 0,
+            malformed_weight=p.malformed_weight, prefer_malformed_rejected=p.prefer_malformed_rejected)
 
     def state_dict(self) -> dict:
         """Plain JSON-serialisable state (the cap in force and the detector)."""

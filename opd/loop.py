@@ -32,10 +32,12 @@ from opd.actors import LearnerDied
 from opd.batch import (answer_rollouts, build_pairs, build_train_batch, effective_weights,
                        rollout_scores, teacher_kl_metrics, with_extra_rows)
 from opd.evaluation import Evaluator, flatten
+from opd.formatting import RolloutFormat, check_rollouts
 from opd.evaluation import table as eval_table
 from opd.rollout import greedy_settings
 from opd.console import Console
-from opd.run_io import RunDir, newest_checkpoint
+from opd.run_io import RunDir, newest_checkpoint, read_metrics
+from opd.sweep import best_finished_run, early_stop_decision
 from opd.tasks import Example, answer_correct, encode_answer, prompt_batch, sample_batch
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, StepMetrics
 
@@ -65,10 +67,25 @@ def make_monitor(cfg: Any, eos_id: int, reference: Optional[L.ReferenceLengths])
         mixture_sft_coef=ln.mixture_sft_coef, anchor_coef=ln.anchor_coef, loop_tail=ln.loop_tail_rule,
         tail_window=ln.tail_window,
         # the guard protects the policy-gradient term, the one stop-properly weights act on
-        min_effective_weight=ln.min_effective_weight if cfg.loss.distill == "reverse_kl_pg" else 0.0)
+        min_effective_weight=ln.min_effective_weight if cfg.loss.distill == "reverse_kl_pg" else 0.0,
+        **format_penalty(cfg.format))
     return L.LengthMonitor({eos_id} | set(cfg.rollout.stop_token_ids), pen, det, mode=ln.mode,
                            min_length=ln.min_length, ngram=ln.ngram, tail_window=ln.tail_window,
                            repeat_threshold=ln.repeat_threshold)
+
+
+def format_penalty(f: Any) -> dict:
+    """The PenaltyConfig fields of the format checks: they act only when rollouts are checked."""
+    on = bool(f.rollouts and f.checks)
+    return {"malformed_weight": f.seq_weight if on else 1.0,
+            "prefer_malformed_rejected": bool(on and f.prefer_rejected)}
+
+
+def rollout_format(f: Any, rollouts: RolloutBatch, special_ids: set) -> Optional[RolloutFormat]:
+    """Format checks of a step's rollouts (None when format.rollouts is off or no check is on)."""
+    if not (f.rollouts and f.checks):
+        return None
+    return check_rollouts(rollouts.texts, rollouts.completion_ids, f.checks, f.extra_tokens, special_ids)
 
 
 class PhaseTimer:
@@ -104,6 +121,7 @@ class Distillation:
         self.rng = random.Random(cfg.seed)
         self.step, self.summary = 0, {}
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
         self.monitor: Optional[L.LengthMonitor] = None
         self.starved = 0  # steps whose batch trained on (almost) nothing
         self.reference: Optional[L.ReferenceLengths] = None
@@ -136,12 +154,14 @@ class Distillation:
                           **{"sync/version": float(min(versions)), "sync/mb": len(update.blob) / 2**20,
                              "fault/restarts": float(self.w.restarts)})
             self.log_step(step, values, [e.as_dict() for e in events] + self.w.take_events())
+            if self.early_stop(step):
+                break
             self.periodic(step)
         self.console.close()
         self.summary["eval"]["after"] = self.evaluator.student()
         self.summary["starved_steps"] = self.starved
         self.summary.update(student_after=self.summary["eval"]["after"].get("accuracy/greedy", math.nan),
-                            wall_seconds=time.time() - t_start)
+                            wall_seconds=time.time() - t_start, steps_done=self.step)
         self.checkpoint()
         return self.summary
 
@@ -176,6 +196,27 @@ class Distillation:
                               f"{self.starved} such steps so far")
         return {**share, "length/starved_steps": float(self.starved)}
 
+    def early_stop(self, step: int) -> bool:
+        """The early-stop rule (`early_stop.*`, opd/sweep.py) at step `after_steps`: its
+        verdict goes to summary.json; a stopped run is evaluated and checkpointed as usual."""
+        es = self.cfg.early_stop
+        if not es.enabled or step != es.after_steps:
+            return False
+        best = None
+        if es.sweep_dir:
+            sweep_dir = self.run_dir.path.parent if es.sweep_dir == "auto" else es.sweep_dir
+            best = best_finished_run(sweep_dir, es.quality, es.after_steps, exclude=self.run_dir.path)
+        rows = read_metrics(self.run_dir.path)
+        d = early_stop_decision(rows, es.after_steps, es.signal, es.better, es.threshold,
+                                best.early[es.signal] if best else None, es.tolerance,
+                                best.path if best else None)
+        if d is None:  # fewer step lines than steps (a resumed run lost some): no verdict
+            return False
+        self.summary["early_stop"] = d.as_dict()
+        self.console.note(("EARLY STOP at step {}: {}; evaluating and saving a final checkpoint"
+                           if d.stop else "early-stop check at step {}: {}").format(step, d.reason))
+        return d.stop
+
     def log_step(self, step: int, values: dict, events: list[dict]) -> None:
         self.run_dir.log(StepMetrics(step, values, events))
         for e in events:
@@ -204,12 +245,15 @@ class Distillation:
         scores = self.w.score(rollouts)
         stats, events, plan = self.monitor.observe(rollouts.completion_ids, rollouts.finish_reasons, step)
         lengths, reasons = rollouts.lengths, rollouts.finish_reasons
-        pairs = self.smpo_pairs(prompts, rollouts, scores, stats, plan)
+        fmt = rollout_format(self.cfg.format, rollouts, self.special_ids)
+        malformed = fmt.malformed if fmt is not None else None
+        pairs = self.smpo_pairs(prompts, rollouts, scores, stats, plan, malformed)
         values = {**stats.as_metrics(), **plan.as_metrics(), **self.monitor.detector.metrics(),
-                  **self.rollout_metrics(prompts, rollouts, scores)}
+                  **self.rollout_metrics(prompts, rollouts, scores), **(fmt.metrics() if fmt else {})}
         if pairs is not None:
             values.update({"smpo/pairs": float(len(pairs.chosen_rows)), "smpo/pairs_skipped": float(pairs.skipped)})
-        seq_w, adv, sft_w = L.loss_weights(plan, reasons), L.apply_sequence_penalty(plan, lengths, reasons), None
+        seq_w, adv, sft_w = (L.loss_weights(plan, reasons, malformed),
+                             L.apply_sequence_penalty(plan, lengths, reasons), None)
         remedy, tails, on = plan.remedy_weights(stats, reasons), plan.no_reward_tails(stats), True
         mix = self.teacher_mixture(prompts, plan, step)
         if mix is not None:  # StableOPD's rollout mixture: teacher rows, trained by SFT
@@ -237,12 +281,13 @@ class Distillation:
                 "rollout/weight_version": float(rollouts.weight_version), "rollout/on_policy": 1.0,
                 "time/generate": rollouts.seconds, "time/teacher": scores.seconds}
 
-    def smpo_pairs(self, prompts, rollouts, scores, stats, plan):
-        """Best vs worst sample of each prompt (the monitor may ask for a bad one as rejected)."""
+    def smpo_pairs(self, prompts, rollouts, scores, stats, plan, malformed=None):
+        """Best vs worst sample of each prompt (the monitor may ask for a bad one as rejected:
+        truncated, looping, or failing a format check)."""
         if not self.cfg.loss.smpo_coef:
             return None
         s, G = self.cfg.loss.smpo, self.cfg.rollout.samples_per_prompt
-        bad = L.rejection_badness(rollouts.finish_reasons, stats.repetitive) if plan.prefer_bad_rejected else None
+        bad = plan.rejection_preference(rollouts.finish_reasons, stats.repetitive, malformed)
         return build_pairs(rollout_scores(rollouts, scores, prompts, G, s.pair_score), G, s.min_score_gap, bad)
 
     def teacher_mixture(self, prompts: PromptBatch, plan, step: int):

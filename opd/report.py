@@ -1,6 +1,7 @@
 """`opd-report RUN_DIR`: plots and a short report.md from what a run left on disk.
 
     opd-report runs/addition-20261122-013000
+    opd-report --compare multirun/addition-.../*   # a sweep: table, correlations, plot
 
 Reads metrics.jsonl, summary.json and config.json (any of them may be missing: an old or
 interrupted run still gets what can be drawn) and writes into the run directory:
@@ -294,13 +295,41 @@ def write_report(run_dir: str | Path) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="opd-report", description=__doc__.split("\n")[0])
-    ap.add_argument("run_dir", help="a run directory (metrics.jsonl, summary.json, config.json)")
+    ap.add_argument("run_dir", nargs="?", help="a run directory (metrics.jsonl, summary.json, config.json)")
+    ap.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                    help="rank these runs by final quality and early signals (opd/compare.py)")
+    ap.add_argument("--early-steps", type=int, default=5, help="N: the early window, steps 1..N")
+    ap.add_argument("--out", help="where compare.md/json/png go (default: the runs' common parent)")
     args = ap.parse_args(argv)
+    if args.compare:
+        _compare_main(ap, args)
+        return
+    if not args.run_dir:
+        ap.error("give a RUN_DIR, or --compare RUN_DIR...")
     try:
         out = write_report(args.run_dir)
     except FileNotFoundError as e:
         ap.exit(2, f"opd-report: {e}\n")
     print(f"wrote {out} and {', '.join(p.name for p in sorted(out.parent.glob('*.png')))}")
+
+
+def _compare_main(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    import os
+
+    from opd.compare import render_markdown, write_compare
+
+    dirs = [d for d in args.compare if Path(d).is_dir()]
+    out = args.out or os.path.commonpath([str(Path(d).resolve()) for d in dirs] or ["."])
+    if len(dirs) == 1 and not args.out:
+        out = str(Path(dirs[0]).resolve().parent)
+    try:
+        result = write_compare(dirs, out, args.early_steps)
+    except FileNotFoundError as e:
+        ap.exit(2, f"opd-report: {e}\n")
+    print(render_markdown(result, args.early_steps))
+    if result["skipped"]:
+        print(f"not finished (no summary.json), left out: {', '.join(result['skipped'])}")
+    print(f"wrote {out}/compare.md, compare.json, compare.png")
 
 
 if __name__ == "__main__":

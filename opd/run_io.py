@@ -67,6 +67,12 @@ def check_loggers(loggers: Sequence[str]) -> None:
                                   "installed (pip install wandb, or drop wandb from loggers)")
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl ([] when there is none yet)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.is_file() else []
+
+
 class RunDir:
     def __init__(self, path: str | Path, loggers: Sequence[str] = (), config: Optional[dict] = None):
         self.path = Path(path)

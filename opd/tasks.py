@@ -19,7 +19,9 @@ And a loader for users' JSONL prompt files (`task=file`): one object per line wi
 tokenizer's chat template), and optionally `answer`. A bad line is reported with its file
 and line number; `on_bad_line` decides whether it stops the run or is skipped and counted.
 Nothing is truncated silently: a prompt that cannot fit `max_model_len - max_new_tokens`
-tokens is a bad line.
+tokens is a bad line. Format checks (`opd/formatting.py`, config group `format`) find lines
+cut off mid-markup or carrying chat-template leftovers; `format.on_prompt_file` warns about
+them (file and line), skips them (counted with the other skipped lines) or refuses the file.
 """
 
 from __future__ import annotations
@@ -207,10 +209,34 @@ class LoadReport:
     path: str
     loaded: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
+    warned: list[tuple[int, str]] = field(default_factory=list)  # kept, but malformed (format)
 
     def summary(self) -> str:
         s = f"{self.path}: {self.loaded} prompts loaded, {len(self.skipped)} lines skipped"
-        return s + "".join(f"\n  line {n}: {why}" for n, why in self.skipped[:10])
+        s += "".join(f"\n  line {n}: {why}" for n, why in self.skipped[:10])
+        if self.warned:
+            s += f"\n{self.path}: {len(self.warned)} loaded lines fail a format check (format.on_prompt_file=warn)"
+            s += "".join(f"\n  line {n}: {why}" for n, why in self.warned[:10])
+        return s
+
+
+@dataclass(frozen=True)
+class FormatRule:
+    """Format checks on prompt-file lines (`opd/formatting.py`) and what a failing line gets:
+    `warn` (kept, reported), `skip` (skipped, reported) or `refuse` (the run stops)."""
+
+    checks: tuple[str, ...] = ()
+    action: str = "warn"
+    extra_tokens: tuple[str, ...] = ()
+
+    def problem(self, ex: Example) -> Optional[str]:
+        from opd.formatting import check_example
+
+        if not self.checks:
+            return None
+        texts = [c for _, c in ex.messages] if ex.messages is not None else [ex.text or ""]
+        return check_example(texts, ex.answer, self.checks, self.extra_tokens,
+                             raw_prompt=ex.messages is None)
 
 
 def _parse_line(raw: str, default_extract: str = "exact") -> Example | str:
@@ -255,11 +281,15 @@ def load_prompt_file(path: str | Path, on_bad_line: str = "error",
                      count_tokens: Optional[Callable[[Example], int]] = None,
                      max_prompt_tokens: Optional[int] = None,
                      require_answer: bool = False,
-                     extract: str = "exact") -> tuple[list[Example], LoadReport]:
+                     extract: str = "exact",
+                     fmt: Optional[FormatRule] = None) -> tuple[list[Example], LoadReport]:
     """Read a JSONL prompt file. `count_tokens` + `max_prompt_tokens` reject prompts that
-    cannot fit the engine (`max_model_len - max_new_tokens`) instead of truncating them."""
+    cannot fit the engine (`max_model_len - max_new_tokens`) instead of truncating them;
+    `fmt` runs the format checks on each line."""
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"task.on_bad_line must be one of ['error', 'skip'], got {on_bad_line!r}")
+    if fmt is not None and fmt.action not in ("warn", "skip", "refuse"):
+        raise ValueError(f"format.on_prompt_file must be one of ['warn', 'skip', 'refuse'], got {fmt.action!r}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such prompt file")
@@ -276,6 +306,15 @@ def load_prompt_file(path: str | Path, on_bad_line: str = "error",
                 if n > max_prompt_tokens:
                     ex = (f"prompt is {n} tokens, more than the {max_prompt_tokens} that fit "
                           f"(rollout.max_model_len - rollout.max_new_tokens); not truncated")
+            if isinstance(ex, Example) and fmt is not None:
+                why = fmt.problem(ex)
+                if why and fmt.action == "refuse":
+                    raise DataError(f"{path}:{lineno}: {why} (format.on_prompt_file=refuse)")
+                if why and fmt.action == "skip":
+                    report.skipped.append((lineno, why))
+                    continue
+                if why:
+                    report.warned.append((lineno, why))
             if isinstance(ex, str):
                 if on_bad_line == "error":
                     raise DataError(f"{path}:{lineno}: {ex}")
@@ -311,9 +350,9 @@ def encode_answer(tokenizer: Any, answer: str) -> list[int]:
     return list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
 
 
-def load_splits(task_cfg: Any, tokenizer: Any = None,
-                max_prompt_tokens: Optional[int] = None) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples for a TaskConfig."""
+def load_splits(task_cfg: Any, tokenizer: Any = None, max_prompt_tokens: Optional[int] = None,
+                fmt: Optional[FormatRule] = None) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples for a TaskConfig; `fmt`: format checks on prompt files."""
     if task_cfg.name != "file":
         t = build_task(task_cfg.name, task_cfg.seed, task_cfg.train_size, task_cfg.heldout_size,
                        task_cfg.max_digits, task_cfg.min_chars, task_cfg.max_chars,
@@ -321,15 +360,15 @@ def load_splits(task_cfg: Any, tokenizer: Any = None,
         return t.train(), t.heldout()
     count = (lambda ex: len(encode_prompt(tokenizer, ex))) if tokenizer is not None else None
     train, rep = load_prompt_file(task_cfg.train_file, task_cfg.on_bad_line, count, max_prompt_tokens,
-                                  extract=task_cfg.answer_extraction)
-    if rep.skipped:
+                                  extract=task_cfg.answer_extraction, fmt=fmt)
+    if rep.skipped or rep.warned:
         print(rep.summary(), flush=True)
     held: list[Example] = []
     if task_cfg.heldout_file:
         held, rep = load_prompt_file(task_cfg.heldout_file, task_cfg.on_bad_line, count,
                                      max_prompt_tokens, require_answer=True,
-                                     extract=task_cfg.answer_extraction)
-        if rep.skipped:
+                                     extract=task_cfg.answer_extraction, fmt=fmt)
+        if rep.skipped or rep.warned:
             print(rep.summary(), flush=True)
     return train[: task_cfg.train_size], held[: task_cfg.heldout_size]
 

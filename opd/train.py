@@ -32,7 +32,7 @@ def prepare_run(cfg: Any):
     from opd.config import as_dict
     from opd.preflight import check_start
     from opd.run_io import RunDir, resolve_resume
-    from opd.tasks import load_splits
+    from opd.tasks import FormatRule, load_splits
     from opd.teacher import check_pair
     from opd.zoo import resolve_model_paths
 
@@ -46,7 +46,9 @@ def prepare_run(cfg: Any):
                            cfg.teacher.trust_remote_code)
     print(f"student: {student_path}\nteacher: {teacher_path}\n{note}", flush=True)
     max_prompt = cfg.rollout.max_model_len - cfg.rollout.max_new_tokens
-    train, heldout = load_splits(cfg.task, tok, max_prompt)
+    f = cfg.format
+    rule = FormatRule(tuple(f.checks), f.on_prompt_file, tuple(f.extra_tokens))
+    train, heldout = load_splits(cfg.task, tok, max_prompt, rule)
     return run, student_path, teacher_path, resume, tok, train, heldout
 
 
@@ -130,11 +132,26 @@ def print_table(s: dict) -> None:
     if s.get("starved_steps"):
         print(f"warning: {s['starved_steps']} of {s['steps']} steps trained on nothing or on less than "
               f"length.min_effective_weight of their tokens (see length/effective_weight in metrics.jsonl)")
+    if (s.get("early_stop") or {}).get("stop"):
+        print(f"stopped early after {s.get('steps_done')} of {s['steps']} steps: {s['early_stop']['reason']}")
     print(f"wall time {s['total_seconds']:.0f}s; run dir {s['run_dir']}", flush=True)
+
+
+def multirun_dir(node: DictConfig) -> None:
+    """Under `opd-train -m`, each job's run_dir is its own Hydra job directory
+    (hydra.sweep.dir/hydra.sweep.subdir): `${now:...}` is resolved once per process, so the
+    default run_dir would be shared by every job of the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        node.run_dir = hc.runtime.output_dir
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _hydra_main(node: DictConfig) -> None:
+    multirun_dir(node)
     cfg = to_dataclass(node)
     print_table(run_training(cfg))
 

@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from opd.config import (CONF_DIR, RULES, ConfigError, RolloutConfig, TrainConfig, _get,
                         load_config, validate)
 
-GROUPS = ["task", "student", "teacher", "rollout", "loss", "optim", "length", "resources", "zoo"]
+GROUPS = ["task", "student", "teacher", "rollout", "loss", "optim", "length", "resources", "zoo",
+          "format", "early_stop"]
 GROUP_FILES = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 # task=file refuses to run without a train file (a cross check): give it one.
 EXTRA = {("task", "file"): ["task.train_file=/tmp/prompts.jsonl"]}

@@ -83,7 +83,8 @@ def _loop(tiny_overrides, tok, tmp_path, overrides, workers=None, heldout=True):
                                         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
                                         "length.k_on=1", f"run_dir={tmp_path}"] + overrides)
     train = [Example(None, f"{a}+{b}=", str(a + b), f"fake:{a}{b}") for a in range(5) for b in range(5)]
-    w = workers or FakeWorkers(tok.eos_token_id)
+    digit = tok("5", add_special_tokens=False)["input_ids"][0]  # an ordinary token: well formed
+    w = workers or FakeWorkers(tok.eos_token_id, loop_token=digit)
     loop = Distillation(cfg, w, tok, train, train[:4] if heldout else [], RunDir(tmp_path))
     if heldout:  # the teacher's held-out (greedy, sampled) completions, made at start
         one = replace(sampling_settings(cfg.rollout, 8, 0), n=1)
