@@ -140,3 +140,25 @@ def test_unprotected_step_keeps_eos_when_the_chosen_side_stops_too(tiny_cfg, tin
     or stops later."""
     delta = _eos_logp_change(tiny_cfg, tiny_zoo, True, eos_protection="none", sft_coef=0.0, **STABILISED)
     assert delta >= 0.0, delta
+
+
+# ------------------------------------------------------- the monitor's rejected choice
+@pytest.mark.parametrize("mode,monitor_asks,rejected", [
+    ("never", True, 1), ("always", False, 2), ("auto", False, 1), ("auto", True, 2)])
+def test_prefer_bad_rejected_modes(mode, monitor_asks, rejected):
+    """Three samples of one prompt: 0 best, 1 worst by score, 2 truncated (in between)."""
+    from types import SimpleNamespace
+
+    from opd import length as L
+    from opd.config import load_config
+    from opd.loop import Distillation
+    from opd.types import TeacherScores
+
+    cfg = load_config(["loss=smpo", "rollout.samples_per_prompt=3", f"loss.smpo.prefer_bad_rejected={mode}"])
+    rollouts = RolloutBatch([[1]] * 3, [[3, EOS], [4, EOS], [6, 7]], [[0.0] * 2] * 3,
+                            ["stop", "stop", "length"], [""] * 3, 0)
+    scores = TeacherScores(np.array([[-1.0] * 2, [-3.0] * 2, [-2.0] * 2], np.float32), 0.0)
+    stats = L.rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, {EOS}, 2)
+    plan = L.PenaltyPlan(prefer_bad_rejected=monitor_asks)
+    pairs = Distillation.smpo_pairs(SimpleNamespace(cfg=cfg), None, rollouts, scores, stats, plan)
+    assert (pairs.chosen_rows.tolist(), pairs.rejected_rows.tolist()) == ([0], [rejected])
