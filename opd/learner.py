@@ -260,8 +260,9 @@ class Learner:
         """Forward and backward over every micro-batch; returns each metric's (value, rows)."""
         mb = self.o.micro_batch_size
         norm, B = Normalizers.of(b), b.input_ids_BS.shape[0]
-        acc: dict[str, list] = {}
-        row_starts = range(0, B, mb) if self._row_loss_on(b, norm) else []
+        rows_on = self._row_loss_on(b, norm)
+        acc: dict[str, list] = {} if rows_on else {"loss/rows_total": [(0.0, B)]}  # logged either way
+        row_starts = range(0, B, mb) if rows_on else []
         chunks = [("rows", np.arange(i, min(B, i + mb))) for i in row_starts]
         use_pairs = b.pairs is not None and len(b.pairs.chosen_rows) and self.loss_cfg.smpo_coef
         if use_pairs:
