@@ -18,7 +18,7 @@ the rejected EOS log-prob, the minimum rejected token log-prob and the share of 
 samples that end in EOS. At the end, the held-out view of `opd/evaluation.py` (KL to the
 teacher, EOS / truncation / repetition of sampled and greedy completions, accuracy).
 "EOS collapsed at step s": the EOS rate of the train rollouts is under --collapse-eos from
-step s to the end. JSON goes to benchmarks/results/exp_smpo-<time>.json.
+step s to the end, for two steps at least. JSON goes to benchmarks/results/exp_smpo-<time>.json.
 """
 
 from __future__ import annotations
@@ -87,6 +87,13 @@ def wait_for_memory(min_gib: float, poll_s: float = 15.0, max_s: float = 1800.0)
         time.sleep(poll_s)
 
 
+def collapse_step(eos: list[float], threshold: float) -> int | None:
+    """First step from which the EOS rate stays under `threshold` to the end, for two steps
+    at least (a dip at the last step alone is not called a collapse); None: no collapse."""
+    step = recovery_step(eos, threshold)
+    return step if step is not None and step < len(eos) else None
+
+
 def summarize(name: str, run_dir: Path, threshold: float) -> dict:
     """One variant's row: per-step series, when EOS collapsed, and the held-out view."""
     s = json.loads((run_dir / "summary.json").read_text())
@@ -94,7 +101,7 @@ def summarize(name: str, run_dir: Path, threshold: float) -> dict:
     steps_m = [l for l in lines if "length/eos_frac" in l]
     series = {k: [l.get(k) for l in steps_m] for k in SERIES}
     return {"variant": name, "overrides": VARIANTS[name], "steps": len(steps_m),
-            "eos_collapsed_at_step": recovery_step(series["length/eos_frac"], threshold),  # stays under
+            "eos_collapsed_at_step": collapse_step(series["length/eos_frac"], threshold),
             "collapse_threshold": threshold, "series": series,
             "min_eos_logp_rejected": min((v for v in series["smpo/eos_logp_rejected"] if v), default=None),
             "min_logp_rejected": min((v for v in series["smpo/min_logp_rejected"] if v is not None), default=None),

@@ -102,6 +102,9 @@ class RolloutConfig:
 
 @dataclass
 class SmpoConfig:
+    """The SMPO preference loss (opd/losses.py smpo_loss). Default values, and the measured
+    reasons for them, are in conf/loss/opd.yaml (benchmarks/exp_smpo.py)."""
+
     beta: float = MISSING
     margin: float = MISSING  # target margin
     margin_start: float = MISSING  # margin at step 0, ramped linearly to `margin`
