@@ -102,6 +102,7 @@ def summarize(name: str, run_dir: Path, threshold: float) -> dict:
     series = {k: [l.get(k) for l in steps_m] for k in SERIES}
     return {"variant": name, "overrides": VARIANTS[name], "steps": len(steps_m),
             "eos_collapsed_at_step": collapse_step(series["length/eos_frac"], threshold),
+            "eos_under_threshold_at_end": series["length/eos_frac"][-1] < threshold,
             "collapse_threshold": threshold, "series": series,
             "min_eos_logp_rejected": min((v for v in series["smpo/eos_logp_rejected"] if v), default=None),
             "min_logp_rejected": min((v for v in series["smpo/min_logp_rejected"] if v is not None), default=None),
