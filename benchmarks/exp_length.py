@@ -140,6 +140,12 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+def before_after_cells(ev: dict, keys: list[tuple[str, str]]) -> str:
+    """Held-out `before>after` of each key, as fixed-width cells of a table row."""
+    return " ".join(f"{ev['before'].get(k, float('nan')):5.2f}>{ev['after'].get(k, float('nan')):5.2f}"
+                    for k, _ in keys)
+
+
 def print_table(rows: list[dict]) -> None:
     keys = [("kl", "KL"), ("nll_teacher_greedy", "NLL"), ("sampled/truncated_frac", "trunc"),
             ("sampled/eos_frac", "EOS"), ("sampled/repetition_frac", "rep"),
@@ -147,9 +153,7 @@ def print_table(rows: list[dict]) -> None:
     head = " ".join(f"{n:>11s}" for _, n in keys)
     print(f"\n{'loss':5s} {'variant':17s} {'recovered@':>10s} {'starved':>7s} {head}  (held-out before -> after)")
     for r in rows:
-        ev = r["heldout"]
-        cells = " ".join(f"{ev['before'].get(k, float('nan')):5.2f}>{ev['after'].get(k, float('nan')):5.2f}"
-                         for k, _ in keys)
+        cells = before_after_cells(r["heldout"], keys)
         print(f"{r['loss']:5s} {r['variant']:17s} {str(r['recovered_at_step']):>10s} {r['starved_steps']:7d} {cells}")
     t = rows[0]["heldout"].get("teacher", {}) if rows else {}
     print("teacher: " + " ".join(f"{n} {t.get(k, float('nan')):.2f}" for k, n in keys[1:]))

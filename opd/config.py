@@ -104,6 +104,9 @@ class RolloutConfig:
 
 @dataclass
 class SmpoConfig:
+    """The SMPO preference loss (opd/losses.py smpo_loss). Default values, and the measured
+    reasons for them, are in conf/loss/opd.yaml (benchmarks/exp_smpo.py)."""
+
     beta: float = MISSING
     margin: float = MISSING  # target margin
     margin_start: float = MISSING  # margin at step 0, ramped linearly to `margin`
@@ -117,6 +120,9 @@ class SmpoConfig:
     chosen_upper_percentile: Optional[float] = None  # winsorize chosen log-probs above
     pair_score: str = MISSING  # "teacher" (mean teacher log-prob) | "checker" (task answer)
     min_score_gap: float = MISSING  # pairs with a smaller chosen-rejected gap are skipped
+    # rejected = a truncated/repetitive sample when a prompt has one: "auto" when the length
+    # monitor's repetition condition asks for it, "always", or "never"
+    prefer_bad_rejected: str = "auto"
 
 
 @dataclass
@@ -365,6 +371,7 @@ RULES: dict[str, tuple] = {
     "loss.smpo.min_log_prob": _opt((lambda v: v < 0, "must be < 0")),
     "loss.smpo.chosen_upper_percentile": _opt(_range(0, 1, lo_open=True)),
     "loss.smpo.pair_score": _in("teacher", "checker"), "loss.smpo.min_score_gap": _ge(0),
+    "loss.smpo.prefer_bad_rejected": _in("auto", "always", "never"),
     "optim.lr": _gt(0), "optim.weight_decay": _ge(0), "optim.beta1": _range(0, 1, hi_open=True),
     "optim.beta2": _range(0, 1, hi_open=True), "optim.schedule": _in("constant", "cosine"),
     "optim.warmup_steps": _ge(0), "optim.min_lr_ratio": _range(0, 1), "optim.grad_clip": _ge(0),

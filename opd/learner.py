@@ -275,10 +275,7 @@ class Learner:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.sched.step()
         self.step += 1
-        # loss/* of a micro-batch is its share of the whole-batch loss (global normaliser): sum;
-        # every other metric is a mean within its micro-batch: average weighted by rows
-        out = {k: (sum(v for v, _ in vs) if k.startswith("loss/")
-                   else sum(v * n for v, n in vs) / max(1, sum(n for _, n in vs))) for k, vs in acc.items()}
+        out = {k: _combine(k, vs) for k, vs in acc.items()}
         return {**out, "optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": float(self.skipped),
                 "learner/tokens": max(1.0, b.num_tokens), "learner/step": self.step,
                 "time/learn_compute": time.time() - t0}
@@ -287,8 +284,10 @@ class Learner:
         """Forward and backward over every micro-batch; returns each metric's (value, rows)."""
         mb = self.o.micro_batch_size
         norm, B = Normalizers.of(b), b.input_ids_BS.shape[0]
-        acc: dict[str, list] = {}
-        chunks = [("rows", np.arange(i, min(B, i + mb))) for i in range(0, B, mb)]
+        rows_on = self._row_loss_on(b, norm)
+        acc: dict[str, list] = {} if rows_on else {"loss/rows_total": [(0.0, B)]}  # logged either way
+        row_starts = range(0, B, mb) if rows_on else []
+        chunks = [("rows", np.arange(i, min(B, i + mb))) for i in row_starts]
         use_pairs = b.pairs is not None and len(b.pairs.chosen_rows) and self.loss_cfg.smpo_coef
         if use_pairs:
             M = len(b.pairs.chosen_rows)
@@ -301,6 +300,13 @@ class Learner:
             for k, v in {**m, f"loss/{kind}_total": float(loss.detach())}.items():
                 acc.setdefault(k, []).append((v, len(idx)))
         return acc
+
+    def _row_loss_on(self, b: TrainBatch, norm: "Normalizers") -> bool:
+        """Whether any row term (distillation, length remedy, SFT) can train this batch: an
+        SMPO-only batch skips the forward over every row (its pairs have their own)."""
+        L = self.loss_cfg
+        distill = L.distill != "none" and L.distill_coef > 0 and norm.on > 0
+        return bool(distill or (b.remedy_weight_B is not None and norm.on) or norm.sft)
 
     def _skip_update(self, grad_norm: float) -> None:
         """A bad step: drop the gradients; too many in a row stop the run (the learner's step
@@ -380,6 +386,17 @@ class Learner:
         random.setstate(_tuplify(js["python_rng"]))
         np.random.set_state(tuple(_tuplify(js["numpy_rng"])))
         return js["extra"]
+
+
+def _combine(key: str, values: list) -> float:
+    """One step's metric from its micro-batches' (value, rows): loss/* is each micro-batch's
+    share of the whole-batch loss (global normaliser), so they sum; */min_* is a minimum; any
+    other metric is a mean within its micro-batch, averaged weighted by rows."""
+    if key.startswith("loss/"):
+        return sum(v for v, _ in values)
+    if "/min_" in key:
+        return min(v for v, _ in values)
+    return sum(v * n for v, n in values) / max(1, sum(n for _, n in values))
 
 
 def _jsonable(x: Any) -> Any:

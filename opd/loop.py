@@ -282,12 +282,15 @@ class Distillation:
                 "time/generate": rollouts.seconds, "time/teacher": scores.seconds}
 
     def smpo_pairs(self, prompts, rollouts, scores, stats, plan, malformed=None):
-        """Best vs worst sample of each prompt (the monitor may ask for a bad one as rejected:
-        truncated, looping, or failing a format check)."""
+        """Best vs worst sample of each prompt; a bad one (truncated, looping) as rejected when
+        loss.smpo.prefer_bad_rejected says so ("auto": when the length monitor asks), and a
+        malformed one when the format checks ask."""
         if not self.cfg.loss.smpo_coef:
             return None
         s, G = self.cfg.loss.smpo, self.cfg.rollout.samples_per_prompt
-        bad = plan.rejection_preference(rollouts.finish_reasons, stats.repetitive, malformed)
+        prefer = {"auto": plan.prefer_bad_rejected, "always": True, "never": False}[s.prefer_bad_rejected]
+        bad = replace(plan, prefer_bad_rejected=prefer).rejection_preference(
+            rollouts.finish_reasons, stats.repetitive, malformed)
         return build_pairs(rollout_scores(rollouts, scores, prompts, G, s.pair_score), G, s.min_score_gap, bad)
 
     def teacher_mixture(self, prompts: PromptBatch, plan, step: int):

@@ -428,9 +428,25 @@ def smpo_loss(chosen_logprobs_BT: torch.Tensor, chosen_mask_BT: torch.Tensor,
         "smpo/acc": _metric_mean((z > 0).to(dtype), pairs),
         "smpo/chosen_reward": _metric_mean(r_chosen, pairs),
         "smpo/rejected_reward": _metric_mean(r_rejected, pairs),
-        "smpo/eos_logp_rejected": _metric_mean(lr, eos.to(dtype)),
+        **rejected_eos_metrics(lr, mr, eos),
         "smpo/clipped_frac": _metric_mean(changed.to(dtype), (mr > 0).to(dtype)),
     }
+
+
+def rejected_eos_metrics(logp_BT: torch.Tensor, mask_BT: torch.Tensor, eos_BT: torch.Tensor) -> Metrics:
+    """What EOS collapse looks like on the rejected side, from raw (unstabilised) log-probs:
+    smpo/eos_logp_rejected: mean log-prob of the rejected EOS tokens (0.0 when none);
+    smpo/rejected_eos_frac: share of non-empty rejected rows whose last token is EOS;
+    smpo/min_logp_rejected: the smallest trained rejected token log-prob (0.0 when none).
+    Shapes: logp_BT, mask_BT, eos_BT (B, T); eos_BT marks EOS tokens inside the mask."""
+    live = mask_BT > 0
+    rows = live.any(-1)
+    last = (live.cumsum(-1) == live.sum(-1, keepdim=True)) & live        # each row's last token
+    ends_eos = (last & eos_BT).any(-1)
+    low = torch.where(live, logp_BT.detach(), torch.full_like(logp_BT, math.inf)).min()
+    return {"smpo/eos_logp_rejected": _metric_mean(logp_BT, eos_BT.to(logp_BT.dtype)),
+            "smpo/rejected_eos_frac": _metric_mean(ends_eos.to(logp_BT.dtype), rows.to(logp_BT.dtype)),
+            "smpo/min_logp_rejected": low.item() if bool(live.any()) else 0.0}
 
 
 def margin_schedule(step: int, target: float, start: float = 0.0, ramp_steps: int = 0) -> float:

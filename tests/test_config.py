@@ -100,6 +100,8 @@ BAD = [
     (["loss.smpo.min_log_prob=0.5"], "loss.smpo.min_log_prob must be < 0 or null, got 0.5"),
     (["loss.smpo.chosen_upper_percentile=0"],
      "loss.smpo.chosen_upper_percentile must be in (0, 1] or null, got 0.0"),
+    (["loss.smpo.prefer_bad_rejected=yes"],
+     "loss.smpo.prefer_bad_rejected must be one of ['auto', 'always', 'never'], got 'yes'"),
     # cross checks (_cross_checks): each message names both keys
     (["rollout.max_new_tokens=100", "rollout.max_model_len=64"],
      "rollout.max_new_tokens must be < rollout.max_model_len (64), got 100"),
