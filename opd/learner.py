@@ -11,8 +11,8 @@ A plain class (`Learner`); `opd.actors` wraps it as a Ray actor. What it does pe
    gradient norm skips the AdamW step instead (`optim/skipped`), and `optim.max_bad_steps`
    such steps in a row stop the run.
 
-Weights leave as safetensors bytes under Hugging Face names (`export_weights`), for the
-rollout workers' in-place reload. Checkpoints are a Hugging Face model directory (loadable
+Weights leave as numpy arrays under Hugging Face names (`export_weights`, no copy of fp32
+weights here), for the rollout workers' in-place reload. Checkpoints are a Hugging Face model directory (loadable
 by transformers and vLLM) plus `learner_state.pt` (optimizer, scheduler, torch RNG; loaded
 with `weights_only=True`) and `learner_state.json` (step, Python/numpy RNG); each is written
 into a hidden sibling directory that is renamed into place once complete.
@@ -104,6 +104,24 @@ class Normalizers:
         return cls(on=float((tok_B * b.on_policy_B).sum()),
                    pg=float((tok_B * b.on_policy_B * b.seq_weight_B).sum()),
                    sft=float((tok_B * (b.sft_weight_B > 0)).sum()))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def batch_shape_metrics(b: TrainBatch) -> dict[str, float]:
+    """Tokens the learner runs over: real (prompt + completion, up to each row's last target)
+    and padded (B x S); their ratio is the padding waste."""
+    has = b.loss_mask_BS > 0
+    S = has.shape[1]
+    seq = np.where(has.any(1), S - has[:, ::-1].argmax(1), 0)
+    return {"learner/seq_tokens": float(seq.sum()), "learner/padded_tokens": float(has.size)}
 
 
 def pick_device(device: str) -> str:
@@ -257,6 +275,7 @@ class Learner:
                    else sum(v * n for v, n in vs) / max(1, sum(n for _, n in vs))) for k, vs in acc.items()}
         return {**out, "optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": float(self.skipped),
                 "learner/tokens": max(1.0, b.num_tokens), "learner/step": self.step,
+                **batch_shape_metrics(b), "learner/peak_rss_mb": peak_rss_mb(),
                 "time/learn_compute": time.time() - t0}
 
     def _backward(self, b: TrainBatch) -> dict[str, list]:
@@ -313,11 +332,8 @@ class Learner:
         return {k: v.detach().to(getattr(torch, dtype)).contiguous().cpu() for k, v in sd.items()}
 
     def export_weights(self, dtype: str = "float32") -> WeightUpdate:
-        from safetensors.torch import save
-
         t0 = time.time()
-        blob = save(self.state_for_sync(dtype))
-        return WeightUpdate(version=self.step, blob=blob, seconds=time.time() - t0)
+        return WeightUpdate.from_tensors(self.step, self.state_for_sync(dtype), seconds=time.time() - t0)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, ckpt_dir: str | Path, extra: dict) -> str:
