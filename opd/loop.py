@@ -128,7 +128,7 @@ class Distillation:
                 continue
             self.step = step
             values.update(self.gradient_share(batch, step), **timer.metrics(values),
-                          **{"sync/version": float(min(versions)), "sync/mb": len(update.blob) / 2**20,
+                          **{"sync/version": float(min(versions)), "sync/mb": update.nbytes / 2**20,
                              "fault/restarts": float(self.w.restarts)})
             self.log_step(step, values, [e.as_dict() for e in events] + self.w.take_events())
             self.periodic(step)
