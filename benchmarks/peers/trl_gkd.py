@@ -44,8 +44,10 @@ def _collator(pad_id: int):
         W = max(len(r["prompt_ids"]) for r in rows)
         ids = torch.tensor([[pad_id] * (W - len(r["prompt_ids"])) + r["prompt_ids"] for r in rows])
         attn = torch.tensor([[0] * (W - len(r["prompt_ids"])) + [1] * len(r["prompt_ids"]) for r in rows])
+        # labels: placeholders (replaced by the samples' before the loss), but not all -100:
+        # the Trainer counts them as the batch's items and an empty count made NaN gradients
         return {"prompts": ids, "prompt_attention_mask": attn, "input_ids": ids, "attention_mask": attn,
-                "labels": torch.full_like(ids, -100)}
+                "labels": ids.masked_fill(attn == 0, -100)}
 
     return collate
 
