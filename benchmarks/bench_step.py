@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 
-PHASES = ("generate", "teacher", "learn", "sync", "other", "step")
+PHASES = ("generate", "teacher", "teacher_generate", "learn", "sync", "other", "step")
 
 
 def plain_vllm(cfg, student_path: str, prompt_ids: list[list[int]], step_seed: int, repeats: int):
@@ -80,12 +80,14 @@ def raw_phases(cfg, student: str, teacher: str, rows, pad_id: int, plain_tps: fl
 
 def compare(phases: dict, shape: dict, raw: dict) -> dict:
     """Raw seconds scaled to the loop's mean token counts (per completion token for generate,
-    per sequence token for teacher and learner), each phase's ratio, and the step's."""
+    per sequence token for teacher and learner), each phase's ratio, and the step's. The
+    teacher's samples for mixture rows (length=auto) count at their measured seconds: a plain
+    vLLM generate in the teacher's engine, with no separate raw run."""
     per_seq = shape["learner/seq_tokens"] / raw["batch"]["seq_tokens"]
     scaled = {"generate": shape["rollout/tokens"] / raw["generate"]["tokens_per_s"],
               "teacher": raw["teacher"]["seconds"] * per_seq, "learn": raw["learn"]["seconds"] * per_seq,
               "sync": raw["sync"]["seconds"]}
-    raw_sum = sum(scaled.values())
+    raw_sum = sum(scaled.values()) + phases["teacher_generate"]
     return {"raw_seconds_at_loop_tokens": scaled, "raw_sum_seconds": raw_sum,
             "ratio_to_raw": {p: phases[p] / scaled[p] if scaled[p] else None for p in scaled},
             "step_over_raw_sum": phases["step"] / raw_sum if raw_sum else None,

@@ -82,7 +82,8 @@ class PhaseTimer:
         """Measured phases, the workers' own (generate, teacher) and the rest as time/other."""
         out = {**self.seconds, "time/step": time.time() - self.t0}
         known = sum(v for k, v in {**reported, **self.seconds}.items()
-                    if k in ("time/generate", "time/teacher", "time/learn", "time/sync"))
+                    if k in ("time/generate", "time/teacher", "time/teacher_generate", "time/learn",
+                             "time/sync"))
         out["time/other"] = out["time/step"] - known
         return out
 
@@ -203,7 +204,9 @@ class Distillation:
             values.update({"smpo/pairs": float(len(pairs.chosen_rows)), "smpo/pairs_skipped": float(pairs.skipped)})
         seq_w, adv, sft_w = L.loss_weights(plan, reasons), L.apply_sequence_penalty(plan, lengths, reasons), None
         remedy, tails, on = plan.remedy_weights(stats, reasons), plan.no_reward_tails(stats), True
+        t_mix = time.time()
         mix = self.teacher_mixture(prompts, plan, step)
+        values["time/teacher_generate"] = time.time() - t_mix  # the mixture rows' teacher samples
         if mix is not None:  # StableOPD's rollout mixture: teacher rows, trained by SFT
             k = len(mix.completion_ids)
             rollouts, scores = with_extra_rows(rollouts, scores, mix)
