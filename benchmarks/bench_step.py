@@ -18,6 +18,7 @@ learner's peak memory (`learner/peak_rss_mb`, reported by the learner process).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -48,6 +49,7 @@ def plain_vllm(cfg, student_path: str, prompt_ids: list[list[int]], step_seed: i
         best = max(best, n / (time.time() - t0))
         rows = [(list(p), list(o.token_ids)) for p, out in zip(prompt_ids, outs) for o in out.outputs]
     del worker
+    gc.collect()  # the engine's processes end before the raw phases are timed
     return best, rows
 
 
