@@ -115,13 +115,18 @@ def peak_rss_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
+def row_ends(mask_BS: np.ndarray) -> np.ndarray:
+    """Each row's last target position + 1 (0 for a row without targets): the columns the
+    learner must run over; right padding past it cannot change any target's logits."""
+    has = mask_BS > 0
+    return np.where(has.any(1), has.shape[1] - has[:, ::-1].argmax(1), 0)
+
+
 def batch_shape_metrics(b: TrainBatch) -> dict[str, float]:
     """Tokens the learner runs over: real (prompt + completion, up to each row's last target)
-    and padded (B x S); their ratio is the padding waste."""
-    has = b.loss_mask_BS > 0
-    S = has.shape[1]
-    seq = np.where(has.any(1), S - has[:, ::-1].argmax(1), 0)
-    return {"learner/seq_tokens": float(seq.sum()), "learner/padded_tokens": float(has.size)}
+    and padded (B x S); their ratio is the padding waste of one micro-batch holding them all."""
+    return {"learner/seq_tokens": float(row_ends(b.loss_mask_BS).sum()),
+            "learner/padded_tokens": float(b.loss_mask_BS.size)}
 
 
 def pick_device(device: str) -> str:
@@ -229,9 +234,12 @@ class Learner:
 
     def _forward(self, b: TrainBatch, rows: np.ndarray):
         """(window, logits, log-probs of the targets, mask, target ids) of some rows, each
-        [B, Tc(, V)] over the rows' window of target positions."""
-        win = self._window(b.loss_mask_BS[rows])
-        ids = self._tensor(b.input_ids_BS, rows)
+        [B, Tc(, V)] over the rows' window of target positions. The decoder runs only over the
+        columns up to these rows' last target (their trailing padding is cut)."""
+        mask = b.loss_mask_BS[rows]
+        S = max(2, int(row_ends(mask).max(initial=0)))
+        win = self._window(mask[:, :S])
+        ids = self._tensor(b.input_ids_BS, rows)[:, :S]
         logits, tgt = self._logits(ids, win), win.targets(ids)
         lp = losses.gather_logprobs(logits, tgt, temperature=b.temperature)
         return win, logits, lp, self._tensor(b.loss_mask_BS, rows, win), tgt
@@ -279,11 +287,13 @@ class Learner:
                 "time/learn_compute": time.time() - t0}
 
     def _backward(self, b: TrainBatch) -> dict[str, list]:
-        """Forward and backward over every micro-batch; returns each metric's (value, rows)."""
+        """Forward and backward over every micro-batch; returns each metric's (value, rows).
+        Rows go into micro-batches in order of length, so that each one's padding is short."""
         mb = self.o.micro_batch_size
         norm, B = Normalizers.of(b), b.input_ids_BS.shape[0]
         acc: dict[str, list] = {}
-        chunks = [("rows", np.arange(i, min(B, i + mb))) for i in range(0, B, mb)]
+        order = np.argsort(row_ends(b.loss_mask_BS), kind="stable")
+        chunks = [("rows", order[i: i + mb]) for i in range(0, B, mb)]
         use_pairs = b.pairs is not None and len(b.pairs.chosen_rows) and self.loss_cfg.smpo_coef
         if use_pairs:
             M = len(b.pairs.chosen_rows)
