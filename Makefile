@@ -1,6 +1,7 @@
 # opd: two commands on a fresh machine.
 #   make run   set up .venv if needed, then run the default experiment (conf/train.yaml)
 #   make test  set up .venv if needed, then run the test suite
+#   make bench-peer ARGS="--experiment smollm2_cpu"  opd vs TRL's GKDTrainer (TRL in .venv-trl)
 # Set-up is idempotent: a stamp file records what was installed from which inputs, so a
 # second `make test` installs nothing.
 
@@ -12,7 +13,7 @@ CUDA   := $(shell nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP  := $(VENV)/.opd-setup-$(CUDA)
 ARGS   ?=
 
-.PHONY: setup run test bench clean-venv
+.PHONY: setup run test bench bench-peer clean-venv
 
 setup: $(STAMP)
 
@@ -43,6 +44,20 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_step.py $(ARGS)
+
+# TRL in its own venv, with the main venv's torch / transformers / accelerate versions (pip
+# takes them from its cache); opd is not installed there.
+TRL_VENV  := .venv-trl
+TRL_STAMP := $(TRL_VENV)/.opd-trl-1.16.0
+
+$(TRL_STAMP):
+	@test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 \
+	    transformers==5.19.0 accelerate==1.15.0 trl==1.16.0
+	@touch $@
+
+bench-peer: setup $(TRL_STAMP)
+	$(PY) benchmarks/peers/trl_gkd.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -307,16 +307,17 @@ class Workers:
         return self.call(self.learner, "train_step", batch)
 
     def sync(self) -> tuple[WeightUpdate, list[int]]:
-        """Learner -> every rollout worker; returns the update and the workers' versions."""
-        update = self.call(self.learner, "export_weights", self.cfg.rollout.dtype)
-        if self.use_ray:
-            import ray
-
-            ref = ray.put(update)  # one copy in the object store, shared by every worker
-            versions = self.gather([(w, "load_weights", (ref,)) for w in self.rollouts])
-        else:
-            versions = self.gather([(w, "load_weights", (update,)) for w in self.rollouts])
-        return update, versions
+        """Learner -> every rollout worker; returns the update and the workers' versions.
+        With Ray the learner's arrays are stored once in the object store and every worker
+        (and this driver, for the version) reads them in place: its reference is passed on,
+        the weights are never fetched and put again here."""
+        dtype = self.cfg.rollout.dtype
+        if not self.use_ray:
+            update = self.call(self.learner, "export_weights", dtype)
+            return update, self.gather([(w, "load_weights", (update,)) for w in self.rollouts])
+        ref = self.learner.submit("export_weights", dtype)
+        update = self._wait((self.learner, "export_weights", (dtype,)), ref, self.timeout)
+        return update, self.gather([(w, "load_weights", (ref,)) for w in self.rollouts])
 
     def student_logprobs(self, batch: TrainBatch):
         """The learner's log-probs of a batch's target tokens [B, S] (0 off the mask)."""

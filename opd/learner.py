@@ -11,8 +11,8 @@ A plain class (`Learner`); `opd.actors` wraps it as a Ray actor. What it does pe
    gradient norm skips the AdamW step instead (`optim/skipped`), and `optim.max_bad_steps`
    such steps in a row stop the run.
 
-Weights leave as safetensors bytes under Hugging Face names (`export_weights`), for the
-rollout workers' in-place reload. Checkpoints are a Hugging Face model directory (loadable
+Weights leave as numpy arrays under Hugging Face names (`export_weights`, no copy of fp32
+weights here), for the rollout workers' in-place reload. Checkpoints are a Hugging Face model directory (loadable
 by transformers and vLLM) plus `learner_state.pt` (optimizer, scheduler, torch RNG; loaded
 with `weights_only=True`) and `learner_state.json` (step, Python/numpy RNG); each is written
 into a hidden sibling directory that is renamed into place once complete.
@@ -105,6 +105,29 @@ class Normalizers:
         return cls(on=float((tok_B * b.on_policy_B).sum()),
                    pg=float((tok_B * b.on_policy_B * b.seq_weight_B).sum()),
                    sft=float((tok_B * (b.sft_weight_B > 0)).sum()))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def row_ends(mask_BS: np.ndarray) -> np.ndarray:
+    """Each row's last target position + 1 (0 for a row without targets): the columns the
+    learner must run over; right padding past it cannot change any target's logits."""
+    has = mask_BS > 0
+    return np.where(has.any(1), has.shape[1] - has[:, ::-1].argmax(1), 0)
+
+
+def batch_shape_metrics(b: TrainBatch) -> dict[str, float]:
+    """Tokens the learner runs over: real (prompt + completion, up to each row's last target)
+    and padded (B x S); their ratio is the padding waste of one micro-batch holding them all."""
+    return {"learner/seq_tokens": float(row_ends(b.loss_mask_BS).sum()),
+            "learner/padded_tokens": float(b.loss_mask_BS.size)}
 
 
 class BadStepsError(RuntimeError):
@@ -235,9 +258,12 @@ class Learner:
 
     def _forward(self, b: TrainBatch, rows: np.ndarray):
         """(window, logits, log-probs of the targets, mask, target ids) of some rows, each
-        [B, Tc(, V)] over the rows' window of target positions."""
-        win = self._window(b.loss_mask_BS[rows])
-        ids = self._tensor(b.input_ids_BS, rows)
+        [B, Tc(, V)] over the rows' window of target positions. The decoder runs only over the
+        columns up to these rows' last target (their trailing padding is cut)."""
+        mask = b.loss_mask_BS[rows]
+        S = max(2, int(row_ends(mask).max(initial=0)))
+        win = self._window(mask[:, :S])
+        ids = self._tensor(b.input_ids_BS, rows)[:, :S]
         logits, tgt = self._logits(ids, win), win.targets(ids)
         lp = losses.gather_logprobs(logits, tgt, temperature=b.temperature)
         return win, logits, lp, self._tensor(b.loss_mask_BS, rows, win), tgt
@@ -278,16 +304,18 @@ class Learner:
         out = {k: _combine(k, vs) for k, vs in acc.items()}
         return {**out, "optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": float(self.skipped),
                 "learner/tokens": max(1.0, b.num_tokens), "learner/step": self.step,
+                **batch_shape_metrics(b), "learner/peak_rss_mb": peak_rss_mb(),
                 "time/learn_compute": time.time() - t0}
 
     def _backward(self, b: TrainBatch) -> dict[str, list]:
-        """Forward and backward over every micro-batch; returns each metric's (value, rows)."""
+        """Forward and backward over every micro-batch; returns each metric's (value, rows).
+        Rows go into micro-batches in order of length, so that each one's padding is short."""
         mb = self.o.micro_batch_size
         norm, B = Normalizers.of(b), b.input_ids_BS.shape[0]
         rows_on = self._row_loss_on(b, norm)
         acc: dict[str, list] = {} if rows_on else {"loss/rows_total": [(0.0, B)]}  # logged either way
-        row_starts = range(0, B, mb) if rows_on else []
-        chunks = [("rows", np.arange(i, min(B, i + mb))) for i in row_starts]
+        order = np.argsort(row_ends(b.loss_mask_BS), kind="stable") if rows_on else np.arange(0)
+        chunks = [("rows", order[i: i + mb]) for i in range(0, len(order), mb)]
         use_pairs = b.pairs is not None and len(b.pairs.chosen_rows) and self.loss_cfg.smpo_coef
         if use_pairs:
             M = len(b.pairs.chosen_rows)
@@ -343,11 +371,8 @@ class Learner:
         return {k: v.detach().to(getattr(torch, dtype)).contiguous().cpu() for k, v in sd.items()}
 
     def export_weights(self, dtype: str = "float32") -> WeightUpdate:
-        from safetensors.torch import save
-
         t0 = time.time()
-        blob = save(self.state_for_sync(dtype))
-        return WeightUpdate(version=self.step, blob=blob, seconds=time.time() - t0)
+        return WeightUpdate.from_tensors(self.step, self.state_for_sync(dtype), seconds=time.time() - t0)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, ckpt_dir: str | Path, extra: dict) -> str:

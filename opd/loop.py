@@ -104,7 +104,8 @@ class PhaseTimer:
         """Measured phases, the workers' own (generate, teacher) and the rest as time/other."""
         out = {**self.seconds, "time/step": time.time() - self.t0}
         known = sum(v for k, v in {**reported, **self.seconds}.items()
-                    if k in ("time/generate", "time/teacher", "time/learn", "time/sync"))
+                    if k in ("time/generate", "time/teacher", "time/teacher_generate", "time/learn",
+                             "time/sync"))
         out["time/other"] = out["time/step"] - known
         return out
 
@@ -151,7 +152,7 @@ class Distillation:
                 continue
             self.step = step
             values.update(self.gradient_share(batch, step), **timer.metrics(values),
-                          **{"sync/version": float(min(versions)), "sync/mb": len(update.blob) / 2**20,
+                          **{"sync/version": float(min(versions)), "sync/mb": update.nbytes / 2**20,
                              "fault/restarts": float(self.w.restarts)})
             self.log_step(step, values, [e.as_dict() for e in events] + self.w.take_events())
             if self.early_stop(step):
@@ -255,7 +256,9 @@ class Distillation:
         seq_w, adv, sft_w = (L.loss_weights(plan, reasons, malformed),
                              L.apply_sequence_penalty(plan, lengths, reasons), None)
         remedy, tails, on = plan.remedy_weights(stats, reasons), plan.no_reward_tails(stats), True
+        t_mix = time.time()
         mix = self.teacher_mixture(prompts, plan, step)
+        values["time/teacher_generate"] = time.time() - t_mix  # the mixture rows' teacher samples
         if mix is not None:  # StableOPD's rollout mixture: teacher rows, trained by SFT
             k = len(mix.completion_ids)
             rollouts, scores = with_extra_rows(rollouts, scores, mix)

@@ -9,7 +9,8 @@ produced it.
 Weight sync (docs/architecture.md, "Facts about the stack"): after start, vLLM-CPU repacks linear weights, so
 `model.load_weights` fails; what works is the worker's `reload_weights(weights_iterator=...,
 is_checkpoint_format=True)`, reached through a worker extension and `collective_rpc`, with
-the weights passed as safetensors bytes, followed by `reset_prefix_cache()` every time
+the weights passed as numpy arrays (`WeightUpdate`: with Ray, read in place from the
+object store's shared memory; the in-process engine gets them without a copy), followed by `reset_prefix_cache()` every time
 (cached prompt KV from old weights otherwise corrupts log-probs).
 """
 
@@ -34,11 +35,15 @@ PROMPT_SEED_STRIDE, WORKER_SEED_STRIDE = 7919, 104729
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the engine."""
 
-    def opd_load_weights(self, blob: bytes) -> int:
-        from safetensors.torch import load
+    def opd_load_weights(self, weights: list | bytes) -> int:
+        """`weights`: [(hf_name, tensor)] in an in-process engine; safetensors bytes when the
+        engine runs in its own process (its RPC serialises arguments, tensors included)."""
+        if isinstance(weights, bytes):
+            from safetensors.torch import load
 
-        tensors = load(blob)
-        self.reload_weights(weights_iterator=list(tensors.items()), is_checkpoint_format=True)
+            weights = load(weights)
+        tensors = list(weights.items()) if isinstance(weights, dict) else list(weights)
+        self.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
         self._opd_refresh_tied_head()
         return len(tensors)
 
@@ -143,10 +148,22 @@ class RolloutWorker:
 
     def load_weights(self, update: WeightUpdate) -> int:
         """Replace the engine's weights in place and drop every cached prefix."""
-        self.llm.collective_rpc("opd_load_weights", args=(update.blob,))
+        self.llm.collective_rpc("opd_load_weights", args=(self._wire(update),))
         self.llm.reset_prefix_cache()
         self.version = update.version
         return self.version
+
+    @staticmethod
+    def _wire(update: WeightUpdate) -> list | bytes:
+        """The weights as the engine's RPC takes them: the arrays' own memory in-process
+        (VLLM_ENABLE_V1_MULTIPROCESSING=0, as in our actors), else safetensors bytes."""
+        import vllm.envs
+
+        if not vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+            return update.tensors()
+        from safetensors.torch import save
+
+        return save(dict(update.tensors()))
 
     def ready(self) -> int:
         return os.getpid()

@@ -143,11 +143,44 @@ class TrainBatch:
 
 @dataclass(frozen=True)
 class WeightUpdate:
-    """The student's weights, sent from the learner to the rollout workers."""
+    """The student's weights, sent from the learner to the rollout workers. Numpy arrays, so
+    that Ray stores them once in shared memory and every reader maps them without a copy;
+    bfloat16 (which numpy lacks) travels as its int16 bits."""
 
     version: int  # learner step that produced them
-    blob: bytes  # safetensors bytes of {hf_name: tensor}
+    arrays: dict  # {hf_name: np.ndarray}, every one in `dtype`
+    dtype: str = "float32"  # torch dtype of the tensors: "float32" | "bfloat16" | "float16"
     seconds: float = 0.0  # export time on the learner
+
+    @classmethod
+    def from_tensors(cls, version: int, tensors: dict, seconds: float = 0.0) -> "WeightUpdate":
+        """From {name: CPU torch tensor} of one dtype (no copy for contiguous tensors)."""
+        import torch
+
+        dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+        if len(dtypes) > 1:
+            raise ValueError(f"a weight update has one dtype, got {sorted(dtypes)}")
+        dtype = dtypes.pop() if dtypes else "float32"
+        view = (lambda t: t.view(torch.int16)) if dtype == "bfloat16" else (lambda t: t)  # noqa: E731
+        return cls(version, {k: view(t.detach().contiguous()).numpy() for k, t in tensors.items()},
+                   dtype, seconds)
+
+    def tensors(self) -> list:
+        """[(hf_name, torch tensor)] sharing the arrays' memory (read-only: load by copying)."""
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():  # Ray's arrays are read-only; loaders only copy from them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            out = [(k, torch.from_numpy(a)) for k, a in self.arrays.items()]
+        if self.dtype == "bfloat16":
+            out = [(k, t.view(torch.bfloat16)) for k, t in out]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,9 @@ class EnginePool:
         if key not in self.engines:
             self.engines[key] = RolloutWorker(str(model_path), rollout_cfg, index, trust_remote_code)
         else:
-            self.engines[key].load_weights(WeightUpdate(0, (p / "model.safetensors").read_bytes()))
+            from safetensors.torch import load_file
+
+            self.engines[key].load_weights(WeightUpdate.from_tensors(0, load_file(p / "model.safetensors")))
         return self.engines[key]
 
     def close(self) -> None:

@@ -1,12 +1,14 @@
 """Batch assembly (positions, masks, stop-properly weights), SMPO pairs, the order of rollouts
-merged from several workers, and micro-batch invariance of a learner step."""
+merged from several workers, micro-batch invariance of a learner step, and the weight
+update's round trip through numpy."""
 
 import numpy as np
 import pytest
+import torch
 
 from opd.actors import merge_rollouts
 from opd.batch import build_pairs, build_train_batch, rollout_scores
-from opd.types import PromptBatch, RolloutBatch, TeacherScores
+from opd.types import PromptBatch, RolloutBatch, TeacherScores, WeightUpdate
 
 
 def _rollouts():
@@ -117,3 +119,19 @@ def test_stop_properly_weights_silence_only_the_policy_gradient(tiny_cfg, tiny_z
     assert _learner(tiny_cfg, tiny_zoo, distill="jsd").train_step(silenced)["optim/grad_norm"] > 0
     full = _learner(tiny_cfg, tiny_zoo, distill="reverse_kl_pg").train_step(_random_batch(V, [1] * 6))
     assert full["optim/grad_norm"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weight_update_round_trip_shares_memory(dtype):
+    """Weights travel as numpy arrays (bf16 as its bits) and come back bit-exact, as views."""
+    g = torch.Generator().manual_seed(0)
+    sd = {"a.weight": torch.randn(3, 4, generator=g).to(dtype), "b.bias": torch.randn(5, generator=g).to(dtype)}
+    up = WeightUpdate.from_tensors(7, sd)
+    assert up.version == 7 and up.dtype == str(dtype).removeprefix("torch.")
+    assert up.nbytes == sum(t.numel() * t.element_size() for t in sd.values())
+    back = dict(up.tensors())
+    for k, t in sd.items():
+        assert back[k].dtype == dtype and torch.equal(back[k], t)
+        assert back[k].data_ptr() == up.arrays[k].ctypes.data  # no copy on the way back
+    with pytest.raises(ValueError, match="one dtype"):
+        WeightUpdate.from_tensors(0, {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float16)})

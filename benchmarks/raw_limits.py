@@ -1,0 +1,125 @@
+"""Raw limits of the loop's phases: plain transformers on the same models and sequences.
+
+Used by `bench_step.py`. Each measurement runs in a fresh spawned process (its own peak
+memory, no engine or Ray in it) with torch using every core:
+- `teacher_forward`: one no-grad forward of the teacher over the padded batch, logits over
+  every position (what a plain transformers scorer costs);
+- `learner_step`: the student's forward + backward (cross-entropy on the completion tokens,
+  logits over every position) over micro-batches of the same rows, then one AdamW step;
+- `state_copy`: one copy of the student's weights in memory (the limit of a weight sync).
+Every function returns the median seconds over `repeats` (after one warm-up) and the
+process's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+import multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class RawBatch:
+    """Sequences (prompt + completion token ids) and each one's prompt length."""
+
+    seqs: list[list[int]]
+    prompt_lens: list[int]
+    pad_id: int
+
+    @property
+    def seq_tokens(self) -> int:
+        return sum(map(len, self.seqs))
+
+
+def _padded(b: RawBatch, rows: range):
+    import torch
+
+    S = max(len(b.seqs[i]) for i in rows)
+    ids = torch.full((len(rows), S), b.pad_id, dtype=torch.long)
+    attn, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for j, i in enumerate(rows):
+        s = b.seqs[i]
+        ids[j, : len(s)], attn[j, : len(s)] = torch.tensor(s), 1
+        labels[j, b.prompt_lens[i]: len(s)] = torch.tensor(s[b.prompt_lens[i]:])
+    return ids, attn, labels
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_rss_mb() -> float:
+    from opd.learner import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+def _load(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _teacher_forward(path: str, b: RawBatch, repeats: int) -> dict:
+    import torch
+
+    model = _load(path).eval()
+    ids, attn, _ = _padded(b, range(len(b.seqs)))
+
+    @torch.no_grad()
+    def run():
+        model(input_ids=ids, attention_mask=attn).logits.float()
+
+    return {"seconds": _timed(run, repeats), "peak_rss_mb": _peak_rss_mb()}
+
+
+def _learner_step(path: str, b: RawBatch, micro_batch: int, lr: float, repeats: int) -> dict:
+    import torch
+
+    model = _load(path).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    n = len(b.seqs)
+    chunks = [_padded(b, range(i, min(n, i + micro_batch))) for i in range(0, n, micro_batch)]
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        for ids, attn, labels in chunks:
+            model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
+        opt.step()
+
+    return {"seconds": _timed(run, repeats), "peak_rss_mb": _peak_rss_mb()}
+
+
+def _state_copy(path: str, repeats: int) -> dict:
+    model = _load(path)
+    sd = model.state_dict()
+    mb = sum(t.numel() * t.element_size() for t in sd.values()) / 2**20
+    return {"seconds": _timed(lambda: {k: v.clone() for k, v in sd.items()}, repeats), "mb": mb}
+
+
+def _in_fresh_process(fn, *args) -> dict:
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(fn, *args).result()
+
+
+def teacher_forward(path: str, b: RawBatch, repeats: int = 3) -> dict:
+    return _in_fresh_process(_teacher_forward, path, b, repeats)
+
+
+def learner_step(path: str, b: RawBatch, micro_batch: int, lr: float, repeats: int = 3) -> dict:
+    return _in_fresh_process(_learner_step, path, b, micro_batch, lr, repeats)
+
+
+def state_copy(path: str, repeats: int = 3) -> dict:
+    return _in_fresh_process(_state_copy, path, repeats)
