@@ -21,10 +21,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from opd.console import filter_benign_vllm_warnings, redirect_output
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores, TrainBatch, WeightUpdate
+
+if TYPE_CHECKING:  # annotations only: no import cycle at run time
+    from opd.config import ResourcesConfig, TrainConfig
 
 
 class ActorError(RuntimeError):
@@ -165,7 +168,7 @@ def _rollout_env(ncpu: int) -> dict:
     return env
 
 
-def check_resources(r: Any) -> None:
+def check_resources(r: ResourcesConfig) -> None:
     """Refuse at start what the Ray cluster cannot hold: an actor that can never be scheduled
     would otherwise only surface as a timeout much later."""
     import ray
@@ -184,7 +187,7 @@ def check_resources(r: Any) -> None:
 class Workers:
     """The rollout workers, the teacher and the learner, wherever they run."""
 
-    def __init__(self, cfg: Any, student_path: str, teacher_path: str,
+    def __init__(self, cfg: TrainConfig, student_path: str, teacher_path: str,
                  teacher_eval_prompts: Optional[PromptBatch] = None, start_path: Optional[str] = None):
         """`student_path`: the weights to start from (a checkpoint when resuming);
         `start_path`: the run's original student (the learner's divergence anchor)."""
@@ -286,7 +289,7 @@ class Workers:
         out, self.events = self.events, []
         return out
 
-    def call(self, actor: Any, method: str, *args) -> Any:
+    def call(self, actor: ResourcesConfig, method: str, *args) -> Any:
         return self.gather([(actor, method, args)])[0]
 
     # ------------------------------------------------------------------ the loop's verbs

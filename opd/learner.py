@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ import torch
 from opd import losses
 from opd.device import pick_device
 from opd.types import TrainBatch, WeightUpdate
+
+if TYPE_CHECKING:  # annotations only: no import cycle at run time
+    from opd.config import TrainConfig
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
@@ -137,7 +140,7 @@ class BadStepsError(RuntimeError):
 class Learner:
     """Holds the student, its optimizer and schedule; trains on TrainBatches."""
 
-    def __init__(self, model_path: str, cfg: Any, start_path: Optional[str] = None):
+    def __init__(self, model_path: str, cfg: TrainConfig, start_path: Optional[str] = None):
         """`model_path`: the weights to train (the student, or a checkpoint when resuming);
         `start_path`: the run's starting student (the divergence anchor), default model_path."""
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -23,7 +23,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import fields, replace
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -41,18 +41,21 @@ from opd.sweep import best_finished_run, early_stop_decision
 from opd.tasks import Example, answer_correct, encode_answer, prompt_batch, sample_batch
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, StepMetrics
 
+if TYPE_CHECKING:  # annotations only: no import cycle at run time
+    from opd.config import FormatConfig, RolloutConfig, TrainConfig
+
 
 STEP_SEED_STRIDE = 100003  # rollout.seed's spacing: seeds of different runs never meet
 
 
-def sampling_settings(r: Any, max_new_tokens: int, step: int) -> SamplingSettings:
+def sampling_settings(r: RolloutConfig, max_new_tokens: int, step: int) -> SamplingSettings:
     return SamplingSettings(max_new_tokens=max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                             top_k=r.top_k, repetition_penalty=r.repetition_penalty, stop=tuple(r.stop),
                             stop_token_ids=tuple(r.stop_token_ids), seed=r.seed * STEP_SEED_STRIDE + step,
                             n=r.samples_per_prompt)
 
 
-def make_monitor(cfg: Any, eos_id: int, reference: Optional[L.ReferenceLengths]) -> L.LengthMonitor:
+def make_monitor(cfg: TrainConfig, eos_id: int, reference: Optional[L.ReferenceLengths]) -> L.LengthMonitor:
     """The length monitor of `cfg.length`: its detector thresholds are LengthConfig's fields
     of the same names; its penalties and remedies are the rest."""
     ln = cfg.length
@@ -74,14 +77,14 @@ def make_monitor(cfg: Any, eos_id: int, reference: Optional[L.ReferenceLengths])
                            repeat_threshold=ln.repeat_threshold)
 
 
-def format_penalty(f: Any) -> dict:
+def format_penalty(f: FormatConfig) -> dict:
     """The PenaltyConfig fields of the format checks: they act only when rollouts are checked."""
     on = bool(f.rollouts and f.checks)
     return {"malformed_weight": f.seq_weight if on else 1.0,
             "prefer_malformed_rejected": bool(on and f.prefer_rejected)}
 
 
-def rollout_format(f: Any, rollouts: RolloutBatch, special_ids: set) -> Optional[RolloutFormat]:
+def rollout_format(f: FormatConfig, rollouts: RolloutBatch, special_ids: set) -> Optional[RolloutFormat]:
     """Format checks of a step's rollouts (None when format.rollouts is off or no check is on)."""
     if not (f.rollouts and f.checks):
         return None
@@ -114,7 +117,7 @@ class Distillation:
     """State of one run; `run()` is the loop. `checkpoint()` can be called from outside
     (Ctrl-C, actor error) to save the last completed step."""
 
-    def __init__(self, cfg: Any, workers: Any, tokenizer: Any, train: list[Example],
+    def __init__(self, cfg: TrainConfig, workers: Any, tokenizer: Any, train: list[Example],
                  heldout: list[Example], run_dir: RunDir):
         self.cfg, self.w, self.tok, self.run_dir = cfg, workers, tokenizer, run_dir
         self.train_set, self.heldout = train, prompt_batch(tokenizer, heldout) if heldout else None

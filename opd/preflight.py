@@ -10,15 +10,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from opd.config import ConfigError
 from opd.run_io import check_loggers, checkpoint_problem
 
+if TYPE_CHECKING:  # annotations only: no import cycle at run time
+    from opd.config import TrainConfig
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name", as the hub spells repo ids
 
 
-def check_start(cfg: Any) -> None:
+def check_start(cfg: TrainConfig) -> None:
     errs = [e for e in (_model_problem("student.path", cfg.student.path),
                         _model_problem("teacher.path", cfg.teacher.path)) if e]
     errs += _prompt_file_problems(cfg.task)
@@ -67,7 +71,7 @@ def _prompt_file_problems(task: Any) -> list[str]:
             if path and not Path(path).expanduser().is_file()]
 
 
-def _gpu_problems(cfg: Any) -> list[str]:
+def _gpu_problems(cfg: TrainConfig) -> list[str]:
     """A GPU config on a machine without one. On a Ray cluster (RAY_ADDRESS) the GPUs may be
     on other nodes: `opd.actors.check_resources` checks the cluster instead."""
     import torch

@@ -19,9 +19,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import replace
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from opd.types import FinishReason, PromptBatch, RolloutBatch, SamplingSettings, WeightUpdate
+
+if TYPE_CHECKING:  # annotations only: no import cycle at run time
+    from opd.config import RolloutConfig
+
 
 EXTENSION = "opd.rollout.WeightSyncExtension"
 
@@ -75,7 +79,7 @@ def cpu_engine_env() -> None:
         os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 
-def engine_kwargs(model_path: str, rollout_cfg: Any, *, seed: int, dtype: str,
+def engine_kwargs(model_path: str, rollout_cfg: RolloutConfig, *, seed: int, dtype: str,
                   trust_remote_code: bool, max_logprobs: int = 20,
                   logprobs_mode: str = "processed_logprobs") -> dict:
     """Arguments of `vllm.LLM` for our engines, the same on CPU and GPU except memory."""
@@ -110,7 +114,7 @@ def greedy_settings(max_new_tokens: int) -> SamplingSettings:
 class RolloutWorker:
     """The student in a vLLM engine: sample, score greedily, take new weights."""
 
-    def __init__(self, model_path: str, rollout_cfg: Any, worker_index: int = 0,
+    def __init__(self, model_path: str, rollout_cfg: RolloutConfig, worker_index: int = 0,
                  trust_remote_code: bool = False):
         cpu_engine_env()
         from vllm import LLM

@@ -32,7 +32,10 @@ import re
 import string
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+if TYPE_CHECKING:  # annotations only: no import cycle at run time
+    from opd.config import TaskConfig
 
 
 @dataclass(frozen=True)
@@ -350,7 +353,7 @@ def encode_answer(tokenizer: Any, answer: str) -> list[int]:
     return list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
 
 
-def load_splits(task_cfg: Any, tokenizer: Any = None, max_prompt_tokens: Optional[int] = None,
+def load_splits(task_cfg: TaskConfig, tokenizer: Any = None, max_prompt_tokens: Optional[int] = None,
                 fmt: Optional[FormatRule] = None) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples for a TaskConfig; `fmt`: format checks on prompt files."""
     if task_cfg.name != "file":

@@ -20,13 +20,16 @@ accepted, and logits are cut to the shared vocabulary.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
 
 from opd.device import pick_device
 from opd.types import FinishReason, PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
+
+if TYPE_CHECKING:  # annotations only: no import cycle at run time
+    from opd.config import RolloutConfig, TeacherConfig
 
 
 class TokenizerMismatch(ValueError):
@@ -95,7 +98,7 @@ def check_pair(student_path: str, teacher_path: str, student_trust: bool = False
 class TeacherScorer:
     """Frozen teacher; `score` returns its log-probs of the student's completion tokens."""
 
-    def __init__(self, model_path: str, teacher_cfg: Any, rollout_cfg: Any, device: str = "auto"):
+    def __init__(self, model_path: str, teacher_cfg: TeacherConfig, rollout_cfg: RolloutConfig, device: str = "auto"):
         self.cfg, self.path = teacher_cfg, model_path
         if teacher_cfg.backend == "vllm":
             self._init_vllm(rollout_cfg)
@@ -114,7 +117,7 @@ class TeacherScorer:
         self.model.requires_grad_(False)
         self.embedding_rows = self.model.get_input_embeddings().weight.shape[0]
 
-    def _init_vllm(self, rollout_cfg: Any) -> None:
+    def _init_vllm(self, rollout_cfg: RolloutConfig) -> None:
         from opd.rollout import cpu_engine_env, engine_kwargs
 
         cpu_engine_env()

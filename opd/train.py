@@ -16,17 +16,21 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig
 
 from opd.config import CONF_DIR, register_configs, to_dataclass
 
+if TYPE_CHECKING:  # annotations only: no import cycle at run time
+    from opd.config import TrainConfig
+
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def prepare_run(cfg: Any):
+def prepare_run(cfg: TrainConfig):
     """Everything before the actors: paths (checked), models, tokenizers (checked), prompts,
     run dir."""
     from opd.config import as_dict
@@ -52,7 +56,7 @@ def prepare_run(cfg: Any):
     return run, student_path, teacher_path, resume, tok, train, heldout
 
 
-def run_training(cfg: Any) -> dict:
+def run_training(cfg: TrainConfig) -> dict:
     """Run one distillation; returns the summary (also written to run_dir/summary.json)."""
     from opd.actors import Workers, start_ray
     from opd.console import quiet_libraries

@@ -29,11 +29,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
 from opd.tasks import TASK_ALPHABET, Example, encode_answer, encode_prompt, exact_match
+
+if TYPE_CHECKING:  # annotations only: no import cycle at run time
+    from opd.config import TaskConfig, TrainConfig, ZooModelConfig
+
 
 ZOO_FORMAT = 1
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -104,7 +108,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 # ------------------------------------------------------------------ models
-def qwen2_config(tokenizer: Any, z: Any, max_positions: int = 256):
+def qwen2_config(tokenizer: Any, z: ZooModelConfig, max_positions: int = 256):
     from transformers import Qwen2Config
 
     return Qwen2Config(
@@ -155,7 +159,7 @@ def greedy_exact_match(model: Any, tokenizer: Any, examples: Sequence[Example],
     return hits / max(1, len(examples))
 
 
-def sft_train(tokenizer: Any, z: Any, train: Sequence[Example], heldout: Sequence[Example],
+def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldout: Sequence[Example],
               log_prefix: str) -> tuple[Any, dict]:
     """Build a Qwen2 model from `z` (a ZooModelConfig) and SFT it until the held-out exact
     match reaches `z.stop_at_exact_match` or `z.sft_steps` run out."""
@@ -187,12 +191,12 @@ def sft_train(tokenizer: Any, z: Any, train: Sequence[Example], heldout: Sequenc
 
 
 # ------------------------------------------------------------------ the zoo
-def _task_spec(task_cfg: Any) -> dict:
+def _task_spec(task_cfg: TaskConfig) -> dict:
     keys = ("name", "seed", "train_size", "heldout_size", "max_digits", "min_chars", "max_chars")
     return {k: getattr(task_cfg, k) for k in keys}
 
 
-def model_spec(role: str, task_cfg: Any, z: Any, tokenizer_dir: Path) -> dict:
+def model_spec(role: str, task_cfg: TaskConfig, z: ZooModelConfig, tokenizer_dir: Path) -> dict:
     return {"format": ZOO_FORMAT, "role": role, "task": _task_spec(task_cfg),
             "zoo": dataclasses.asdict(z), "tokenizer": tokenizer_dir.name}
 
@@ -204,7 +208,7 @@ def ensure_tokenizer(zoo_dir: str | Path) -> Path:
     return _atomic_build(final, build_tokenizer)
 
 
-def ensure_model(role: str, zoo_dir: str | Path, task_cfg: Any, z: Any,
+def ensure_model(role: str, zoo_dir: str | Path, task_cfg: TaskConfig, z: ZooModelConfig,
                  tokenizer_dir: Path) -> Path:
     """Path of the zoo model for (role, task, recipe); built (atomically) if missing."""
     from opd.tasks import build_task
@@ -231,7 +235,7 @@ def zoo_info(model_dir: str | Path) -> Optional[dict]:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def ensure_zoo(cfg: Any) -> ZooPaths:
+def ensure_zoo(cfg: TrainConfig) -> ZooPaths:
     """Build (or reuse) the zoo named by cfg.zoo.name: the toy models for cfg.task, or the
     real SmolLM2 pair (any task)."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -248,7 +252,7 @@ def ensure_zoo(cfg: Any) -> ZooPaths:
     return ZooPaths(tok_dir, teacher, student)
 
 
-def resolve_model_paths(cfg: Any) -> tuple[str, str]:
+def resolve_model_paths(cfg: TrainConfig) -> tuple[str, str]:
     """(student path, teacher path): the user's, or the zoo's (built when missing)."""
     if cfg.student.path and cfg.teacher.path:
         return cfg.student.path, cfg.teacher.path
