@@ -79,6 +79,11 @@ class Window:
         return cls(torch.as_tensor(np.minimum(target, S - 1) - 1, device=device),
                    torch.as_tensor(valid, device=device))
 
+    @property
+    def columns(self) -> int:
+        """Sequence columns a causal forward needs for these logits (up to the last position)."""
+        return int(self.pos_BT.max()) + 1
+
     def targets(self, a_BS: torch.Tensor) -> torch.Tensor:
         """a[b, P_b + t, ...] for the window (0 where past the end); a is [B, S, ...]."""
         idx = (self.pos_BT + 1).reshape(*self.pos_BT.shape, *([1] * (a_BS.dim() - 2)))
@@ -255,7 +260,7 @@ class Learner:
             raise ValueError("the batch asks for the divergence anchor, but this learner has none: "
                              "set length.mode=auto and length.anchor_coef > 0 when it starts")
         with torch.no_grad():
-            ref = self._logits(self._tensor(b.input_ids_BS, rows), win, self.anchor)
+            ref = self._logits(self._tensor(b.input_ids_BS, rows)[:, : win.columns], win, self.anchor)
         loss, _ = losses.generalized_jsd(logits, ref, mask, beta=1.0, normalizer=n_tokens)
         return loss, {"loss/anchor_kl": loss.item()}
 
@@ -333,11 +338,12 @@ class Learner:
         return acc
 
     def _row_loss_on(self, b: TrainBatch, norm: "Normalizers") -> bool:
-        """Whether any row term (distillation, length remedy, SFT) can train this batch: an
+        """Whether any row term (distillation, length remedies, SFT) can train this batch: an
         SMPO-only batch skips the forward over every row (its pairs have their own)."""
         L = self.loss_cfg
         distill = L.distill != "none" and L.distill_coef > 0 and norm.on > 0
-        return bool(distill or (b.remedy_weight_B is not None and norm.on) or norm.sft)
+        remedies = (b.remedy_weight_B is not None or b.anchor_coef > 0) and norm.on
+        return bool(distill or remedies or norm.sft)
 
     def _skip_update(self, grad_norm: float) -> None:
         """A bad step: drop the gradients; too many in a row stop the run (the learner's step
