@@ -20,7 +20,7 @@ Pure functions over typed batches: no Ray, no I/O.
 from __future__ import annotations
 
 import math
-from typing import Collection, Optional
+from typing import TYPE_CHECKING, Collection, Optional
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from opd import length as L
 from opd.batch import build_train_batch, teacher_kl_metrics
 from opd.tasks import answer_correct
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
+
+if TYPE_CHECKING:
+    from opd.config import RolloutConfig
 
 LENGTH_KEYS = ("eos_frac", "truncated_frac", "repetition_frac", "mean")
 
@@ -41,6 +44,18 @@ def eval_settings(max_new_tokens: int, greedy: bool, seed: int = 0) -> SamplingS
 
     plain = greedy_settings(max_new_tokens)
     return plain if greedy else replace(plain, temperature=1.0, seed=seed)
+
+
+def configured_settings(r: "RolloutConfig", max_new_tokens: int, seed: int = 0) -> Optional[SamplingSettings]:
+    """One sample per prompt with the rollouts' own temperature / top-p / top-k / repetition
+    penalty (what a user deploying with them would see); None where they are plain T=1
+    sampling, which the `sampled` view already is."""
+    from dataclasses import replace
+
+    plain = eval_settings(max_new_tokens, greedy=False, seed=seed)
+    tuned = replace(plain, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                    repetition_penalty=r.repetition_penalty)
+    return None if tuned == plain else tuned
 
 
 def accuracy(rollouts: RolloutBatch, prompts: PromptBatch) -> float:
@@ -99,8 +114,17 @@ class Evaluator:
         batch = build_train_batch(self.w.teacher_eval[0], None, self.pad, self.eos, on_policy=False,
                                   temperature=1.0)
         nll = mean_nll(self.w.student_logprobs(batch), batch.loss_mask_BS)
-        return student_view(self.heldout, sampled, greedy, self.w.score(sampled), nll, self.eos_ids,
-                            self.n, **self.stats_kw)
+        return {**student_view(self.heldout, sampled, greedy, self.w.score(sampled), nll, self.eos_ids,
+                               self.n, **self.stats_kw), **self._configured()}
+
+    def _configured(self) -> dict[str, float]:
+        """Lengths of one sample per held-out prompt under the rollouts' sampling settings
+        (`configured/...`; {} when those are plain T=1 sampling)."""
+        settings = configured_settings(self.cfg.rollout, self.n, seed=self.cfg.seed)
+        if settings is None:
+            return {}
+        return length_view(self.w.generate(self.heldout, settings), self.eos_ids, self.n, "configured",
+                           **self.stats_kw)
 
     def teacher(self) -> dict[str, float]:
         """The teacher's own view, from its greedy and sampled completions made at start; its
@@ -127,6 +151,9 @@ ROWS = (  # (key, label) of the end-of-run table
     ("greedy/eos_frac", "EOS rate, greedy"),
     ("greedy/truncated_frac", "truncated, greedy"),
     ("greedy/repetition_frac", "repetitive, greedy"),
+    ("configured/eos_frac", "EOS rate, rollout sampling settings"),
+    ("configured/truncated_frac", "truncated, rollout sampling settings"),
+    ("configured/repetition_frac", "repetitive, rollout sampling settings"),
 )
 
 

@@ -216,7 +216,8 @@ class Learner:
         L = self.loss_cfg
         win, logits, lp, mask, _ = self._forward(b, rows)
         on = self._tensor(b.on_policy_B.astype(np.float32), rows)[:, None]
-        terms = []
+        terms = [(0.0, torch.zeros((), device=self.device), losses.sampler_mismatch_metrics(
+            lp, self._tensor(b.sampler_logprobs_BS, rows, win), mask * on))] if (mask * on).any() else []
         if L.distill == "reverse_kl_pg" and L.distill_coef and norm.pg:
             pg_mask = mask * on * self._tensor(b.seq_weight_B, rows)[:, None]  # stop-properly
             terms.append((L.distill_coef, *losses.reverse_kl_pg_loss(

@@ -309,6 +309,25 @@ def reverse_kl_pg_loss(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: t
     }
 
 
+def sampler_mismatch_metrics(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor,
+                             mask_BT: torch.Tensor, eps: float = 0.2) -> Metrics:
+    """How far the sampler's distribution is from the learner's, on the sampled tokens, for
+    every loss (the PG loss corrects for it; the KL losses train on its samples as they are).
+    With r_t = exp(l_student - l_sampler): is/ratio_mean = mean r_t; is/clip_frac = share of
+    tokens with |r_t - 1| > eps (where a PPO clip at eps would act); is/kl_k3 = mean of
+    r_t - 1 - log r_t, the k3 estimate of KL(sampler‖student). Top-k, top-p, a temperature
+    other than the learner's and a repetition penalty all move these away from 1, 0, 0.
+    Shapes: all (B, T) -> metrics."""
+    mask = mask_BT.detach().double()
+    valid = mask > 0
+    log_r = torch.where(valid, student_logprobs_BT.detach().double().clamp(min=LOGP_FLOOR)
+                        - sampler_logprobs_BT.detach().double(), torch.zeros_like(mask))
+    r = torch.exp(log_r)
+    return {"is/ratio_mean": _metric_mean(r, mask),
+            "is/clip_frac": _metric_mean(((r - 1).abs() > eps).double(), mask),
+            "is/kl_k3": _metric_mean(r - 1 - log_r, mask)}
+
+
 # ----------------------------------------------------------------------------------- SFT
 def sft_loss(student_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor,
              normalizer: float | None = None) -> tuple[torch.Tensor, Metrics]:

@@ -669,3 +669,25 @@ def test_gather_logprobs_matches_log_softmax(chunk, temp):
     g, g_ref = (torch.autograd.grad((x * w).sum(), logits)[0] for x in (out, ref))
     torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
     assert out.shape == (3, 5) and gather_logprobs(logits.float(), ids).dtype == torch.float32
+
+
+def test_sampler_mismatch_metrics_by_hand():
+    """is/ratio_mean, is/clip_frac and is/kl_k3 over the masked tokens, as written out."""
+    from opd.losses import sampler_mismatch_metrics
+
+    lp, ls, _, m = _pg_inputs()
+    got = sampler_mismatch_metrics(lp, ls, m, eps=0.2)
+    r_sum = clip = k3 = w = 0.0
+    for b in range(3):
+        for t in range(5):
+            if m[b, t] > 0:
+                d = lp[b, t].item() - ls[b, t].item()
+                r_sum += m[b, t].item() * math.exp(d)
+                clip += m[b, t].item() * (abs(math.exp(d) - 1) > 0.2)
+                k3 += m[b, t].item() * (math.exp(d) - 1 - d)
+                w += m[b, t].item()
+    assert got["is/ratio_mean"] == pytest.approx(r_sum / w, rel=1e-10)
+    assert got["is/clip_frac"] == pytest.approx(clip / w, rel=1e-10)
+    assert got["is/kl_k3"] == pytest.approx(k3 / w, rel=1e-10)
+    same = sampler_mismatch_metrics(lp, lp, m)
+    assert (same["is/ratio_mean"], same["is/clip_frac"], same["is/kl_k3"]) == (1.0, 0.0, 0.0)

@@ -106,3 +106,21 @@ def test_summary_and_opd_eval_report_the_heldout_views(tiny_overrides, tiny_zoo,
     views = json.loads(out.strip().splitlines()[-1])
     # the same weights, greedy: the same answers (one of 30 prompts may flip on float noise)
     assert views["before"]["accuracy/greedy"] == pytest.approx(ev["after"]["accuracy/greedy"], abs=0.04)
+
+
+def test_processed_sampling_shows_in_mismatch_metrics_and_configured_view(tiny_overrides, tiny_zoo, tmp_path):
+    """Plain T=1 rollouts: the sampler's log-probs are the student's (ratio ~1, nothing past a
+    0.2 clip). Top-k 2 with a repetition penalty: the sampled distribution differs, the
+    mismatch metrics say so, and the held-out `configured/` view samples with those settings."""
+    def run(name, extra):
+        cfg = load_config(tiny_overrides + FAST + [f"run_dir={tmp_path / name}", "resources.use_ray=false",
+                                                   "steps=1", "loss=gkd"] + extra)
+        return run_training(cfg), _metrics(tmp_path / name)[0]
+
+    plain, m_plain = run("plain", [])
+    tuned, m_tuned = run("tuned", ["rollout.top_k=2", "rollout.repetition_penalty=1.5"])
+    assert abs(m_plain["is/ratio_mean"] - 1) < 0.02 and m_plain["is/clip_frac"] < 0.02
+    assert m_tuned["is/clip_frac"] > 0.1 and m_tuned["is/kl_k3"] > 10 * m_plain["is/kl_k3"]
+    assert not any(k.startswith("configured/") for k in plain["eval"]["before"])
+    assert {"configured/repetition_frac", "configured/truncated_frac", "configured/eos_frac"} <= set(
+        tuned["eval"]["after"])
