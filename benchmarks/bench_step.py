@@ -28,7 +28,10 @@ from pathlib import Path
 import numpy as np
 
 
-PHASES = ("generate", "teacher", "teacher_generate", "learn", "sync", "other", "step")
+# generate_overlapped / generate_wait: rollout.overlap=true, where a step's rollouts were made
+# while the step before trained, and the part of that generation a step still waits for
+PHASES = ("generate", "generate_overlapped", "generate_wait", "teacher", "teacher_generate", "learn", "sync",
+          "other", "step")
 
 
 def plain_vllm(cfg, student_path: str, prompt_ids: list[list[int]], step_seed: int, repeats: int):
@@ -54,12 +57,12 @@ def plain_vllm(cfg, student_path: str, prompt_ids: list[list[int]], step_seed: i
 
 
 def loop_phases(run_dir: str) -> tuple[dict, dict]:
-    """Mean seconds per phase over the measured steps (the first warms up), and the mean
+    """Median seconds per phase over the measured steps (the first warms up), and the mean
     of the token counts and the learner's peak memory."""
     lines = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [l for l in lines if "time/step" in l][1:]
     mean = lambda k: float(np.mean([s.get(k, 0.0) for s in steps]))  # noqa: E731
-    phases = {p: mean(f"time/{p}") for p in PHASES}
+    phases = {p: float(np.median([s.get(f"time/{p}", 0.0) for s in steps])) for p in PHASES}
     shape = {k: mean(k) for k in ("rollout/tokens", "rollout/tokens_per_s", "learner/seq_tokens",
                                   "learner/padded_tokens", "sync/mb")}
     shape["learner/peak_rss_mb"] = max(s.get("learner/peak_rss_mb", 0.0) for s in steps)
@@ -91,7 +94,8 @@ def compare(phases: dict, shape: dict, raw: dict) -> dict:
               "sync": raw["sync"]["seconds"]}
     raw_sum = sum(scaled.values()) + phases["teacher_generate"]
     return {"raw_seconds_at_loop_tokens": scaled, "raw_sum_seconds": raw_sum,
-            "ratio_to_raw": {p: phases[p] / scaled[p] if scaled[p] else None for p in scaled},
+            "ratio_to_raw": {p: (phases[p] + (phases["generate_overlapped"] if p == "generate" else 0))
+                             / scaled[p] if scaled[p] else None for p in scaled},
             "step_over_raw_sum": phases["step"] / raw_sum if raw_sum else None,
             "sync_share_of_step": phases["sync"] / phases["step"] if phases["step"] else None}
 

@@ -2,7 +2,7 @@
 as plain objects in this process (`resources.use_ray=false`, for tests and debugging).
 
 `Workers` is the one handle the driver loop uses. Its methods are the loop's verbs
-(generate, score, teacher_generate, train, sync, student_logprobs) and hide whether a call crosses a process: with Ray
+(generate, generate_async, score, teacher_generate, train, sync, student_logprobs) and hide whether a call crosses a process: with Ray
 each call is a remote call waited on with `resources.remote_timeout_s`, so a hung actor
 becomes a clear `ActorError` naming the actor and the call, never a silent hang.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from opd.console import filter_benign_vllm_warnings, redirect_output
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores, TrainBatch, WeightUpdate
@@ -233,7 +233,10 @@ class Workers:
         or the teacher found dead is restarted and its call resubmitted; a dead learner raises
         `LearnerDied` (the loop restores it from a checkpoint)."""
         calls = [(c[0], c[1], c[2] if len(c) > 2 else ()) for c in calls]
-        refs = [actor.submit(method, *args) for actor, method, args in calls]
+        return self._results(calls, [actor.submit(method, *args) for actor, method, args in calls], timeout)
+
+    def _results(self, calls: list[tuple[Any, str, tuple]], refs: list, timeout: Optional[float] = None) -> list:
+        """The answers of submitted calls (in process: the answers themselves)."""
         if not self.use_ray:
             return refs
         return [self._wait(call, ref, timeout or self.timeout) for call, ref in zip(calls, refs)]
@@ -295,10 +298,17 @@ class Workers:
     # ------------------------------------------------------------------ the loop's verbs
     def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
         """Split the prompts over the rollout workers (data parallel) and join the results."""
+        return self.generate_async(prompts, sampling)()
+
+    def generate_async(self, prompts: PromptBatch, sampling: SamplingSettings) -> Callable[[], RolloutBatch]:
+        """Start `generate` and return at once; calling the result waits for the rollouts (with
+        Ray the workers generate meanwhile; in process they already have)."""
         W = len(self.rollouts)
         parts = [prompts.rows(slice(i, None, W)) for i in range(W)]
-        outs = self.gather([(w, "generate", (p, sampling)) for w, p in zip(self.rollouts, parts) if p.prompt_ids])
-        return merge_rollouts(outs, [len(p.prompt_ids) for p in parts if p.prompt_ids], W, sampling.n)
+        calls = [(w, "generate", (p, sampling)) for w, p in zip(self.rollouts, parts) if p.prompt_ids]
+        refs = [actor.submit(method, *args) for actor, method, args in calls]
+        sizes = [len(p.prompt_ids) for p in parts if p.prompt_ids]
+        return lambda: merge_rollouts(self._results(calls, refs), sizes, W, sampling.n)
 
     def score(self, rollouts: RolloutBatch) -> TeacherScores:
         return self.call(self.teacher, "score", rollouts)

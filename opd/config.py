@@ -100,6 +100,11 @@ class RolloutConfig:
     gpu_memory_utilization: float = MISSING  # fraction of GPU memory per engine (GPU only)
     dtype: str = MISSING  # engine dtype: "float32" | "bfloat16" | "float16"
     eval_max_new_tokens: int = MISSING  # greedy evaluation budget
+    # one-step off-policy: step t+1's rollouts are generated while step t is scored and trained
+    # (from the weights of step t-1: `rollout/staleness` 1); needs loss.on_policy_fraction=1
+    overlap: bool = False
+    overlap_correction: str = "tis"  # "tis": truncated importance weights on stale rollouts | "none"
+    overlap_tis_cap: float = 2.0  # the truncation of those weights (>= 1)
 
 
 @dataclass
@@ -356,6 +361,7 @@ RULES: dict[str, tuple] = {
     "rollout.seed": _ge(0), "rollout.max_model_len": _ge(2), "rollout.kv_cache_gib": _gt(0),
     "rollout.gpu_memory_utilization": _range(0, 1, lo_open=True), "rollout.dtype": _DTYPES,
     "rollout.eval_max_new_tokens": _ge(1),
+    "rollout.overlap_correction": _in("tis", "none"), "rollout.overlap_tis_cap": _ge(1),
     "loss.distill": _in("reverse_kl_pg", "jsd", "none"),
     "loss.distill_coef": _ge(0), "loss.jsd_beta": _range(0, 1), "loss.jsd_temperature": _gt(0),
     "loss.clip_eps_low": _opt(_range(0, 1, hi_open=True)), "loss.clip_eps_high": _opt(_gt(0)),
@@ -446,6 +452,9 @@ def _cross_checks(cfg: TrainConfig) -> list[str]:
         errs.append("early_stop.enabled needs early_stop.threshold or early_stop.sweep_dir, got both null")
     if es.enabled and es.after_steps >= cfg.steps:
         errs.append(f"early_stop.after_steps must be < steps ({cfg.steps}), got {es.after_steps}")
+    if r.overlap and cfg.loss.on_policy_fraction < 1:
+        errs.append(f"rollout.overlap needs loss.on_policy_fraction=1 (every step from student "
+                    f"rollouts), got {cfg.loss.on_policy_fraction}; or set rollout.overlap=false")
     if cfg.loss.distill == "none" and cfg.loss.smpo_coef == 0 and cfg.loss.sft_coef == 0:
         errs.append("loss: every term is off (loss.distill=none, loss.smpo_coef=0, "
                     "loss.sft_coef=0): nothing would be trained")

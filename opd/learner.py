@@ -227,7 +227,8 @@ class Learner:
                 discount=L.discount, seq_advantage_B=self._tensor(b.seq_advantage_B, rows),
                 normalizer=norm.pg, no_reward_BT=self._tensor(b.no_reward_BS, rows, win))))
         if L.distill == "jsd" and L.distill_coef and norm.on:
-            terms.append((L.distill_coef, *self._jsd(b, rows, win, logits, mask * on, norm.on,
+            stale = self._stale_weights(b, rows, win, lp, mask * on)
+            terms.append((L.distill_coef, *self._jsd(b, rows, win, logits, mask * on * stale, norm.on,
                                                      L.jsd_beta)))
         if b.remedy_weight_B is not None and norm.on:  # the length remedy: forward KL, top-k
             w = self._tensor(b.remedy_weight_B, rows)[:, None]
@@ -240,6 +241,15 @@ class Learner:
             terms.append((1.0, *losses.sft_loss(lp, sft_mask, normalizer=norm.sft)))
         total = sum((c * loss for c, loss, _ in terms), torch.zeros((), device=self.device))
         return total, {k: v for _, _, m in terms for k, v in m.items()}
+
+    def _stale_weights(self, b: TrainBatch, rows, win, lp, mask) -> torch.Tensor | float:
+        """Rollouts from older weights (b.is_cap set): each KL term's truncated prefix
+        importance weight; 1 otherwise. The PG loss needs none: its PPO ratio already has
+        the sampler as behaviour policy."""
+        if b.is_cap is None:
+            return 1.0
+        return losses.prefix_importance_weights(lp, self._tensor(b.sampler_logprobs_BS, rows, win),
+                                                mask, b.is_cap)
 
     def _jsd(self, b: TrainBatch, rows, win, logits, mask, n_tokens, beta: float):
         L = self.loss_cfg

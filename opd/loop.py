@@ -22,8 +22,8 @@ import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import fields, replace
-from typing import TYPE_CHECKING, Any, Optional
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
@@ -91,6 +91,19 @@ def rollout_format(f: FormatConfig, rollouts: RolloutBatch, special_ids: set) ->
     return check_rollouts(rollouts.texts, rollouts.completion_ids, f.checks, f.extra_tokens, special_ids)
 
 
+@dataclass(frozen=True)
+class Pending:
+    """rollout.overlap: the next step's prompts and the rollouts generated for them."""
+
+    prompts: PromptBatch
+    rollouts: RolloutBatch
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> Optional["Pending"]:
+        """From `asdict` (a checkpoint's JSON); None stays None."""
+        return None if d is None else cls(PromptBatch(**d["prompts"]), RolloutBatch(**d["rollouts"]))
+
+
 class PhaseTimer:
     """Seconds per named phase of one step: `with timer("learn"): ...`."""
 
@@ -108,7 +121,7 @@ class PhaseTimer:
         out = {**self.seconds, "time/step": time.time() - self.t0}
         known = sum(v for k, v in {**reported, **self.seconds}.items()
                     if k in ("time/generate", "time/teacher", "time/teacher_generate", "time/learn",
-                             "time/sync"))
+                             "time/generate_wait", "time/sync"))
         out["time/other"] = out["time/step"] - known
         return out
 
@@ -129,6 +142,8 @@ class Distillation:
         self.monitor: Optional[L.LengthMonitor] = None
         self.starved = 0  # steps whose batch trained on (almost) nothing
         self.reference: Optional[L.ReferenceLengths] = None
+        self.pending: Optional[Pending] = None  # rollout.overlap: the next step's rollouts, ready
+        self.in_flight: Optional[Callable[[], Pending]] = None  # ... or still being generated
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume_extra: Optional[dict] = None) -> dict:
@@ -140,7 +155,7 @@ class Distillation:
         self.start_state = json.loads(json.dumps(self.loop_state()))  # a copy, for a lost learner
         while self.step < self.cfg.steps:
             step, timer = self.step + 1, PhaseTimer()
-            prompts = self.next_prompts()
+            prompts = self.pending.prompts if self.pending else self.next_prompts()
             if self.rng.random() < self.cfg.loss.on_policy_fraction:  # GKD's lambda
                 batch, values, events = self.on_policy_batch(prompts, step)
             else:
@@ -148,6 +163,8 @@ class Distillation:
             try:
                 with timer("learn"):
                     values.update(self.w.train(batch))
+                with timer("generate_wait"):  # rollout.overlap: the next step's rollouts
+                    self.pending = self.in_flight() if self.in_flight else None
                 with timer("sync"):
                     update, versions = self.w.sync()
             except LearnerDied as e:
@@ -245,7 +262,7 @@ class Distillation:
     def on_policy_batch(self, prompts: PromptBatch, step: int):
         """The student's rollouts, scored by the teacher, shaped by the length monitor's plan
         (penalties, the top-k KL remedy, the loop-tail rule, teacher mixture rows)."""
-        rollouts = self.w.generate(prompts, sampling_settings(self.cfg.rollout, self.monitor.max_new_tokens, step))
+        rollouts = self.student_rollouts(prompts, step)
         scores = self.w.score(rollouts)
         stats, events, plan = self.monitor.observe(rollouts.completion_ids, rollouts.finish_reasons, step)
         lengths, reasons = rollouts.lengths, rollouts.finish_reasons
@@ -276,7 +293,23 @@ class Distillation:
                                   seq_advantage_N=adv, pairs=pairs, sft_weight_N=sft_w,
                                   remedy_weight_N=remedy, no_reward_tail_N=tails,
                                   anchor_coef=plan.anchor_coef)
+        r = self.cfg.rollout
+        if values["rollout/staleness"] > 0 and r.overlap_correction == "tis":
+            batch = replace(batch, is_cap=r.overlap_tis_cap)
         return batch, values, events
+
+    def student_rollouts(self, prompts: PromptBatch, step: int) -> RolloutBatch:
+        """This step's rollouts: generated now, or (rollout.overlap) the ones generated while
+        the previous step trained. With overlap the next step's generation starts here, from
+        the weights of this step's start, and runs while this step is scored and trained."""
+        settings = lambda s: sampling_settings(self.cfg.rollout, self.monitor.max_new_tokens, s)  # noqa: E731
+        rollouts = self.pending.rollouts if self.pending else self.w.generate(prompts, settings(step))
+        self.pending = self.in_flight = None
+        if self.cfg.rollout.overlap and step < self.cfg.steps:
+            nxt = self.next_prompts()
+            done = self.w.generate_async(nxt, settings(step + 1))
+            self.in_flight = lambda: Pending(nxt, done())
+        return rollouts
 
     def rollout_metrics(self, prompts: PromptBatch, rollouts, scores) -> dict[str, float]:
         G, n_tok = self.cfg.rollout.samples_per_prompt, sum(rollouts.lengths)
@@ -285,7 +318,10 @@ class Distillation:
         return {**teacher_kl_metrics(rollouts, scores), "rollout/train_accuracy": float(np.mean(hits)),
                 "rollout/tokens": float(n_tok), "rollout/tokens_per_s": n_tok / max(1e-9, rollouts.seconds),
                 "rollout/weight_version": float(rollouts.weight_version), "rollout/on_policy": 1.0,
-                "time/generate": rollouts.seconds, "time/teacher": scores.seconds}
+                "rollout/staleness": float(self.step - rollouts.weight_version),
+                # a generation that overlapped the previous step is not part of this one's time
+                "time/generate" if not self.cfg.rollout.overlap else "time/generate_overlapped":
+                    rollouts.seconds, "time/teacher": scores.seconds}
 
     def smpo_pairs(self, prompts, rollouts, scores, stats, plan, malformed=None):
         """Best vs worst sample of each prompt; a bad one (truncated, looping) as rejected when
@@ -356,7 +392,7 @@ class Distillation:
         """What a checkpoint keeps of the loop (JSON): step, data cursor, monitor, summary."""
         return {"step": self.step, "rng": list(self.rng.getstate()[1]), "rng_gauss": self.rng.getstate()[2],
                 "monitor": self.monitor.state_dict() if self.monitor else None, "summary": self.summary,
-                "starved": self.starved,
+                "starved": self.starved, "pending": asdict(self.pending) if self.pending else None,
                 "reference": None if self.reference is None else [self.reference.mean, self.reference.p95]}
 
     def recover_learner(self, err: Exception) -> None:
@@ -370,6 +406,7 @@ class Distillation:
         self.rng.setstate((3, tuple(extra["rng"]), extra["rng_gauss"]))
         self.summary = dict(extra["summary"])
         self.starved = int(extra.get("starved", 0))
+        self.pending, self.in_flight = Pending.from_dict(extra.get("pending")), None
         self.reference = L.ReferenceLengths(*extra["reference"]) if extra["reference"] else None
         self.monitor = make_monitor(self.cfg, self.eos, self.reference)
         if extra.get("monitor"):

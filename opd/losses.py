@@ -504,3 +504,22 @@ def gather_logprobs(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, temperature:
     Shapes: logits_BTV (B, T, V); ids_BT (B, T) -> logprobs_BT (B, T).
     """
     return _gather_chunked(logits_BTV, ids_BT.unsqueeze(-1), temperature, chunk_size).squeeze(-1)
+
+
+# ---------------------------------------------------------- stale rollouts (rollout.overlap)
+def prefix_importance_weights(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor,
+                              mask_BT: torch.Tensor, cap: float) -> torch.Tensor:
+    """w_t = min(prod_{s<t, mask_s>0} r_s, cap) with r_s = exp(l_student - l_sampler), detached.
+
+    A KL term at position t is an expectation over the prefix y_<t, which the sampler drew;
+    w_t is that prefix's importance weight from the sampler's distribution to the student's,
+    truncated at `cap` (truncated importance sampling, Ionides 2008). The first target of a
+    row has weight 1. Student log-probs of -inf count as LOGP_FLOOR.
+    Shapes: all (B, T) -> (B, T) float."""
+    valid = mask_BT > 0
+    dtype = _float_dtype(student_logprobs_BT)
+    log_r = torch.where(valid, student_logprobs_BT.detach().to(dtype).clamp(min=LOGP_FLOOR)
+                        - sampler_logprobs_BT.detach().to(dtype), torch.zeros((), dtype=dtype,
+                                                                               device=valid.device))
+    before_t = torch.cumsum(log_r, dim=1) - log_r
+    return torch.exp(before_t.clamp(max=math.log(cap)))

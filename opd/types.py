@@ -130,6 +130,8 @@ class TrainBatch:
     no_reward_BS: Optional[np.ndarray] = None  # [B, S] float32 1 where a looping tail's token may
     #   not get a positive advantage (repetition-aware rule); None: off
     anchor_coef: float = 0.0  # weight of KL(student||starting student) on student rollouts (0: off)
+    is_cap: Optional[float] = None  # rollouts from older weights (rollout.overlap): the KL terms
+    #   are weighted by the prefix importance weight, truncated at is_cap; None: off
 
     @property
     def num_tokens(self) -> float:

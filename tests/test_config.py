@@ -79,6 +79,8 @@ BAD = [
     (["rollout.temperature=0"], "rollout.temperature must be > 0, got 0.0"),
     (["rollout.top_p=0"], "rollout.top_p must be in (0, 1], got 0.0"),  # _range, open low end
     (["rollout.top_p=1.01"], "rollout.top_p must be in (0, 1], got 1.01"),
+    (["rollout.overlap_tis_cap=0.5"], "rollout.overlap_tis_cap must be >= 1, got 0.5"),
+    (["rollout.overlap=true", "loss=seqkd"], "rollout.overlap needs loss.on_policy_fraction=1"),
     (["loss.jsd_beta=1.5"], "loss.jsd_beta must be in [0, 1], got 1.5"),  # _range, closed
     (["loss.jsd_beta=-0.1"], "loss.jsd_beta must be in [0, 1], got -0.1"),
     (["optim.beta2=1.0"], "optim.beta2 must be in [0, 1), got 1.0"),  # open high end

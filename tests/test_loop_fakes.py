@@ -39,6 +39,10 @@ class FakeWorkers:
                             [list(comp) for _ in range(n)], [[-1.0] * len(comp) for _ in range(n)],
                             [why] * n, ["x"] * n, self.version, 0.01)
 
+    def generate_async(self, prompts, sampling):
+        out = self.generate(prompts, sampling)  # generated now, from the current weights
+        return lambda: out
+
     def score(self, rollouts):
         T = max(rollouts.lengths)
         return TeacherScores(np.full((len(rollouts.lengths), T), -2.0, np.float32), 1.0, seconds=0.01)
@@ -153,3 +157,34 @@ def test_resumed_run_keeps_the_before_view(tiny_overrides, tok, tmp_path):
     b, w = _loop(tiny_overrides, tok, tmp_path / "b", ["steps=4"])
     summary = b.run(state)
     assert summary["eval"]["before"] == a.summary["eval"]["before"] and len(w.batches) == 2
+
+
+@pytest.mark.parametrize("correction, cap", [("tis", 2.0), ("none", None)])
+def test_overlap_trains_on_the_rollouts_of_the_step_before(tiny_overrides, tok, tmp_path, correction, cap):
+    """rollout.overlap: step t trains on the prompts drawn, and the rollouts generated, during
+    step t-1 (from its weights: staleness 1); the importance cap goes with them when asked."""
+    loop, w = _loop(tiny_overrides, tok, tmp_path, ["loss=gkd", "teacher.logprobs=topk", "rollout.overlap=true",
+                                                   f"rollout.overlap_correction={correction}"])
+    seen = []
+    w.generate_async = lambda p, s, f=w.generate_async: seen.append((p.prompt_ids, w.version)) or f(p, s)
+    loop.run()
+    assert [v for _, v in seen] == [0, 1, 2]  # launched during steps 1..3, before their sync
+    for step, (prompts, _) in enumerate(seen, start=2):  # trained one step later
+        ids = w.batches[step - 1].input_ids_BS
+        assert [ids[2 * i, :len(p)].tolist() for i, p in enumerate(prompts)] == prompts
+    assert [b.is_cap for b in w.batches] == [None, cap, cap, cap]
+
+
+def test_overlap_resumes_with_the_pending_rollouts(tiny_overrides, tok, tmp_path):
+    """A checkpoint of an overlapped run keeps the rollouts made for the next step: the
+    resumed run trains on exactly what the uninterrupted one did."""
+    over = ["loss=gkd", "teacher.logprobs=topk", "rollout.overlap=true", "checkpoint_every=2"]
+    a, wa = _loop(tiny_overrides, tok, tmp_path / "a", over)
+    a.run()
+    state = wa.saved[next(k for k in wa.saved if k.endswith("step-000002"))]
+    assert state["pending"] is not None
+    b, wb = _loop(tiny_overrides, tok, tmp_path / "b", over)
+    b.run(state)
+    for x, y in zip(wa.batches[2:], wb.batches):
+        np.testing.assert_array_equal(x.input_ids_BS, y.input_ids_BS)
+    assert len(wb.batches) == 2

@@ -691,3 +691,18 @@ def test_sampler_mismatch_metrics_by_hand():
     assert got["is/kl_k3"] == pytest.approx(k3 / w, rel=1e-10)
     same = sampler_mismatch_metrics(lp, lp, m)
     assert (same["is/ratio_mean"], same["is/clip_frac"], same["is/kl_k3"]) == (1.0, 0.0, 0.0)
+
+
+def test_prefix_importance_weights_by_hand():
+    """w_t = min(prod over the masked s < t of exp(l_student - l_sampler), cap)."""
+    from opd.losses import prefix_importance_weights
+
+    lp, ls, _, m = _pg_inputs()
+    got = prefix_importance_weights(lp, ls, m, cap=1.5)
+    for b in range(3):
+        log_w = 0.0
+        for t in range(5):
+            if m[b, t] > 0:
+                assert got[b, t].item() == pytest.approx(min(math.exp(log_w), 1.5), rel=1e-6)
+                log_w += lp[b, t].item() - ls[b, t].item()
+    assert torch.equal(prefix_importance_weights(lp, lp, m, cap=2.0), torch.ones_like(lp))
