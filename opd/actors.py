@@ -2,7 +2,8 @@
 as plain objects in this process (`resources.use_ray=false`, for tests and debugging).
 
 `Workers` is the one handle the driver loop uses. Its methods are the loop's verbs
-(generate, generate_async, score, teacher_generate, train, sync, student_logprobs) and hide whether a call crosses a process: with Ray
+(generate, generate_async, score, teacher_generate, train, sync, student_logprobs,
+save_checkpoint, load_checkpoint) and hide whether a call crosses a process: with Ray
 each call is a remote call waited on with `resources.remote_timeout_s`, so a hung actor
 becomes a clear `ActorError` naming the actor and the call, never a silent hang.
 
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from opd.console import filter_benign_vllm_warnings, redirect_output
-from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores, TrainBatch, WeightUpdate
+from opd.types import (CheckpointState, PromptBatch, RolloutBatch, SamplingSettings, TeacherScores, TrainBatch,
+                       WeightUpdate)
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import ResourcesConfig, TrainConfig
@@ -174,14 +176,14 @@ def check_resources(r: ResourcesConfig) -> None:
     import ray
 
     have = ray.cluster_resources()
-    for kind, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
-        need = (r.rollout_workers * getattr(r, f"rollout_{key}") + getattr(r, f"teacher_{key}")
-                + getattr(r, f"learner_{key}"))
+    asks = {"CPU": (r.rollout_workers * r.rollout_num_cpus + r.teacher_num_cpus + r.learner_num_cpus, "cpus"),
+            "GPU": (r.rollout_workers * r.rollout_num_gpus + r.teacher_num_gpus + r.learner_num_gpus, "gpus")}
+    for kind, (need, unit) in asks.items():
         if need > have.get(kind, 0.0) + 1e-9:
             raise ValueError(
                 f"resources: the actors ask for {need:g} {kind} (resources.rollout_workers x "
-                f"resources.rollout_{key} + resources.teacher_{key} + resources.learner_{key}) but "
-                f"the Ray cluster has {have.get(kind, 0.0):g}")
+                f"resources.rollout_num_{unit} + resources.teacher_num_{unit} + resources.learner_num_{unit}) "
+                f"but the Ray cluster has {have.get(kind, 0.0):g}")
 
 
 class Workers:
@@ -277,13 +279,12 @@ class Workers:
             update = self.call(self.learner, "export_weights", self.cfg.rollout.dtype)
             self.call(actor, "load_weights", update)
 
-    def restart_learner(self, ckpt: Optional[Path], reason: str) -> Optional[dict]:
+    def restart_learner(self, ckpt: Optional[Path], reason: str) -> Optional[CheckpointState]:
         """A new learner from `ckpt` (or the run's starting point), synced to every rollout
         worker. Returns the loop state saved with the checkpoint (None: start of the run)."""
         path = str(ckpt or self.student_path)
         self.restart(self.learner, f"{reason}; restoring it from {path}", path, self.cfg, self.start_path)
-        extra = (self.call(self.learner, "load_checkpoint", path)
-                 if (Path(path) / "learner_state.json").is_file() else None)
+        extra = self.load_checkpoint(path) if (Path(path) / "learner_state.json").is_file() else None
         self.sync()
         return extra
 
@@ -292,7 +293,7 @@ class Workers:
         out, self.events = self.events, []
         return out
 
-    def call(self, actor: ResourcesConfig, method: str, *args) -> Any:
+    def call(self, actor: _Actor, method: str, *args) -> Any:
         return self.gather([(actor, method, args)])[0]
 
     # ------------------------------------------------------------------ the loop's verbs
@@ -331,6 +332,14 @@ class Workers:
         ref = self.learner.submit("export_weights", dtype)
         update = self._wait((self.learner, "export_weights", (dtype,)), ref, self.timeout)
         return update, self.gather([(w, "load_weights", (ref,)) for w in self.rollouts])
+
+    def save_checkpoint(self, path: str, state: CheckpointState) -> str:
+        """The learner's weights and optimizer, with the loop's state, at `path`."""
+        return self.call(self.learner, "save_checkpoint", path, state.as_dict())
+
+    def load_checkpoint(self, path: str) -> CheckpointState:
+        """The learner's state from `path` (its weights were loaded at start); the loop's."""
+        return CheckpointState.from_dict(self.call(self.learner, "load_checkpoint", path))
 
     def student_logprobs(self, batch: TrainBatch):
         """The learner's log-probs of a batch's target tokens [B, S] (0 off the mask)."""

@@ -15,12 +15,17 @@ score gap is under a threshold are skipped and counted.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from opd.tasks import answer_correct
 from opd.types import PairBatch, PromptBatch, RolloutBatch, TeacherScores, TrainBatch
+
+if TYPE_CHECKING:  # annotations only
+    from opd.config import SmpoConfig
+    from opd.length import PenaltyPlan
 
 
 def _place(rows: Sequence[np.ndarray], prompt_lens: Sequence[int], S: int, tail: tuple,
@@ -180,3 +185,42 @@ def teacher_kl_metrics(rollouts: RolloutBatch, scores: TeacherScores) -> dict[st
     return {"teacher/kl": float(flat.mean()),
             "teacher/logp_mean": float(np.mean([scores.logprobs_NT[n, :l].mean() for n, l in
                                                 enumerate(rollouts.lengths) if l] or [0.0]))}
+
+
+def select_pairs(rollouts: RolloutBatch, scores: TeacherScores, prompts: PromptBatch, G: int,
+                 smpo: SmpoConfig, plan: PenaltyPlan, repetitive_N: Sequence[bool],
+                 malformed_N: Optional[Sequence[bool]] = None) -> PairBatch:
+    """SMPO's pairs: best vs worst sample of each prompt; a bad one (truncated, looping) as
+    rejected when `smpo.prefer_bad_rejected` says so ("auto": when the length monitor's plan
+    asks), and a malformed one when the format checks ask."""
+    from dataclasses import replace
+
+    prefer = {"auto": plan.prefer_bad_rejected, "always": True, "never": False}[smpo.prefer_bad_rejected]
+    bad = replace(plan, prefer_bad_rejected=prefer).rejection_preference(
+        rollouts.finish_reasons, repetitive_N, malformed_N)
+    return build_pairs(rollout_scores(rollouts, scores, prompts, G, smpo.pair_score), G, smpo.min_score_gap, bad)
+
+
+@dataclass(frozen=True)
+class RowWeights:
+    """Per-row weights of a step's batch (build_train_batch's keyword arguments), N rows."""
+
+    on_policy: np.ndarray  # [N] bool: a student rollout
+    seq_weight_N: np.ndarray  # [N] the policy-gradient term's weight (stop-properly)
+    seq_advantage_N: np.ndarray  # [N] the sequence-level length penalty
+    sft_weight_N: Optional[np.ndarray] = None  # [N] SFT weight (None: 0 on student rollouts)
+    remedy_weight_N: Optional[np.ndarray] = None  # [N] the top-k KL remedy's weight
+    no_reward_tail_N: Optional[list[int]] = None  # [N] looping-tail lengths
+
+    def with_sft_rows(self, k: int, sft_coef: float) -> "RowWeights":
+        """`k` off-policy rows appended (teacher completions), trained by SFT only."""
+        n = len(self.on_policy)
+        return RowWeights(np.r_[self.on_policy, np.zeros(k, bool)], np.r_[self.seq_weight_N, np.zeros(k)],
+                          np.r_[self.seq_advantage_N, np.zeros(k)],
+                          np.r_[np.zeros(n) if self.sft_weight_N is None else self.sft_weight_N,
+                                np.full(k, sft_coef)],
+                          None if self.remedy_weight_N is None else np.r_[self.remedy_weight_N, np.zeros(k)],
+                          None if self.no_reward_tail_N is None else list(self.no_reward_tail_N) + [0] * k)
+
+    def as_kwargs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -22,15 +22,15 @@ import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
 from opd import length as L
 from opd.actors import LearnerDied
-from opd.batch import (answer_rollouts, build_pairs, build_train_batch, effective_weights,
-                       rollout_scores, teacher_kl_metrics, with_extra_rows)
+from opd.batch import (RowWeights, answer_rollouts, build_train_batch, effective_weights, select_pairs,
+                       teacher_kl_metrics, with_extra_rows)
 from opd.evaluation import Evaluator, flatten
 from opd.formatting import RolloutFormat, check_rollouts
 from opd.evaluation import table as eval_table
@@ -39,7 +39,8 @@ from opd.console import Console
 from opd.run_io import RunDir, newest_checkpoint, read_metrics
 from opd.sweep import best_finished_run, early_stop_decision
 from opd.tasks import Example, answer_correct, encode_answer, prompt_batch, sample_batch
-from opd.types import PromptBatch, RolloutBatch, SamplingSettings, StepMetrics
+from opd.types import (CheckpointState, PromptBatch, RolloutBatch, SamplingSettings, StepMetrics, Summary,
+                       TrainBatch)
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import FormatConfig, RolloutConfig, TrainConfig
@@ -104,6 +105,25 @@ class Pending:
         return None if d is None else cls(PromptBatch(**d["prompts"]), RolloutBatch(**d["rollouts"]))
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """A step's batch, its metrics so far (the loop adds training, sync and timing) and the
+    length monitor's events."""
+
+    batch: TrainBatch
+    metrics: dict[str, float]
+    events: list[L.LengthEvent] = field(default_factory=list)
+
+
+def row_weights(plan: L.PenaltyPlan, stats: L.LengthStats, rollouts: RolloutBatch,
+                malformed: Optional[list[bool]]) -> RowWeights:
+    """The plan's per-row weights for a step's student rollouts."""
+    reasons = rollouts.finish_reasons
+    return RowWeights(on_policy=np.ones(len(reasons), bool), seq_weight_N=L.loss_weights(plan, reasons, malformed),
+                      seq_advantage_N=L.apply_sequence_penalty(plan, rollouts.lengths, reasons),
+                      remedy_weight_N=plan.remedy_weights(stats, reasons), no_reward_tail_N=plan.no_reward_tails(stats))
+
+
 class PhaseTimer:
     """Seconds per named phase of one step: `with timer("learn"): ...`."""
 
@@ -136,7 +156,7 @@ class Distillation:
         self.train_set, self.heldout = train, prompt_batch(tokenizer, heldout) if heldout else None
         self.evaluator = Evaluator(cfg, workers, tokenizer, self.heldout)
         self.rng = random.Random(cfg.seed)
-        self.step, self.summary = 0, {}
+        self.step, self.summary = 0, Summary()
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
         self.monitor: Optional[L.LengthMonitor] = None
@@ -146,58 +166,65 @@ class Distillation:
         self.in_flight: Optional[Callable[[], Pending]] = None  # ... or still being generated
 
     # ------------------------------------------------------------------ the loop
-    def run(self, resume_extra: Optional[dict] = None) -> dict:
+    def run(self, resume: Optional[CheckpointState] = None) -> Summary:
         t_start = time.time()
-        self.start(resume_extra)
-        self.console = Console(self.cfg.steps, self.cfg.log_every, start_step=self.step)
-        if self.heldout is not None:
-            self.console.note("held-out before training:\n" + eval_table(self.summary["eval"]))
-        self.start_state = json.loads(json.dumps(self.loop_state()))  # a copy, for a lost learner
+        self.start(resume)
         while self.step < self.cfg.steps:
             step, timer = self.step + 1, PhaseTimer()
             prompts = self.pending.prompts if self.pending else self.next_prompts()
-            if self.rng.random() < self.cfg.loss.on_policy_fraction:  # GKD's lambda
-                batch, values, events = self.on_policy_batch(prompts, step)
-            else:
-                batch, values, events = self.off_policy_batch(prompts, step)
+            on_policy = self.rng.random() < self.cfg.loss.on_policy_fraction  # GKD's lambda
+            result = self.on_policy_batch(prompts, step) if on_policy else self.off_policy_batch(prompts, step)
             try:
-                with timer("learn"):
-                    values.update(self.w.train(batch))
-                with timer("generate_wait"):  # rollout.overlap: the next step's rollouts
-                    self.pending = self.in_flight() if self.in_flight else None
-                with timer("sync"):
-                    update, versions = self.w.sync()
+                self.train_and_sync(result, timer)
             except LearnerDied as e:
                 self.recover_learner(e)  # back to the newest checkpoint: its later steps are redone
                 continue
             self.step = step
-            values.update(self.gradient_share(batch, step), **timer.metrics(values),
-                          **{"sync/version": float(min(versions)), "sync/mb": update.nbytes / 2**20,
-                             "fault/restarts": float(self.w.restarts)})
-            self.log_step(step, values, [e.as_dict() for e in events] + self.w.take_events())
+            self.log_step(step, result, timer)
             if self.early_stop(step):
                 break
             self.periodic(step)
-        self.console.close()
-        self.summary["eval"]["after"] = self.evaluator.student()
-        self.summary["starved_steps"] = self.starved
-        self.summary.update(student_after=self.summary["eval"]["after"].get("accuracy/greedy", math.nan),
-                            wall_seconds=time.time() - t_start, steps_done=self.step)
-        self.checkpoint()
-        return self.summary
+        return self.finish(t_start)
 
-    def start(self, resume_extra: Optional[dict]) -> None:
+    def train_and_sync(self, result: StepResult, timer: PhaseTimer) -> None:
+        """One learner step on the batch, then its weights into every rollout worker (first
+        waiting for the next step's rollouts, with rollout.overlap)."""
+        with timer("learn"):
+            result.metrics.update(self.w.train(result.batch))
+        with timer("generate_wait"):
+            self.pending = self.in_flight() if self.in_flight else None
+        with timer("sync"):
+            update, versions = self.w.sync()
+        result.metrics.update({"sync/version": float(min(versions)), "sync/mb": update.nbytes / 2**20,
+                               "fault/restarts": float(self.w.restarts)})
+
+    def start(self, resume: Optional[CheckpointState]) -> None:
         """Fresh: reference lengths, the teacher's and the student's held-out view, a monitor.
-        Resumed: all of it from the checkpoint."""
-        if resume_extra:
-            self.restore(resume_extra)
+        Resumed: all of it from the checkpoint. Then the console and the state to fall back to."""
+        if resume:
+            self.restore(resume)
         else:
             self.reference = self.reference_lengths()
             before = self.evaluator.student()
-            self.summary["eval"] = {"teacher": self.evaluator.teacher(), "before": before}
-            self.summary.update(teacher=self.summary["eval"]["teacher"].get("accuracy/greedy", math.nan),
-                                student_before=before.get("accuracy/greedy", math.nan))
+            teacher = self.evaluator.teacher()
+            self.summary = Summary(eval={"teacher": teacher, "before": before},
+                                   teacher=teacher.get("accuracy/greedy", math.nan),
+                                   student_before=before.get("accuracy/greedy", math.nan))
             self.monitor = make_monitor(self.cfg, self.eos, self.reference)
+        self.console = Console(self.cfg.steps, self.cfg.log_every, start_step=self.step)
+        if self.heldout is not None:
+            self.console.note("held-out before training:\n" + eval_table(self.summary.eval))
+        self.start_state = self.loop_state()  # for a learner lost before the first checkpoint
+
+    def finish(self, t_start: float) -> Summary:
+        """The held-out view after training, the summary, and a final checkpoint."""
+        self.console.close()
+        after = self.evaluator.student()
+        s = self.summary
+        s.eval["after"], s.student_after = after, after.get("accuracy/greedy", math.nan)
+        s.starved_steps, s.wall_seconds, s.steps_done = self.starved, time.time() - t_start, self.step
+        self.checkpoint()
+        return s
 
     def gradient_share(self, batch, step: int) -> dict[str, float]:
         """length/effective_weight*: the share of the batch's tokens that carry gradient, per
@@ -233,12 +260,15 @@ class Distillation:
                                 best.path if best else None)
         if d is None:  # fewer step lines than steps (a resumed run lost some): no verdict
             return False
-        self.summary["early_stop"] = d.as_dict()
+        self.summary.early_stop = d.as_dict()
         self.console.note(("EARLY STOP at step {}: {}; evaluating and saving a final checkpoint"
                            if d.stop else "early-stop check at step {}: {}").format(step, d.reason))
         return d.stop
 
-    def log_step(self, step: int, values: dict, events: list[dict]) -> None:
+    def log_step(self, step: int, result: StepResult, timer: PhaseTimer) -> None:
+        """The step's metrics line (with its gradient share and phase times) and console line."""
+        values = {**result.metrics, **self.gradient_share(result.batch, step), **timer.metrics(result.metrics)}
+        events = [e.as_dict() for e in result.events] + self.w.take_events()
         self.run_dir.log(StepMetrics(step, values, events))
         for e in events:
             if "condition" in e:  # restart events are printed where they happen
@@ -259,44 +289,40 @@ class Distillation:
             self.checkpoint()
 
     # ------------------------------------------------------------------ a step's batch
-    def on_policy_batch(self, prompts: PromptBatch, step: int):
+    def on_policy_batch(self, prompts: PromptBatch, step: int) -> StepResult:
         """The student's rollouts, scored by the teacher, shaped by the length monitor's plan
         (penalties, the top-k KL remedy, the loop-tail rule, teacher mixture rows)."""
         rollouts = self.student_rollouts(prompts, step)
         scores = self.w.score(rollouts)
         stats, events, plan = self.monitor.observe(rollouts.completion_ids, rollouts.finish_reasons, step)
-        lengths, reasons = rollouts.lengths, rollouts.finish_reasons
         fmt = rollout_format(self.cfg.format, rollouts, self.special_ids)
         malformed = fmt.malformed if fmt is not None else None
-        pairs = self.smpo_pairs(prompts, rollouts, scores, stats, plan, malformed)
-        values = {**stats.as_metrics(), **plan.as_metrics(), **self.monitor.detector.metrics(),
-                  **self.rollout_metrics(prompts, rollouts, scores), **(fmt.metrics() if fmt else {})}
-        if pairs is not None:
-            values.update({"smpo/pairs": float(len(pairs.chosen_rows)), "smpo/pairs_skipped": float(pairs.skipped)})
-        seq_w, adv, sft_w = (L.loss_weights(plan, reasons, malformed),
-                             L.apply_sequence_penalty(plan, lengths, reasons), None)
-        remedy, tails, on = plan.remedy_weights(stats, reasons), plan.no_reward_tails(stats), True
+        pairs = (select_pairs(rollouts, scores, prompts, self.cfg.rollout.samples_per_prompt, self.cfg.loss.smpo,
+                              plan, stats.repetitive, malformed) if self.cfg.loss.smpo_coef else None)
+        metrics = self.step_metrics(prompts, rollouts, scores, stats, plan, fmt, pairs)
+        rows = row_weights(plan, stats, rollouts, malformed)
         t_mix = time.time()
         mix = self.teacher_mixture(prompts, plan, step)
-        values["time/teacher_generate"] = time.time() - t_mix  # the mixture rows' teacher samples
+        metrics["time/teacher_generate"] = time.time() - t_mix  # the mixture rows' teacher samples
         if mix is not None:  # StableOPD's rollout mixture: teacher rows, trained by SFT
-            k = len(mix.completion_ids)
             rollouts, scores = with_extra_rows(rollouts, scores, mix)
-            on = np.r_[np.ones(len(seq_w), bool), np.zeros(k, bool)]
-            seq_w, adv = np.r_[seq_w, np.zeros(k)], np.r_[adv, np.zeros(k)]
-            sft_w = np.r_[np.zeros(len(lengths)), np.full(k, plan.mixture_sft_coef)]
-            remedy = None if remedy is None else np.r_[remedy, np.zeros(k)]
-            tails = None if tails is None else tails + [0] * k
-            values["length/mixture_rows"] = float(k)
-        batch = build_train_batch(rollouts, scores, self.pad, self.eos, on_policy=on,
-                                  temperature=self.cfg.rollout.temperature, seq_weight_N=seq_w,
-                                  seq_advantage_N=adv, pairs=pairs, sft_weight_N=sft_w,
-                                  remedy_weight_N=remedy, no_reward_tail_N=tails,
-                                  anchor_coef=plan.anchor_coef)
+            rows = rows.with_sft_rows(len(mix.completion_ids), plan.mixture_sft_coef)
+            metrics["length/mixture_rows"] = float(len(mix.completion_ids))
+        batch = build_train_batch(rollouts, scores, self.pad, self.eos, temperature=self.cfg.rollout.temperature,
+                                  pairs=pairs, anchor_coef=plan.anchor_coef, **rows.as_kwargs())
         r = self.cfg.rollout
-        if values["rollout/staleness"] > 0 and r.overlap_correction == "tis":
+        if metrics["rollout/staleness"] > 0 and r.overlap_correction == "tis":
             batch = replace(batch, is_cap=r.overlap_tis_cap)
-        return batch, values, events
+        return StepResult(batch, metrics, events)
+
+    def step_metrics(self, prompts, rollouts, scores, stats, plan, fmt, pairs) -> dict[str, float]:
+        """An on-policy step's metrics before training: lengths, the plan, the detector, the
+        rollouts against the teacher, their format and SMPO's pairs."""
+        out = {**stats.as_metrics(), **plan.as_metrics(), **self.monitor.detector.metrics(),
+               **self.rollout_metrics(prompts, rollouts, scores), **(fmt.metrics() if fmt else {})}
+        if pairs is not None:
+            out.update({"smpo/pairs": float(len(pairs.chosen_rows)), "smpo/pairs_skipped": float(pairs.skipped)})
+        return out
 
     def student_rollouts(self, prompts: PromptBatch, step: int) -> RolloutBatch:
         """This step's rollouts: generated now, or (rollout.overlap) the ones generated while
@@ -322,18 +348,6 @@ class Distillation:
                 # a generation that overlapped the previous step is not part of this one's time
                 "time/generate" if not self.cfg.rollout.overlap else "time/generate_overlapped":
                     rollouts.seconds, "time/teacher": scores.seconds}
-
-    def smpo_pairs(self, prompts, rollouts, scores, stats, plan, malformed=None):
-        """Best vs worst sample of each prompt; a bad one (truncated, looping) as rejected when
-        loss.smpo.prefer_bad_rejected says so ("auto": when the length monitor asks), and a
-        malformed one when the format checks ask."""
-        if not self.cfg.loss.smpo_coef:
-            return None
-        s, G = self.cfg.loss.smpo, self.cfg.rollout.samples_per_prompt
-        prefer = {"auto": plan.prefer_bad_rejected, "always": True, "never": False}[s.prefer_bad_rejected]
-        bad = replace(plan, prefer_bad_rejected=prefer).rejection_preference(
-            rollouts.finish_reasons, stats.repetitive, malformed)
-        return build_pairs(rollout_scores(rollouts, scores, prompts, G, s.pair_score), G, s.min_score_gap, bad)
 
     def teacher_mixture(self, prompts: PromptBatch, plan, step: int):
         """Teacher completions for a share of this step's prompts, the ones that end in EOS
@@ -362,8 +376,8 @@ class Distillation:
                                   sft_weight_N=np.full(len(rollouts.completion_ids), self.cfg.loss.sft_coef))
         stats = L.rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, {self.eos},
                                 self.cfg.rollout.max_new_tokens)
-        return batch, {**stats.as_metrics("offpolicy/"), "rollout/on_policy": 0.0,
-                       "rollout/tokens": float(sum(rollouts.lengths)), "time/generate": time.time() - t0}, []
+        return StepResult(batch, {**stats.as_metrics("offpolicy/"), "rollout/on_policy": 0.0,
+                                  "rollout/tokens": float(sum(rollouts.lengths)), "time/generate": time.time() - t0})
 
     # ------------------------------------------------------------------ data, eval, state
     def next_prompts(self) -> PromptBatch:
@@ -383,17 +397,18 @@ class Distillation:
     def checkpoint(self) -> Optional[str]:
         if self.step == 0:
             return None
-        path = self.w.call(self.w.learner, "save_checkpoint", str(self.run_dir.checkpoint_dir(self.step)),
-                           self.loop_state())
+        path = self.w.save_checkpoint(str(self.run_dir.checkpoint_dir(self.step)), self.loop_state())
         self.run_dir.prune(self.cfg.keep_checkpoints)
         return path
 
-    def loop_state(self) -> dict:
-        """What a checkpoint keeps of the loop (JSON): step, data cursor, monitor, summary."""
-        return {"step": self.step, "rng": list(self.rng.getstate()[1]), "rng_gauss": self.rng.getstate()[2],
-                "monitor": self.monitor.state_dict() if self.monitor else None, "summary": self.summary,
-                "starved": self.starved, "pending": asdict(self.pending) if self.pending else None,
-                "reference": None if self.reference is None else [self.reference.mean, self.reference.p95]}
+    def loop_state(self) -> CheckpointState:
+        """What a checkpoint keeps of the loop: step, data cursor, monitor, summary, pending rollouts."""
+        return CheckpointState(
+            step=self.step, rng_state=json.loads(json.dumps(self.rng.getstate())),
+            summary=json.loads(json.dumps(self.summary.as_dict())),
+            monitor=self.monitor.state_dict() if self.monitor else None, starved=self.starved,
+            reference=None if self.reference is None else [self.reference.mean, self.reference.p95],
+            pending=asdict(self.pending) if self.pending else None)
 
     def recover_learner(self, err: Exception) -> None:
         """The learner died: rebuild it from the newest whole checkpoint (or the start of this
@@ -401,14 +416,15 @@ class Distillation:
         ckpt = newest_checkpoint(self.run_dir, "learner restart", upto=self.step)
         self.restore(self.w.restart_learner(ckpt, str(err)) or self.start_state)
 
-    def restore(self, extra: dict) -> None:
-        self.step = extra["step"]
-        self.rng.setstate((3, tuple(extra["rng"]), extra["rng_gauss"]))
-        self.summary = dict(extra["summary"])
-        self.starved = int(extra.get("starved", 0))
-        self.pending, self.in_flight = Pending.from_dict(extra.get("pending")), None
-        self.reference = L.ReferenceLengths(*extra["reference"]) if extra["reference"] else None
+    def restore(self, state: CheckpointState) -> None:
+        self.step = state.step
+        version, internal, gauss = state.rng_state
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.summary = Summary.from_dict(json.loads(json.dumps(state.summary)))
+        self.starved = state.starved
+        self.pending, self.in_flight = Pending.from_dict(state.pending), None
+        self.reference = L.ReferenceLengths(*state.reference) if state.reference else None
         self.monitor = make_monitor(self.cfg, self.eos, self.reference)
-        if extra.get("monitor"):
-            self.monitor.load_state_dict(extra["monitor"])
+        if state.monitor:
+            self.monitor.load_state_dict(state.monitor)
         self.run_dir.truncate_metrics(self.step)

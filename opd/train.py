@@ -78,9 +78,9 @@ def run_training(cfg: TrainConfig) -> dict:
         eval_prompts = prompt_batch(tok, heldout) if heldout else None
         start = resolve_model_paths(cfg)[0] if resume else student_path  # the anchor's reference
         workers = Workers(cfg, student_path, teacher_path, teacher_eval_prompts=eval_prompts, start_path=start)
-        extra = workers.call(workers.learner, "load_checkpoint", str(resume)) if resume else None
+        state = workers.load_checkpoint(str(resume)) if resume else None
         loop = Distillation(cfg, workers, tok, train, heldout, run)
-        summary = loop.run(extra)
+        summary = loop.run(state).as_dict()
         summary.update(total_seconds=time.time() - t0, run_dir=str(run.path.resolve()), steps=cfg.steps,
                        environment=environment(), student_path=student_path,
                        teacher_path=teacher_path)

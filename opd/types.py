@@ -1,6 +1,6 @@
 """Typed messages that cross actor boundaries (driver <-> rollout workers, teacher, learner).
 
-Frozen dataclasses only; every field carries its shape and meaning. Shape letters:
+Frozen dataclasses (but `Summary`, which the loop fills in as the run goes); every field carries its shape and meaning. Shape letters:
 P prompts in a step, G samples per prompt, N = P*G rollouts, L_n the length of rollout n,
 B rows of a train batch, S padded sequence length (prompt + completion), K top-k width,
 V vocabulary size. Ragged data (token ids of rollouts) travel as lists; padded numeric
@@ -9,7 +9,8 @@ data as numpy arrays (cheap to ship through Ray's object store, no torch needed)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Optional
 
@@ -192,3 +193,50 @@ class StepMetrics:
     step: int
     values: dict[str, float]  # namespaced scalars: "rollout/len_mean", "loss/pg", "time/generate"
     events: list[dict] = field(default_factory=list)  # length-monitor state changes this step
+
+
+@dataclass
+class Summary:
+    """The run's outcome (summary.json, the end-of-run table): the held-out views and their
+    headline accuracies, how long it took, and what went wrong on the way."""
+
+    eval: dict[str, dict[str, float]] = field(default_factory=dict)  # teacher / before / after views
+    teacher: float = math.nan  # held-out greedy accuracy of the teacher
+    student_before: float = math.nan  # ... of the student at the start
+    student_after: float = math.nan  # ... and at the end
+    starved_steps: int = 0  # steps that trained on (almost) nothing
+    steps_done: int = 0
+    wall_seconds: float = 0.0
+    early_stop: Optional[dict] = None  # the early-stop verdict, when the rule ran
+
+    def as_dict(self) -> dict:
+        """The JSON form (summary.json), without the fields that were never set."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Summary":
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """What a checkpoint keeps of the driver loop (JSON, next to the learner's own state):
+    enough to continue exactly where it stopped."""
+
+    step: int
+    rng_state: list  # the loop's random.Random.getstate(), as JSON lists
+    summary: dict  # Summary.as_dict() so far (the "before" view is never recomputed)
+    monitor: Optional[dict] = None  # LengthMonitor.state_dict()
+    starved: int = 0
+    reference: Optional[list[float]] = None  # the reference lengths' [mean, p95]
+    pending: Optional[dict] = None  # rollout.overlap: the next step's prompts and rollouts
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CheckpointState":
+        """Also reads the layout before this class (`rng` + `rng_gauss`)."""
+        if "rng_state" not in d:
+            d = {**d, "rng_state": [3, d["rng"], d["rng_gauss"]]}  # random.Random state version 3
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})

@@ -17,7 +17,7 @@ import pytest
 from opd.loop import Distillation, sampling_settings
 from opd.run_io import RunDir
 from opd.tasks import Example
-from opd.types import RolloutBatch, TeacherScores, WeightUpdate
+from opd.types import CheckpointState, RolloutBatch, TeacherScores, WeightUpdate
 
 
 class FakeWorkers:
@@ -66,10 +66,9 @@ class FakeWorkers:
     def take_events(self):
         return []
 
-    def call(self, actor, method, *args):
-        assert method == "save_checkpoint"
-        self.saved[args[0]] = json.loads(json.dumps(args[1]))
-        return args[0]
+    def save_checkpoint(self, path, state):
+        self.saved[path] = CheckpointState.from_dict(json.loads(json.dumps(state.as_dict())))  # as on disk
+        return path
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def test_auto_penalties_and_remedies_reach_the_train_batch(tiny_overrides, tok, 
     assert first.remedy_weight_B[first.on_policy_B].tolist() == [1.0] * 8
     # the teacher mixture: 2 of 4 prompts answered by the teacher, trained by SFT only
     assert (~first.on_policy_B).sum() == 2 and first.sft_weight_B[~first.on_policy_B].tolist() == [1.0, 1.0]
-    assert later.remedy_weight_B is not None and loop.summary["starved_steps"] == 0
+    assert later.remedy_weight_B is not None and loop.summary.starved_steps == 0
 
 
 def test_monitor_mode_changes_nothing_in_the_batch(tiny_overrides, tok, tmp_path):
@@ -134,29 +133,29 @@ def test_a_batch_with_no_gradient_is_counted_even_with_the_floor_at_zero(tiny_ov
     summary = loop.run()
     # stop-properly masks every (truncated) rollout from step 1 on: nothing left to train
     assert all(b.seq_weight_B.sum() == 0 for b in w.batches)
-    assert summary["starved_steps"] == 4
+    assert summary.starved_steps == 4
     assert "trains on 0.0% of its tokens" in capsys.readouterr().out
 
 
 def test_rng_and_monitor_state_survive_checkpoint_and_restore(tiny_overrides, tok, tmp_path):
     a, _ = _loop(tiny_overrides, tok, tmp_path / "a", ["length=auto", "loss=opd", "teacher.logprobs=topk"])
     a.run()
-    state = json.loads(json.dumps(a.loop_state()))  # what a checkpoint keeps (JSON)
+    state = CheckpointState.from_dict(json.loads(json.dumps(a.loop_state().as_dict())))  # what a checkpoint keeps (JSON)
     b, _ = _loop(tiny_overrides, tok, tmp_path / "b", ["length=auto", "loss=opd", "teacher.logprobs=topk"])
     b.restore(state)
     assert b.step == a.step == 4 and b.rng.getstate() == a.rng.getstate()
     assert b.monitor.state_dict() == a.monitor.state_dict()
     assert b.next_prompts().prompt_ids == a.next_prompts().prompt_ids
-    assert b.summary["eval"]["before"] == a.summary["eval"]["before"]  # carried over exactly
+    assert b.summary.eval["before"] == a.summary.eval["before"]  # carried over exactly
 
 
 def test_resumed_run_keeps_the_before_view(tiny_overrides, tok, tmp_path):
     a, _ = _loop(tiny_overrides, tok, tmp_path / "a", ["steps=2"])
     a.run()
-    state = json.loads(json.dumps(a.loop_state()))
+    state = CheckpointState.from_dict(json.loads(json.dumps(a.loop_state().as_dict())))
     b, w = _loop(tiny_overrides, tok, tmp_path / "b", ["steps=4"])
     summary = b.run(state)
-    assert summary["eval"]["before"] == a.summary["eval"]["before"] and len(w.batches) == 2
+    assert summary.eval["before"] == a.summary.eval["before"] and len(w.batches) == 2
 
 
 @pytest.mark.parametrize("correction, cap", [("tis", 2.0), ("none", None)])
@@ -182,7 +181,7 @@ def test_overlap_resumes_with_the_pending_rollouts(tiny_overrides, tok, tmp_path
     a, wa = _loop(tiny_overrides, tok, tmp_path / "a", over)
     a.run()
     state = wa.saved[next(k for k in wa.saved if k.endswith("step-000002"))]
-    assert state["pending"] is not None
+    assert state.pending is not None
     b, wb = _loop(tiny_overrides, tok, tmp_path / "b", over)
     b.run(state)
     for x, y in zip(wa.batches[2:], wb.batches):

@@ -147,11 +147,9 @@ def test_unprotected_step_keeps_eos_when_the_chosen_side_stops_too(tiny_cfg, tin
     ("never", True, 1), ("always", False, 2), ("auto", False, 1), ("auto", True, 2)])
 def test_prefer_bad_rejected_modes(mode, monitor_asks, rejected):
     """Three samples of one prompt: 0 best, 1 worst by score, 2 truncated (in between)."""
-    from types import SimpleNamespace
-
     from opd import length as L
+    from opd.batch import select_pairs
     from opd.config import load_config
-    from opd.loop import Distillation
     from opd.types import TeacherScores
 
     cfg = load_config(["loss=smpo", "rollout.samples_per_prompt=3", f"loss.smpo.prefer_bad_rejected={mode}"])
@@ -160,5 +158,5 @@ def test_prefer_bad_rejected_modes(mode, monitor_asks, rejected):
     scores = TeacherScores(np.array([[-1.0] * 2, [-3.0] * 2, [-2.0] * 2], np.float32), 0.0)
     stats = L.rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, {EOS}, 2)
     plan = L.PenaltyPlan(prefer_bad_rejected=monitor_asks)
-    pairs = Distillation.smpo_pairs(SimpleNamespace(cfg=cfg), None, rollouts, scores, stats, plan)
+    pairs = select_pairs(rollouts, scores, None, 3, cfg.loss.smpo, plan, stats.repetitive)
     assert (pairs.chosen_rows.tolist(), pairs.rejected_rows.tolist()) == ([0], [rejected])
