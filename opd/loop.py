@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from opd import length as L
+from opd import length
 from opd.actors import LearnerDied
 from opd.batch import (RowWeights, answer_rollouts, build_train_batch, effective_weights, select_pairs,
                        teacher_kl_metrics, with_extra_rows)
@@ -56,12 +56,12 @@ def sampling_settings(r: RolloutConfig, max_new_tokens: int, step: int) -> Sampl
                             n=r.samples_per_prompt)
 
 
-def make_monitor(cfg: TrainConfig, eos_id: int, reference: Optional[L.ReferenceLengths]) -> L.LengthMonitor:
+def make_monitor(cfg: TrainConfig, eos_id: int, reference: Optional[length.ReferenceLengths]) -> length.LengthMonitor:
     """The length monitor of `cfg.length`: its detector thresholds are LengthConfig's fields
     of the same names; its penalties and remedies are the rest."""
     ln = cfg.length
-    det = L.DetectorConfig(**{f.name: getattr(ln, f.name) for f in fields(L.DetectorConfig)})
-    pen = L.PenaltyConfig(
+    det = length.DetectorConfig(**{f.name: getattr(ln, f.name) for f in fields(length.DetectorConfig)})
+    pen = length.PenaltyConfig(
         max_new_tokens=cfg.rollout.max_new_tokens, overlong_buffer=ln.overlong_buffer,
         stop_properly_mode=ln.stop_properly_mode, stop_properly_weight=ln.stop_properly_weight,
         length_ratio_coef=ln.length_ratio_coef, length_ratio_tolerance=ln.length_ratio_tolerance,
@@ -73,7 +73,7 @@ def make_monitor(cfg: TrainConfig, eos_id: int, reference: Optional[L.ReferenceL
         # the guard protects the policy-gradient term, the one stop-properly weights act on
         min_effective_weight=ln.min_effective_weight if cfg.loss.distill == "reverse_kl_pg" else 0.0,
         **format_penalty(cfg.format))
-    return L.LengthMonitor({eos_id} | set(cfg.rollout.stop_token_ids), pen, det, mode=ln.mode,
+    return length.LengthMonitor({eos_id} | set(cfg.rollout.stop_token_ids), pen, det, mode=ln.mode,
                            min_length=ln.min_length, ngram=ln.ngram, tail_window=ln.tail_window,
                            repeat_threshold=ln.repeat_threshold)
 
@@ -112,15 +112,15 @@ class StepResult:
 
     batch: TrainBatch
     metrics: dict[str, float]
-    events: list[L.LengthEvent] = field(default_factory=list)
+    events: list[length.LengthEvent] = field(default_factory=list)
 
 
-def row_weights(plan: L.PenaltyPlan, stats: L.LengthStats, rollouts: RolloutBatch,
+def row_weights(plan: length.PenaltyPlan, stats: length.LengthStats, rollouts: RolloutBatch,
                 malformed: Optional[list[bool]]) -> RowWeights:
     """The plan's per-row weights for a step's student rollouts."""
     reasons = rollouts.finish_reasons
-    return RowWeights(on_policy=np.ones(len(reasons), bool), seq_weight_N=L.loss_weights(plan, reasons, malformed),
-                      seq_advantage_N=L.apply_sequence_penalty(plan, rollouts.lengths, reasons),
+    return RowWeights(on_policy=np.ones(len(reasons), bool), seq_weight_N=length.loss_weights(plan, reasons, malformed),
+                      seq_advantage_N=length.apply_sequence_penalty(plan, rollouts.lengths, reasons),
                       remedy_weight_N=plan.remedy_weights(stats, reasons), no_reward_tail_N=plan.no_reward_tails(stats))
 
 
@@ -152,16 +152,16 @@ class Distillation:
 
     def __init__(self, cfg: TrainConfig, workers: Any, tokenizer: Any, train: list[Example],
                  heldout: list[Example], run_dir: RunDir):
-        self.cfg, self.w, self.tok, self.run_dir = cfg, workers, tokenizer, run_dir
+        self.cfg, self.workers, self.tok, self.run_dir = cfg, workers, tokenizer, run_dir
         self.train_set, self.heldout = train, prompt_batch(tokenizer, heldout) if heldout else None
         self.evaluator = Evaluator(cfg, workers, tokenizer, self.heldout)
         self.rng = random.Random(cfg.seed)
         self.step, self.summary = 0, Summary()
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-        self.monitor: Optional[L.LengthMonitor] = None
+        self.monitor: Optional[length.LengthMonitor] = None
         self.starved = 0  # steps whose batch trained on (almost) nothing
-        self.reference: Optional[L.ReferenceLengths] = None
+        self.reference: Optional[length.ReferenceLengths] = None
         self.pending: Optional[Pending] = None  # rollout.overlap: the next step's rollouts, ready
         self.in_flight: Optional[Callable[[], Pending]] = None  # ... or still being generated
 
@@ -190,13 +190,13 @@ class Distillation:
         """One learner step on the batch, then its weights into every rollout worker (first
         waiting for the next step's rollouts, with rollout.overlap)."""
         with timer("learn"):
-            result.metrics.update(self.w.train(result.batch))
+            result.metrics.update(self.workers.train(result.batch))
         with timer("generate_wait"):
             self.pending = self.in_flight() if self.in_flight else None
         with timer("sync"):
-            update, versions = self.w.sync()
+            update, versions = self.workers.sync()
         result.metrics.update({"sync/version": float(min(versions)), "sync/mb": update.nbytes / 2**20,
-                               "fault/restarts": float(self.w.restarts)})
+                               "fault/restarts": float(self.workers.restarts)})
 
     def start(self, resume: Optional[CheckpointState]) -> None:
         """Fresh: reference lengths, the teacher's and the student's held-out view, a monitor.
@@ -268,7 +268,7 @@ class Distillation:
     def log_step(self, step: int, result: StepResult, timer: PhaseTimer) -> None:
         """The step's metrics line (with its gradient share and phase times) and console line."""
         values = {**result.metrics, **self.gradient_share(result.batch, step), **timer.metrics(result.metrics)}
-        events = [e.as_dict() for e in result.events] + self.w.take_events()
+        events = [e.as_dict() for e in result.events] + self.workers.take_events()
         self.run_dir.log(StepMetrics(step, values, events))
         for e in events:
             if "condition" in e:  # restart events are printed where they happen
@@ -293,7 +293,7 @@ class Distillation:
         """The student's rollouts, scored by the teacher, shaped by the length monitor's plan
         (penalties, the top-k KL remedy, the loop-tail rule, teacher mixture rows)."""
         rollouts = self.student_rollouts(prompts, step)
-        scores = self.w.score(rollouts)
+        scores = self.workers.score(rollouts)
         stats, events, plan = self.monitor.observe(rollouts.completion_ids, rollouts.finish_reasons, step)
         fmt = rollout_format(self.cfg.format, rollouts, self.special_ids)
         malformed = fmt.malformed if fmt is not None else None
@@ -329,11 +329,11 @@ class Distillation:
         the previous step trained. With overlap the next step's generation starts here, from
         the weights of this step's start, and runs while this step is scored and trained."""
         settings = lambda s: sampling_settings(self.cfg.rollout, self.monitor.max_new_tokens, s)  # noqa: E731
-        rollouts = self.pending.rollouts if self.pending else self.w.generate(prompts, settings(step))
+        rollouts = self.pending.rollouts if self.pending else self.workers.generate(prompts, settings(step))
         self.pending = self.in_flight = None
         if self.cfg.rollout.overlap and step < self.cfg.steps:
             nxt = self.next_prompts()
-            done = self.w.generate_async(nxt, settings(step + 1))
+            done = self.workers.generate_async(nxt, settings(step + 1))
             self.in_flight = lambda: Pending(nxt, done())
         return rollouts
 
@@ -356,7 +356,7 @@ class Distillation:
         if k == 0:
             return None
         settings = replace(sampling_settings(self.cfg.rollout, self.cfg.rollout.max_new_tokens, step), n=1)
-        out = self.w.teacher_generate(prompts.rows(slice(0, k)), settings)
+        out = self.workers.teacher_generate(prompts.rows(slice(0, k)), settings)
         keep = [i for i, r in enumerate(out.finish_reasons) if r == "stop"]
         if not keep:
             return None
@@ -368,13 +368,13 @@ class Distillation:
         """Teacher samples (sequence-level KD) or dataset answers, trained with SFT."""
         G, t0 = self.cfg.rollout.samples_per_prompt, time.time()
         if self.cfg.loss.off_policy_source == "teacher":
-            rollouts = self.w.teacher_generate(prompts, sampling_settings(self.cfg.rollout, self.cfg.rollout.max_new_tokens, step))
+            rollouts = self.workers.teacher_generate(prompts, sampling_settings(self.cfg.rollout, self.cfg.rollout.max_new_tokens, step))
         else:
             rollouts = answer_rollouts([p for p in prompts.prompt_ids for _ in range(G)],
                                        [encode_answer(self.tok, a) for a in prompts.answers for _ in range(G)])
         batch = build_train_batch(rollouts, None, self.pad, self.eos, on_policy=False, temperature=1.0,
                                   sft_weight_N=np.full(len(rollouts.completion_ids), self.cfg.loss.sft_coef))
-        stats = L.rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, {self.eos},
+        stats = length.rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, {self.eos},
                                 self.cfg.rollout.max_new_tokens)
         return StepResult(batch, {**stats.as_metrics("offpolicy/"), "rollout/on_policy": 0.0,
                                   "rollout/tokens": float(sum(rollouts.lengths)), "time/generate": time.time() - t0})
@@ -384,20 +384,20 @@ class Distillation:
         exs = sample_batch(self.train_set, self.cfg.rollout.prompts_per_step, self.rng)
         return prompt_batch(self.tok, exs)
 
-    def reference_lengths(self) -> Optional[L.ReferenceLengths]:
+    def reference_lengths(self) -> Optional[length.ReferenceLengths]:
         """Teacher greedy generations on a sample of train prompts (or the dataset's answers)."""
         n = self.cfg.length.reference_prompts
         if n > 0:
             exs = random.Random(self.cfg.seed + 1).sample(self.train_set, min(n, len(self.train_set)))
-            out = self.w.teacher_generate(prompt_batch(self.tok, exs), greedy_settings(self.cfg.rollout.max_new_tokens))
-            return L.reference_lengths(out.completion_ids)
+            out = self.workers.teacher_generate(prompt_batch(self.tok, exs), greedy_settings(self.cfg.rollout.max_new_tokens))
+            return length.reference_lengths(out.completion_ids)
         answers = [encode_answer(self.tok, e.answer) for e in self.train_set[:256] if e.answer]
-        return L.reference_lengths(answers) if answers else None
+        return length.reference_lengths(answers) if answers else None
 
     def checkpoint(self) -> Optional[str]:
         if self.step == 0:
             return None
-        path = self.w.save_checkpoint(str(self.run_dir.checkpoint_dir(self.step)), self.loop_state())
+        path = self.workers.save_checkpoint(str(self.run_dir.checkpoint_dir(self.step)), self.loop_state())
         self.run_dir.prune(self.cfg.keep_checkpoints)
         return path
 
@@ -414,7 +414,7 @@ class Distillation:
         """The learner died: rebuild it from the newest whole checkpoint (or the start of this
         run) and rewind the loop to that step; the steps since are replayed."""
         ckpt = newest_checkpoint(self.run_dir, "learner restart", upto=self.step)
-        self.restore(self.w.restart_learner(ckpt, str(err)) or self.start_state)
+        self.restore(self.workers.restart_learner(ckpt, str(err)) or self.start_state)
 
     def restore(self, state: CheckpointState) -> None:
         self.step = state.step
@@ -423,7 +423,7 @@ class Distillation:
         self.summary = Summary.from_dict(json.loads(json.dumps(state.summary)))
         self.starved = state.starved
         self.pending, self.in_flight = Pending.from_dict(state.pending), None
-        self.reference = L.ReferenceLengths(*state.reference) if state.reference else None
+        self.reference = length.ReferenceLengths(*state.reference) if state.reference else None
         self.monitor = make_monitor(self.cfg, self.eos, self.reference)
         if state.monitor:
             self.monitor.load_state_dict(state.monitor)
