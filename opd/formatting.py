@@ -13,7 +13,8 @@ Checks (each a pure function of the text; True means the text FAILS the check):
     asterisk        an odd number of emphasis `*` (not part of `**`; a `*` with a space or a
                     digit on both sides, `3 * 4`, `3*4`, or a `* ` bullet is arithmetic/list)
     bold            an odd number of `**`
-    brackets        (), [] and {} not balanced and properly nested
+    brackets        (), [] and {} not balanced and properly nested (a list enumerator
+                    "1) " at a line's start and a smiley ":)" are not brackets)
     code_fence      an odd number of ``` fences
     special_tokens  a leftover special or chat-template token: `<|...|>`, `<s>`, `</s>`,
                     `[INST]`, `<unk>`, `<pad>`, or any string in `extra_tokens`; for rollouts
@@ -34,6 +35,9 @@ ACTIONS = ("warn", "skip", "refuse")  # what a prompt file's malformed line gets
 
 _SPECIAL = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|\[/?INST\]|<unk>|<pad>")
 _PAIRS = {")": "(", "]": "[", "}": "{"}
+# a closing paren that opens nothing: a list enumerator at a line's start ("1) ", "b) ") or a
+# smiley (":)", ":-)")
+_LONE_CLOSERS = re.compile(r"(?m)^(\s*)(?:\d{1,3}|[A-Za-z])\)(?=[ \t])|:-?\)")
 
 
 def _strip_fences(text: str) -> str:
@@ -65,7 +69,7 @@ def unbalanced_asterisk(text: str) -> bool:
 
 def unbalanced_brackets(text: str) -> bool:
     stack: list[str] = []
-    for c in _strip_fences(text):
+    for c in _LONE_CLOSERS.sub(r"\1", _strip_fences(text)):
         if c in "([{":
             stack.append(c)
         elif c in _PAIRS:
