@@ -189,7 +189,7 @@ class LengthConfig:
     adaptive_max_new_tokens: bool = MISSING
     adaptive_shrink: float = MISSING  # cap *= shrink per step under inflation (down to the reference p95)
     adaptive_grow: float = MISSING  # cap *= grow per step once recovered (up to rollout.max_new_tokens)
-    # remedies that teach stopping (mode auto; see opd/length.py LengthMonitor):
+    # remedies that teach stopping (mode auto; see opd/length/monitor.py LengthMonitor):
     topk_kl_coef: float = MISSING  # (a) forward KL over the teacher's top-k on truncated/repetitive
     #                                rollouts (needs teacher.logprobs=topk or full); 0 = off
     mixture_fraction: float = MISSING  # (b) StableOPD rollout mixture: share of prompts answered by
