@@ -34,6 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+from opd.formatting import ACTIONS, check_example
+
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import TaskConfig
 
@@ -203,6 +205,9 @@ TASK_ALPHABET = string.digits + string.ascii_lowercase + "+-*/=?.,:;!'\"()[] "
 
 
 # ------------------------------------------------------------------ prompt files
+ON_BAD_LINE = ("error", "skip")  # a bad prompt-file line stops the run, or is skipped and counted
+
+
 class DataError(ValueError):
     """A bad line in a prompt file: the message starts with `file:line:`."""
 
@@ -233,8 +238,6 @@ class FormatRule:
     extra_tokens: tuple[str, ...] = ()
 
     def problem(self, ex: Example) -> Optional[str]:
-        from opd.formatting import check_example
-
         if not self.checks:
             return None
         texts = [c for _, c in ex.messages] if ex.messages is not None else [ex.text or ""]
@@ -289,10 +292,10 @@ def load_prompt_file(path: str | Path, on_bad_line: str = "error",
     """Read a JSONL prompt file. `count_tokens` + `max_prompt_tokens` reject prompts that
     cannot fit the engine (`max_model_len - max_new_tokens`) instead of truncating them;
     `fmt` runs the format checks on each line."""
-    if on_bad_line not in ("error", "skip"):
-        raise ValueError(f"task.on_bad_line must be one of ['error', 'skip'], got {on_bad_line!r}")
-    if fmt is not None and fmt.action not in ("warn", "skip", "refuse"):
-        raise ValueError(f"format.on_prompt_file must be one of ['warn', 'skip', 'refuse'], got {fmt.action!r}")
+    if on_bad_line not in ON_BAD_LINE:
+        raise ValueError(f"task.on_bad_line must be one of {list(ON_BAD_LINE)}, got {on_bad_line!r}")
+    if fmt is not None and fmt.action not in ACTIONS:
+        raise ValueError(f"format.on_prompt_file must be one of {list(ACTIONS)}, got {fmt.action!r}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such prompt file")

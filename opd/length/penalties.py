@@ -16,6 +16,8 @@ import numpy as np
 
 from opd.length.stats import LengthStats, ReferenceLengths, check_batch
 
+STOP_PROPERLY_MODES = ("mask", "downweight")  # what stop-properly does to a truncated rollout
+
 
 def overlong_penalty(lengths: Sequence[int], max_new_tokens: int, buffer: int) -> np.ndarray:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), per rollout::
@@ -36,8 +38,8 @@ def stop_properly_weights(finish_reasons: Sequence[str], mode: str = "mask",
                           weight: float = 0.1) -> np.ndarray:
     """Per-rollout loss weight: w_i = 1 if rollout i stopped ('stop'), else 0 (``mode='mask'``)
     or ``weight`` (``mode='downweight'``), so truncated rollouts do not silently train."""
-    if mode not in ("mask", "downweight"):
-        raise ValueError(f"mode must be 'mask' or 'downweight', got {mode!r}")
+    if mode not in STOP_PROPERLY_MODES:
+        raise ValueError(f"mode must be one of {STOP_PROPERLY_MODES}, got {mode!r}")
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight}")
     check_batch(len(finish_reasons), finish_reasons)
@@ -136,8 +138,8 @@ class PenaltyConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.overlong_buffer is not None and not 0 <= self.overlong_buffer <= self.max_new_tokens:
             raise ValueError(f"overlong_buffer must be in [0, max_new_tokens], got {self.overlong_buffer}")
-        if self.stop_properly_mode not in (None, "mask", "downweight"):
-            raise ValueError(f"stop_properly_mode must be None, 'mask' or 'downweight', "
+        if self.stop_properly_mode not in (None, *STOP_PROPERLY_MODES):
+            raise ValueError(f"stop_properly_mode must be None or one of {STOP_PROPERLY_MODES}, "
                              f"got {self.stop_properly_mode!r}")
         if self.adaptive_max_new_tokens and self.reference is None:
             raise ValueError("adaptive_max_new_tokens needs reference (its p95 is the floor)")
