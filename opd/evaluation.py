@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Collection, Optional
 
 import numpy as np
 
-from opd import length as L
 from opd.batch import build_train_batch, teacher_kl_metrics
+from opd.length import rollout_stats
 from opd.tasks import answer_correct
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
 
@@ -67,8 +67,8 @@ def accuracy(rollouts: RolloutBatch, prompts: PromptBatch) -> float:
 def length_view(rollouts: RolloutBatch, eos_ids: Collection[int], max_new_tokens: int,
                 prefix: str, **stats_kw) -> dict[str, float]:
     """EOS rate, truncation, repetition and mean length of some completions."""
-    stats = L.rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, eos_ids, max_new_tokens,
-                            **stats_kw)
+    stats = rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, eos_ids, max_new_tokens,
+                          **stats_kw)
     return {f"{prefix}/{k}": float(getattr(stats, k)) for k in LENGTH_KEYS}
 
 
@@ -99,7 +99,7 @@ class Evaluator:
     """Runs the held-out views through the workers (Ray actors or in-process objects)."""
 
     def __init__(self, cfg, workers, tokenizer, heldout: Optional[PromptBatch]):
-        self.cfg, self.w, self.heldout = cfg, workers, heldout
+        self.cfg, self.workers, self.heldout = cfg, workers, heldout
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.eos_ids = {self.eos} | set(cfg.rollout.stop_token_ids)
         self.n, self.stats_kw = cfg.rollout.eval_max_new_tokens, length_kwargs(cfg.length)
@@ -109,12 +109,12 @@ class Evaluator:
         teacher's greedy answers, lengths and answer accuracy ({} without held-out prompts)."""
         if self.heldout is None:
             return {}
-        sampled = self.w.generate(self.heldout, eval_settings(self.n, greedy=False, seed=self.cfg.seed))
-        greedy = self.w.generate(self.heldout, eval_settings(self.n, greedy=True))
-        batch = build_train_batch(self.w.teacher_eval[0], None, self.pad, self.eos, on_policy=False,
+        sampled = self.workers.generate(self.heldout, eval_settings(self.n, greedy=False, seed=self.cfg.seed))
+        greedy = self.workers.generate(self.heldout, eval_settings(self.n, greedy=True))
+        batch = build_train_batch(self.workers.teacher_eval[0], None, self.pad, self.eos, on_policy=False,
                                   temperature=1.0)
-        nll = mean_nll(self.w.student_logprobs(batch), batch.loss_mask_BS)
-        return {**student_view(self.heldout, sampled, greedy, self.w.score(sampled), nll, self.eos_ids,
+        nll = mean_nll(self.workers.student_logprobs(batch), batch.loss_mask_BS)
+        return {**student_view(self.heldout, sampled, greedy, self.workers.score(sampled), nll, self.eos_ids,
                                self.n, **self.stats_kw), **self._configured()}
 
     def _configured(self) -> dict[str, float]:
@@ -123,7 +123,7 @@ class Evaluator:
         settings = configured_settings(self.cfg.rollout, self.n, seed=self.cfg.seed)
         if settings is None:
             return {}
-        return length_view(self.w.generate(self.heldout, settings), self.eos_ids, self.n, "configured",
+        return length_view(self.workers.generate(self.heldout, settings), self.eos_ids, self.n, "configured",
                            **self.stats_kw)
 
     def teacher(self) -> dict[str, float]:
@@ -131,8 +131,8 @@ class Evaluator:
         NLL of its own greedy answers is the floor of the student's."""
         if self.heldout is None:
             return {}
-        greedy, sampled = self.w.teacher_eval
-        own = self.w.score(greedy)
+        greedy, sampled = self.workers.teacher_eval
+        own = self.workers.score(greedy)
         nll = float(-np.mean(np.concatenate([own.logprobs_NT[i, :l] for i, l in enumerate(greedy.lengths)])))
         return {"nll_teacher_greedy": nll,
                 **model_view(self.heldout, sampled, greedy, self.eos_ids, self.n, **self.stats_kw)}

@@ -70,7 +70,7 @@ def check_loggers(loggers: Sequence[str]) -> None:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The lines of a run's metrics.jsonl ([] when there is none yet)."""
     p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.is_file() else []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
 class RunDir:
@@ -107,8 +107,9 @@ class RunDir:
         """On resume: drop lines of steps the resumed run will redo."""
         p = self.path / "metrics.jsonl"
         if p.is_file():
-            keep = [l for l in p.read_text().splitlines() if l and json.loads(l)["step"] <= after_step]
-            p.write_text("".join(l + "\n" for l in keep))
+            keep = [line for line in p.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= after_step]
+            p.write_text("".join(line + "\n" for line in keep))
         self._purge_step = after_step + 1
 
     def checkpoint_dir(self, step: int) -> Path:

@@ -30,8 +30,8 @@ def overlong_penalty(lengths: Sequence[int], max_new_tokens: int, buffer: int) -
     """
     if not 1 <= buffer <= max_new_tokens:
         raise ValueError(f"buffer must be in [1, max_new_tokens={max_new_tokens}], got {buffer}")
-    L = np.asarray(lengths, dtype=np.float64)
-    return np.clip(((max_new_tokens - buffer) - L) / buffer, -1.0, 0.0)
+    lens = np.asarray(lengths, dtype=np.float64)  # L of the formula, per rollout
+    return np.clip(((max_new_tokens - buffer) - lens) / buffer, -1.0, 0.0)
 
 
 def stop_properly_weights(finish_reasons: Sequence[str], mode: str = "mask",
