@@ -6,7 +6,8 @@ Layout of a run directory:
     tb/                     the same scalars as TensorBoard event files (`loggers`)
     logs/                   the actors' and engines' output (rollout-0.log, teacher.log, ...)
     checkpoints/step-000020 Hugging Face model dir + learner_state.{pt,json}
-    summary.json            before/after/teacher exact match, wall time, environment
+    summary.json            held-out views of teacher / student before / after (KL, NLL, lengths,
+                            accuracy), starved steps, early stop, wall time, environment
     *.png, report.md        plots and report (`opd-report`, also written at the end of a run)
 """
 
@@ -24,7 +25,10 @@ from typing import Any, Optional, Protocol, Sequence
 
 from opd.types import StepMetrics
 
+
 class ScalarSink(Protocol):
+    """Where the step scalars go besides metrics.jsonl (TensorBoard, W&B)."""
+
     def scalars(self, step: int, values: dict[str, float]) -> None: ...
     def close(self) -> None: ...
 
@@ -74,6 +78,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class RunDir:
+    """A run's directory (layout above): metrics lines and their sinks, checkpoints, JSON files."""
+
     def __init__(self, path: str | Path, loggers: Sequence[str] = (), config: Optional[dict] = None):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
