@@ -311,7 +311,7 @@ def load_prompt_file(path: str | Path, on_bad_line: str = "error",
                 if on_bad_line == "error":
                     raise DataError(f"{path}:{lineno}: {why}")
                 report.skipped.append((lineno, why))
-            elif fmt is None or _passes_format(fmt, ex, f"{path}:{lineno}", lineno, report):
+            elif fmt is None or _passes_format(fmt, ex, path, lineno, report):
                 out.append(replace(ex, source=f"{path.name}:{lineno}"))
     report.loaded = len(out)
     if not out:
@@ -333,14 +333,14 @@ def _unusable(ex: Example, require_answer: bool, count_tokens: Optional[Callable
     return None
 
 
-def _passes_format(fmt: FormatRule, ex: Example, where: str, lineno: int, report: LoadReport) -> bool:
+def _passes_format(fmt: FormatRule, ex: Example, path: Path, lineno: int, report: LoadReport) -> bool:
     """Whether a usable line is kept after the format checks: a failing line is refused
     (DataError), skipped or kept with a warning, as `fmt.action` says; the report counts it."""
     why = fmt.problem(ex)
     if not why:
         return True
     if fmt.action == "refuse":
-        raise DataError(f"{where}: {why} (format.on_prompt_file=refuse)")
+        raise DataError(f"{path}:{lineno}: {why} (format.on_prompt_file=refuse)")
     (report.skipped if fmt.action == "skip" else report.warned).append((lineno, why))
     return fmt.action != "skip"
 
