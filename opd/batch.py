@@ -49,42 +49,49 @@ def build_train_batch(rollouts: RolloutBatch, scores: Optional[TeacherScores], p
     `sft_weight_N`: SFT weight per row (default 1 on off-policy rows, 0 on student rollouts);
     `no_reward_tail_N`: per row, how many final tokens may not get a positive advantage."""
     N, lens = len(rollouts.completion_ids), rollouts.lengths
-    on = np.broadcast_to(np.asarray(on_policy, bool), (N,)).copy()
-    sft = (~on).astype(np.float32) if sft_weight_N is None else np.asarray(sft_weight_N, np.float32)
     P = [len(p) for p in rollouts.prompt_ids]
-    S = max(p + l for p, l in zip(P, lens))
-    w = np.ones(N, np.float32) if seq_weight_N is None else np.asarray(seq_weight_N, np.float32)
+    S = max(p + n for p, n in zip(P, lens))
+    on = np.broadcast_to(np.asarray(on_policy, bool), (N,)).copy()
     ids = _place([np.asarray(p + c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids)],
                  [0] * N, S, (), np.int64, pad_id)
-    mask = _place([np.ones(l, np.float32) for l in lens], P, S, (), np.float32)
+    mask = _place([np.ones(n, np.float32) for n in lens], P, S, (), np.float32)
     sampler = _place([np.asarray(x, np.float32) for x in rollouts.sampler_logprobs], P, S, (), np.float32)
-    extra = {}
-    if scores is not None:
-        extra["teacher_logprobs_BS"] = _place([scores.logprobs_NT[n, :l] for n, l in enumerate(lens)],
-                                              P, S, (), np.float32)
-        if scores.topk_ids_NTK is not None:
-            K = scores.topk_ids_NTK.shape[-1]
-            extra["teacher_topk_ids_BSK"] = _place(
-                [scores.topk_ids_NTK[n, :l] for n, l in enumerate(lens)], P, S, (K,), np.int64)
-            extra["teacher_topk_logprobs_BSK"] = _place(
-                [scores.topk_logprobs_NTK[n, :l] for n, l in enumerate(lens)], P, S, (K,),
-                np.float32, -np.inf)
-        if scores.full_logprobs_NTV is not None:
-            V = scores.full_logprobs_NTV.shape[-1]
-            extra["teacher_full_logprobs_BSV"] = _place(
-                [scores.full_logprobs_NTV[n, :l] for n, l in enumerate(lens)], P, S, (V,), np.float32)
-    else:
-        extra["teacher_logprobs_BS"] = np.zeros((N, S), np.float32)
-    adv = np.zeros(N, np.float32) if seq_advantage_N is None else np.asarray(seq_advantage_N, np.float32)
-    if remedy_weight_N is not None:
-        extra["remedy_weight_B"] = np.asarray(remedy_weight_N, np.float32)
-    if no_reward_tail_N is not None:
-        extra["no_reward_BS"] = _place([(np.arange(l) >= l - k).astype(np.float32)
-                                        for l, k in zip(lens, no_reward_tail_N)], P, S, (), np.float32)
+    teacher = (_teacher_arrays(scores, lens, P, S) if scores is not None
+               else {"teacher_logprobs_BS": np.zeros((N, S), np.float32)})
+    sft = (~on).astype(np.float32) if sft_weight_N is None else _per_row(sft_weight_N, N)
+    remedy = None if remedy_weight_N is None else _per_row(remedy_weight_N, N)
+    tails = None if no_reward_tail_N is None else _tail_mask(no_reward_tail_N, lens, P, S)
     return TrainBatch(input_ids_BS=ids, loss_mask_BS=mask, sampler_logprobs_BS=sampler,
-                      seq_advantage_B=adv, seq_weight_B=w, on_policy_B=on, sft_weight_B=sft,
+                      seq_advantage_B=_per_row(seq_advantage_N, N, 0.0),
+                      seq_weight_B=_per_row(seq_weight_N, N, 1.0), on_policy_B=on, sft_weight_B=sft,
                       temperature=temperature, pairs=pairs, rejected_eos_id=eos_id,
-                      anchor_coef=float(anchor_coef), **extra)
+                      anchor_coef=float(anchor_coef), remedy_weight_B=remedy, no_reward_BS=tails, **teacher)
+
+
+def _per_row(values: Optional[np.ndarray], N: int, default: float = 0.0) -> np.ndarray:
+    """[N] float32: `values`, or `default` on every row when None."""
+    return np.full(N, default, np.float32) if values is None else np.asarray(values, np.float32)
+
+
+def _teacher_arrays(scores: TeacherScores, lens: Sequence[int], P: Sequence[int], S: int) -> dict:
+    """The teacher's per-token arrays at their sequence positions, as TrainBatch fields
+    (top-k log-probs past a row's tokens are -inf, everything else 0)."""
+    def place(a: np.ndarray, dtype=np.float32, fill: float = 0.0) -> np.ndarray:
+        return _place([a[n, :n_tok] for n, n_tok in enumerate(lens)], P, S, a.shape[2:], dtype, fill)
+
+    out = {"teacher_logprobs_BS": place(scores.logprobs_NT)}
+    if scores.topk_ids_NTK is not None:
+        out["teacher_topk_ids_BSK"] = place(scores.topk_ids_NTK, np.int64)
+        out["teacher_topk_logprobs_BSK"] = place(scores.topk_logprobs_NTK, fill=-np.inf)
+    if scores.full_logprobs_NTV is not None:
+        out["teacher_full_logprobs_BSV"] = place(scores.full_logprobs_NTV)
+    return out
+
+
+def _tail_mask(tail_N: Sequence[int], lens: Sequence[int], P: Sequence[int], S: int) -> np.ndarray:
+    """[N, S] float32: 1 on the last tail_N[n] completion tokens of row n."""
+    rows = [(np.arange(n_tok) >= n_tok - k).astype(np.float32) for n_tok, k in zip(lens, tail_N)]
+    return _place(rows, P, S, (), np.float32)
 
 
 def with_extra_rows(rollouts: RolloutBatch, scores: TeacherScores,

@@ -18,7 +18,14 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from opd.formatting import ACTIONS, CHECKS
 from opd.length import hysteresis_errors
+from opd.length.monitor import MODES as LENGTH_MODES
+from opd.length.penalties import STOP_PROPERLY_MODES
+from opd.losses import EOS_PROTECTIONS, SMPO_LOSS_TYPES
+from opd.sweep import QUALITIES, SIGNALS
+from opd.tasks import BUILTIN_TASKS, ON_BAD_LINE, check_extraction
+from opd.types import TeacherLogprobs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -194,7 +201,7 @@ class LengthConfig:
     adaptive_max_new_tokens: bool = MISSING
     adaptive_shrink: float = MISSING  # cap *= shrink per step under inflation (down to the reference p95)
     adaptive_grow: float = MISSING  # cap *= grow per step once recovered (up to rollout.max_new_tokens)
-    # remedies that teach stopping (mode auto; see opd/length.py LengthMonitor):
+    # remedies that teach stopping (mode auto; see opd/length/monitor.py LengthMonitor):
     topk_kl_coef: float = MISSING  # (a) forward KL over the teacher's top-k on truncated/repetitive
     #                                rollouts (needs teacher.logprobs=topk or full); 0 = off
     mixture_fraction: float = MISSING  # (b) StableOPD rollout mixture: share of prompts answered by
@@ -294,7 +301,7 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------- validation
 def _in(*allowed: Any):
-    return lambda v: v in allowed, f"must be one of {list(allowed)}"
+    return lambda v: v in allowed, f"must be one of {[str(a) for a in allowed]}"
 
 
 def _gt(lo: float):
@@ -315,8 +322,6 @@ def _range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
 
 
 def _extraction():
-    from opd.tasks import check_extraction
-
     def ok(v: str) -> bool:
         try:
             return bool(check_extraction(v))
@@ -342,17 +347,17 @@ _ZOO_RULES = {
     "eval_every": _ge(1), "stop_at_exact_match": _range(0, 1), "seed": _ge(0),
 }
 RULES: dict[str, tuple] = {
-    "task.name": _in("addition", "reversal", "arith_chat", "file"),
+    "task.name": _in(*BUILTIN_TASKS, "file"),
     "task.answer_extraction": _extraction(),
     "zoo.name": _in("toy", "smollm2"), "zoo.keep_every": _ge(1),
     "task.seed": _ge(0), "task.train_size": _ge(1), "task.heldout_size": _ge(1),
     "task.max_digits": _range(1, 9), "task.min_chars": _ge(1), "task.max_chars": _ge(1),
-    "task.on_bad_line": _in("error", "skip"),
+    "task.on_bad_line": _in(*ON_BAD_LINE),
     "student.dtype": _DTYPES, "teacher.dtype": _DTYPES,
     **{f"student.zoo.{k}": r for k, r in _ZOO_RULES.items()},
     **{f"teacher.zoo.{k}": r for k, r in _ZOO_RULES.items()},
     "teacher.backend": _in("transformers", "vllm"),
-    "teacher.logprobs": _in("sampled", "topk", "full"),
+    "teacher.logprobs": _in(*TeacherLogprobs),
     "teacher.topk": _ge(1), "teacher.temperature": _gt(0),
     "teacher.chunk_size": _ge(1), "teacher.batch_size": _ge(1),
     "rollout.prompts_per_step": _ge(1), "rollout.samples_per_prompt": _ge(1),
@@ -371,8 +376,8 @@ RULES: dict[str, tuple] = {
     "loss.smpo.beta": _gt(0), "loss.smpo.margin": _ge(0), "loss.smpo.margin_start": _ge(0),
     "loss.smpo.margin_ramp_steps": _ge(0), "loss.smpo.rho": _range(0, 1),
     "loss.smpo.sft_coef": _ge(0),
-    "loss.smpo.loss_type": _in("smooth_lower_bound", "sigmoid", "hinge", "ipo"),
-    "loss.smpo.eos_protection": _in("exclude", "flip", "none"),
+    "loss.smpo.loss_type": _in(*SMPO_LOSS_TYPES),
+    "loss.smpo.eos_protection": _in(*EOS_PROTECTIONS),
     "loss.smpo.lower_percentile": _opt(_range(0, 1, hi_open=True)),
     "loss.smpo.min_log_prob": _opt((lambda v: v < 0, "must be < 0")),
     "loss.smpo.chosen_upper_percentile": _opt(_range(0, 1, lo_open=True)),
@@ -383,7 +388,7 @@ RULES: dict[str, tuple] = {
     "optim.warmup_steps": _ge(0), "optim.min_lr_ratio": _range(0, 1), "optim.grad_clip": _ge(0),
     "optim.micro_batch_size": _ge(1), "optim.device": _in("auto", "cpu", "cuda"),
     "optim.max_bad_steps": _ge(1),
-    "length.mode": _in("off", "monitor", "auto"), "length.min_length": _ge(0),
+    "length.mode": _in(*LENGTH_MODES), "length.min_length": _ge(0),
     "length.ngram": _ge(1), "length.tail_window": _ge(2), "length.repeat_threshold": _range(0, 1),
     "length.reference_prompts": _ge(0), "length.ema_decay": _range(0, 1, hi_open=True),
     **{f"length.{k}": _range(0, 1) for k in (
@@ -392,7 +397,7 @@ RULES: dict[str, tuple] = {
     "length.short_ratio_on": _gt(0), "length.short_ratio_off": _gt(0),
     "length.adaptive_shrink": _range(0, 1, lo_open=True), "length.adaptive_grow": _ge(1),
     "length.k_on": _ge(1), "length.k_off": _ge(1), "length.overlong_buffer": _ge(1),
-    "length.stop_properly_mode": _in("mask", "downweight"),
+    "length.stop_properly_mode": _in(*STOP_PROPERLY_MODES),
     "length.stop_properly_weight": _range(0, 1), "length.length_ratio_coef": _ge(0),
     "length.topk_kl_coef": _ge(0), "length.mixture_fraction": _range(0, 1),
     "length.mixture_sft_coef": _ge(0), "length.anchor_coef": _ge(0), "length.min_effective_weight": _range(0, 1),
@@ -406,13 +411,12 @@ RULES: dict[str, tuple] = {
     "seed": _ge(0), "steps": _ge(0), "eval_every": _ge(0), "checkpoint_every": _ge(0),
     "keep_checkpoints": _ge(1), "log_every": _ge(1), "log_level": _in("info", "debug"),
     "loggers": _subset("tensorboard", "wandb"),
-    "format.checks": _subset("quotes", "asterisk", "bold", "brackets", "code_fence",
-                             "special_tokens", "empty"),
-    "format.on_prompt_file": _in("warn", "skip", "refuse"),
+    "format.checks": _subset(*CHECKS),
+    "format.on_prompt_file": _in(*ACTIONS),
     "format.seq_weight": _range(0, 1),
-    "early_stop.after_steps": _ge(1), "early_stop.signal": _in("grad_norm", "loss"),
+    "early_stop.after_steps": _ge(1), "early_stop.signal": _in(*SIGNALS),
     "early_stop.better": _in("lower", "higher"), "early_stop.tolerance": _ge(0),
-    "early_stop.quality": _in("kl", "accuracy"),
+    "early_stop.quality": _in(*QUALITIES),
 }
 
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Collection, Optional
 
 import numpy as np
 
-from opd import length as L
 from opd.batch import build_train_batch, teacher_kl_metrics
+from opd.length import rollout_stats
 from opd.tasks import answer_correct
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
 
@@ -67,8 +67,8 @@ def accuracy(rollouts: RolloutBatch, prompts: PromptBatch) -> float:
 def length_view(rollouts: RolloutBatch, eos_ids: Collection[int], max_new_tokens: int,
                 prefix: str, **stats_kw) -> dict[str, float]:
     """EOS rate, truncation, repetition and mean length of some completions."""
-    stats = L.rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, eos_ids, max_new_tokens,
-                            **stats_kw)
+    stats = rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, eos_ids, max_new_tokens,
+                          **stats_kw)
     return {f"{prefix}/{k}": float(getattr(stats, k)) for k in LENGTH_KEYS}
 
 

@@ -144,7 +144,7 @@ class RolloutWorker:
         return RolloutBatch(prompt_ids, comp, lps, reasons, texts, self.version, time.time() - t0)
 
     def greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
-        """Greedy completions (for held-out exact match)."""
+        """Greedy completions' texts (the tests compare them with transformers' greedy decoding)."""
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids],
                                  to_sampling_params(greedy_settings(max_new_tokens), logprobs=None),
                                  use_tqdm=False)

@@ -6,7 +6,8 @@ Layout of a run directory:
     tb/                     the same scalars as TensorBoard event files (`loggers`)
     logs/                   the actors' and engines' output (rollout-0.log, teacher.log, ...)
     checkpoints/step-000020 Hugging Face model dir + learner_state.{pt,json}
-    summary.json            before/after/teacher exact match, wall time, environment
+    summary.json            held-out views of teacher / student before / after (KL, NLL, lengths,
+                            accuracy), starved steps, early stop, wall time, environment
     *.png, report.md        plots and report (`opd-report`, also written at the end of a run)
 """
 
@@ -24,7 +25,10 @@ from typing import Any, Optional, Protocol, Sequence
 
 from opd.types import StepMetrics
 
+
 class ScalarSink(Protocol):
+    """Where the step scalars go besides metrics.jsonl (TensorBoard, W&B)."""
+
     def scalars(self, step: int, values: dict[str, float]) -> None: ...
     def close(self) -> None: ...
 
@@ -70,10 +74,12 @@ def check_loggers(loggers: Sequence[str]) -> None:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The lines of a run's metrics.jsonl ([] when there is none yet)."""
     p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.is_file() else []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
 class RunDir:
+    """A run's directory (layout above): metrics lines and their sinks, checkpoints, JSON files."""
+
     def __init__(self, path: str | Path, loggers: Sequence[str] = (), config: Optional[dict] = None):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -107,8 +113,9 @@ class RunDir:
         """On resume: drop lines of steps the resumed run will redo."""
         p = self.path / "metrics.jsonl"
         if p.is_file():
-            keep = [l for l in p.read_text().splitlines() if l and json.loads(l)["step"] <= after_step]
-            p.write_text("".join(l + "\n" for l in keep))
+            keep = [line for line in p.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= after_step]
+            p.write_text("".join(line + "\n" for line in keep))
         self._purge_step = after_step + 1
 
     def checkpoint_dir(self, step: int) -> Path:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+from opd.formatting import ACTIONS, check_example
+
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import TaskConfig
 
@@ -203,6 +205,9 @@ TASK_ALPHABET = string.digits + string.ascii_lowercase + "+-*/=?.,:;!'\"()[] "
 
 
 # ------------------------------------------------------------------ prompt files
+ON_BAD_LINE = ("error", "skip")  # a bad prompt-file line stops the run, or is skipped and counted
+
+
 class DataError(ValueError):
     """A bad line in a prompt file: the message starts with `file:line:`."""
 
@@ -233,8 +238,6 @@ class FormatRule:
     extra_tokens: tuple[str, ...] = ()
 
     def problem(self, ex: Example) -> Optional[str]:
-        from opd.formatting import check_example
-
         if not self.checks:
             return None
         texts = [c for _, c in ex.messages] if ex.messages is not None else [ex.text or ""]
@@ -289,10 +292,10 @@ def load_prompt_file(path: str | Path, on_bad_line: str = "error",
     """Read a JSONL prompt file. `count_tokens` + `max_prompt_tokens` reject prompts that
     cannot fit the engine (`max_model_len - max_new_tokens`) instead of truncating them;
     `fmt` runs the format checks on each line."""
-    if on_bad_line not in ("error", "skip"):
-        raise ValueError(f"task.on_bad_line must be one of ['error', 'skip'], got {on_bad_line!r}")
-    if fmt is not None and fmt.action not in ("warn", "skip", "refuse"):
-        raise ValueError(f"format.on_prompt_file must be one of ['warn', 'skip', 'refuse'], got {fmt.action!r}")
+    if on_bad_line not in ON_BAD_LINE:
+        raise ValueError(f"task.on_bad_line must be one of {list(ON_BAD_LINE)}, got {on_bad_line!r}")
+    if fmt is not None and fmt.action not in ACTIONS:
+        raise ValueError(f"format.on_prompt_file must be one of {list(ACTIONS)}, got {fmt.action!r}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such prompt file")
@@ -301,33 +304,45 @@ def load_prompt_file(path: str | Path, on_bad_line: str = "error",
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            ex = _parse_line(raw, extract)
-            if isinstance(ex, Example) and require_answer and ex.answer is None:
-                ex = "missing field 'answer' (held-out prompts need a reference answer)"
-            if isinstance(ex, Example) and count_tokens and max_prompt_tokens is not None:
-                n = count_tokens(ex)
-                if n > max_prompt_tokens:
-                    ex = (f"prompt is {n} tokens, more than the {max_prompt_tokens} that fit "
-                          f"(rollout.max_model_len - rollout.max_new_tokens); not truncated")
-            if isinstance(ex, Example) and fmt is not None:
-                why = fmt.problem(ex)
-                if why and fmt.action == "refuse":
-                    raise DataError(f"{path}:{lineno}: {why} (format.on_prompt_file=refuse)")
-                if why and fmt.action == "skip":
-                    report.skipped.append((lineno, why))
-                    continue
-                if why:
-                    report.warned.append((lineno, why))
-            if isinstance(ex, str):
+            ex = _parse_line(raw, extract)  # an Example, or why the line is bad
+            why = ex if isinstance(ex, str) else _unusable(ex, require_answer, count_tokens,
+                                                           max_prompt_tokens)
+            if why is not None:
                 if on_bad_line == "error":
-                    raise DataError(f"{path}:{lineno}: {ex}")
-                report.skipped.append((lineno, ex))
-                continue
-            out.append(replace(ex, source=f"{path.name}:{lineno}"))
+                    raise DataError(f"{path}:{lineno}: {why}")
+                report.skipped.append((lineno, why))
+            elif fmt is None or _passes_format(fmt, ex, path, lineno, report):
+                out.append(replace(ex, source=f"{path.name}:{lineno}"))
     report.loaded = len(out)
     if not out:
         raise DataError(f"{path}: no usable prompt ({len(report.skipped)} lines skipped)")
     return out, report
+
+
+def _unusable(ex: Example, require_answer: bool, count_tokens: Optional[Callable[[Example], int]],
+              max_prompt_tokens: Optional[int]) -> Optional[str]:
+    """Why a well-formed line still cannot be used (no answer where one is needed, a prompt
+    too long for the engine), or None."""
+    if require_answer and ex.answer is None:
+        return "missing field 'answer' (held-out prompts need a reference answer)"
+    if count_tokens and max_prompt_tokens is not None:
+        n = count_tokens(ex)
+        if n > max_prompt_tokens:
+            return (f"prompt is {n} tokens, more than the {max_prompt_tokens} that fit "
+                    f"(rollout.max_model_len - rollout.max_new_tokens); not truncated")
+    return None
+
+
+def _passes_format(fmt: FormatRule, ex: Example, path: Path, lineno: int, report: LoadReport) -> bool:
+    """Whether a usable line is kept after the format checks: a failing line is refused
+    (DataError), skipped or kept with a warning, as `fmt.action` says; the report counts it."""
+    why = fmt.problem(ex)
+    if not why:
+        return True
+    if fmt.action == "refuse":
+        raise DataError(f"{path}:{lineno}: {why} (format.on_prompt_file=refuse)")
+    (report.skipped if fmt.action == "skip" else report.warned).append((lineno, why))
+    return fmt.action != "skip"
 
 
 # ------------------------------------------------------------------ encoding

@@ -20,13 +20,15 @@ accepted, and logits are cut to the shared vocabulary.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
 
 from opd.device import pick_device
-from opd.types import FinishReason, PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
+from opd.types import (FinishReason, PromptBatch, RolloutBatch, SamplingSettings, TeacherLogprobs,
+                       TeacherScores)
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import RolloutConfig, TeacherConfig
@@ -100,6 +102,7 @@ class TeacherScorer:
 
     def __init__(self, model_path: str, teacher_cfg: TeacherConfig, rollout_cfg: RolloutConfig, device: str = "auto"):
         self.cfg, self.path = teacher_cfg, model_path
+        self.mode = TeacherLogprobs(teacher_cfg.logprobs)
         if teacher_cfg.backend == "vllm":
             self._init_vllm(rollout_cfg)
         else:
@@ -123,7 +126,7 @@ class TeacherScorer:
         cpu_engine_env()
         from vllm import LLM
 
-        if self.cfg.logprobs == "full":
+        if self.mode is TeacherLogprobs.FULL:
             raise ValueError("teacher.logprobs=full needs teacher.backend=transformers "
                              "(vLLM returns at most max_logprobs entries per position)")
         if self.cfg.temperature != 1.0:
@@ -139,28 +142,31 @@ class TeacherScorer:
     # ------------------------------------------------------------------ scoring
     def score(self, rollouts: RolloutBatch) -> TeacherScores:
         t0 = time.time()
-        T = max(1, max(rollouts.lengths))
+        scores = self._empty_scores(len(rollouts.completion_ids), max(1, max(rollouts.lengths)))
         if self.cfg.backend == "vllm":
-            scores = self._score_vllm(rollouts, T)
+            self._score_vllm(rollouts, scores)
         else:
-            scores = self._score_hf(rollouts, T)
-        return TeacherScores(**scores, temperature=self.cfg.temperature, seconds=time.time() - t0)
+            self._score_hf(rollouts, scores)
+        return replace(scores, seconds=time.time() - t0)
+
+    def _empty_scores(self, N: int, T: int) -> TeacherScores:
+        """The arrays `score` fills in place: sampled-token log-probs, plus the top-k (log-probs
+        -inf past the k returned) or the full distribution as `self.mode` asks."""
+        topk, K = self.mode is TeacherLogprobs.TOPK, self.cfg.topk
+        full = self.mode is TeacherLogprobs.FULL
+        return TeacherScores(
+            logprobs_NT=np.zeros((N, T), np.float32), temperature=self.cfg.temperature,
+            topk_ids_NTK=np.zeros((N, T, K), np.int64) if topk else None,
+            topk_logprobs_NTK=np.full((N, T, K), -np.inf, np.float32) if topk else None,
+            full_logprobs_NTV=np.zeros((N, T, self.vocab_size), np.float32) if full else None)
 
     @torch.no_grad()
-    def _score_hf(self, rollouts: RolloutBatch, T: int) -> dict:
-        N, mode, K, V = len(rollouts.completion_ids), self.cfg.logprobs, self.cfg.topk, self.vocab_size
-        out = {"logprobs_NT": np.zeros((N, T), np.float32)}
-        if mode == "topk":
-            out["topk_ids_NTK"] = np.zeros((N, T, K), np.int64)
-            out["topk_logprobs_NTK"] = np.full((N, T, K), -np.inf, np.float32)
-        if mode == "full":
-            out["full_logprobs_NTV"] = np.zeros((N, T, V), np.float32)
-        bs = self.cfg.batch_size
+    def _score_hf(self, rollouts: RolloutBatch, out: TeacherScores) -> None:
+        N, bs = len(rollouts.completion_ids), self.cfg.batch_size
         for start in range(0, N, bs):
             self._score_hf_rows(rollouts, range(start, min(N, start + bs)), out)
-        return out
 
-    def _score_hf_rows(self, rollouts: RolloutBatch, rows: range, out: dict) -> None:
+    def _score_hf_rows(self, rollouts: RolloutBatch, rows: range, out: TeacherScores) -> None:
         seqs = [rollouts.prompt_ids[n] + rollouts.completion_ids[n] for n in rows]
         S = max(map(len, seqs))
         ids = torch.full((len(seqs), S), self.tokenizer.pad_token_id or 0, dtype=torch.long)
@@ -174,7 +180,7 @@ class TeacherScorer:
         for c in range(0, len(where), self.cfg.chunk_size):
             self._score_chunk(hidden, where[c: c + self.cfg.chunk_size], rows, out)
 
-    def _score_chunk(self, hidden: torch.Tensor, where: list, rows: range, out: dict) -> None:
+    def _score_chunk(self, hidden: torch.Tensor, where: list, rows: range, out: TeacherScores) -> None:
         bi = torch.tensor([w[0] for w in where], device=hidden.device)
         pi = torch.tensor([w[1] for w in where], device=hidden.device)
         logits = self.model.lm_head(hidden[bi, pi]).float()[:, : self.vocab_size]
@@ -183,35 +189,29 @@ class TeacherScorer:
         lp_tok = logp.gather(1, tgt[:, None])[:, 0].cpu().numpy()
         n_idx = np.array([rows[w[0]] for w in where])
         t_idx = np.array([w[2] for w in where])
-        out["logprobs_NT"][n_idx, t_idx] = lp_tok
-        if "topk_ids_NTK" in out:
+        out.logprobs_NT[n_idx, t_idx] = lp_tok
+        if self.mode is TeacherLogprobs.TOPK:
             v, i = logp.topk(self.cfg.topk, dim=-1)
-            out["topk_ids_NTK"][n_idx, t_idx] = i.cpu().numpy()
-            out["topk_logprobs_NTK"][n_idx, t_idx] = v.cpu().numpy()
-        if "full_logprobs_NTV" in out:
-            out["full_logprobs_NTV"][n_idx, t_idx] = logp.cpu().numpy()
+            out.topk_ids_NTK[n_idx, t_idx] = i.cpu().numpy()
+            out.topk_logprobs_NTK[n_idx, t_idx] = v.cpu().numpy()
+        if self.mode is TeacherLogprobs.FULL:
+            out.full_logprobs_NTV[n_idx, t_idx] = logp.cpu().numpy()
 
-    def _score_vllm(self, rollouts: RolloutBatch, T: int) -> dict:
+    def _score_vllm(self, rollouts: RolloutBatch, out: TeacherScores) -> None:
         from vllm import SamplingParams
 
-        k = self.cfg.topk if self.cfg.logprobs == "topk" else 0
+        k = self.cfg.topk if self.mode is TeacherLogprobs.TOPK else 0
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=1.0)
         seqs = [p + c for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids)]
         outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
-        N = len(seqs)
-        lp = np.zeros((N, T), np.float32)
-        tk_ids, tk_lp = np.zeros((N, T, max(k, 1)), np.int64), np.full((N, T, max(k, 1)), -np.inf, np.float32)
         for n, o in enumerate(outs):
             P = len(rollouts.prompt_ids[n])
             for t, tok in enumerate(rollouts.completion_ids[n]):
-                d = o.prompt_logprobs[P + t]
-                lp[n, t] = d[tok].logprob
-                ranked = sorted((x for x in d.items() if x[1].rank <= k), key=lambda x: x[1].rank)[:k]
-                for j, (tid, L) in enumerate(ranked):
-                    tk_ids[n, t, j], tk_lp[n, t, j] = tid, L.logprob
-        if k:
-            return {"logprobs_NT": lp, "topk_ids_NTK": tk_ids, "topk_logprobs_NTK": tk_lp}
-        return {"logprobs_NT": lp}
+                by_id = o.prompt_logprobs[P + t]  # {token id: Logprob(logprob, rank)}
+                out.logprobs_NT[n, t] = by_id[tok].logprob
+                ranked = sorted((x for x in by_id.items() if x[1].rank <= k), key=lambda x: x[1].rank)[:k]
+                for j, (tid, entry) in enumerate(ranked):
+                    out.topk_ids_NTK[n, t, j], out.topk_logprobs_NTK[n, t, j] = tid, entry.logprob
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:

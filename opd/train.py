@@ -91,13 +91,18 @@ def run_training(cfg: TrainConfig) -> dict:
         _save_on_failure(loop, e)
         raise
     finally:
-        run.close()
-        if workers is not None:
-            workers.shutdown()
-        if started_ray:
-            import ray
+        _shut_down(run, workers, started_ray)
 
-            ray.shutdown()
+
+def _shut_down(run: Any, workers: Any, started_ray: bool) -> None:
+    """Close the run's loggers, stop the actors, and stop Ray if this run started it."""
+    run.close()
+    if workers is not None:
+        workers.shutdown()
+    if started_ray:
+        import ray
+
+        ray.shutdown()
 
 
 def _save_on_failure(loop: Any, err: BaseException) -> None:

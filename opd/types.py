@@ -30,6 +30,15 @@ class FinishReason(StrEnum):
         return cls.LENGTH if engine_reason == "length" else cls.STOP
 
 
+class TeacherLogprobs(StrEnum):
+    """What the teacher returns per completion token (`teacher.logprobs`), i.e. which of
+    TeacherScores' optional arrays are set. A str: compares equal to the config's value."""
+
+    SAMPLED = "sampled"  # the sampled token's log-prob only (logprobs_NT)
+    TOPK = "topk"  # plus the teacher's top-k ids and log-probs (topk_*_NTK)
+    FULL = "full"  # plus the whole distribution (full_logprobs_NTV; transformers backend)
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """What a rollout worker samples with on one call (from RolloutConfig, plus the monitor's

@@ -1,4 +1,4 @@
-"""Tests of opd/length.py: statistics against hand-computed values, the detector on seeded
+"""Tests of opd/length/: statistics against hand-computed values, the detector on seeded
 synthetic rollout streams, each penalty's numbers, and LengthMonitor in each mode."""
 import json
 import math

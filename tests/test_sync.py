@@ -94,6 +94,7 @@ def test_teacher_backends_agree(tiny_cfg, tiny_zoo, engine):
     full = TeacherScorer(str(tiny_zoo.teacher), replace(tiny_cfg.teacher, logprobs="full", chunk_size=5), tiny_cfg.rollout)
     topk = TeacherScorer(str(tiny_zoo.teacher), replace(tiny_cfg.teacher, logprobs="topk", topk=4), tiny_cfg.rollout)
     s_full, s_topk = full.score(rollouts), topk.score(rollouts)
+    assert s_full.topk_ids_NTK is None and s_topk.full_logprobs_NTV is None  # only what the mode asks
     for n, comp in enumerate(rollouts.completion_ids):
         for t, tokid in enumerate(comp):
             row = s_full.full_logprobs_NTV[n, t]
@@ -104,9 +105,10 @@ def test_teacher_backends_agree(tiny_cfg, tiny_zoo, engine):
                         tiny_cfg.rollout)
     s_v = vll.score(rollouts)
     for n, comp in enumerate(rollouts.completion_ids):
-        L = len(comp)
-        np.testing.assert_allclose(s_v.logprobs_NT[n, :L], s_full.logprobs_NT[n, :L], atol=1e-4)
-        np.testing.assert_allclose(s_v.topk_logprobs_NTK[n, :L], s_topk.topk_logprobs_NTK[n, :L], atol=1e-4)
+        n_tok = len(comp)
+        np.testing.assert_allclose(s_v.logprobs_NT[n, :n_tok], s_full.logprobs_NT[n, :n_tok], atol=1e-4)
+        np.testing.assert_allclose(s_v.topk_logprobs_NTK[n, :n_tok], s_topk.topk_logprobs_NTK[n, :n_tok],
+                                   atol=1e-4)
     del vll
     gc.collect()
 

@@ -1,0 +1,134 @@
+"""The length monitor: statistics, detector and penalty policy, called once per rollout batch.
+
+Mode 'off' computes statistics only, 'monitor' adds the detector's events, 'auto' turns the
+active conditions into a :class:`PenaltyPlan` (see :class:`LengthMonitor`).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Collection, Optional, Sequence
+
+import numpy as np
+
+from opd.length.detector import DetectorConfig, LengthDetector, LengthEvent
+from opd.length.penalties import PenaltyConfig, PenaltyPlan, adaptive_max_new_tokens
+from opd.length.stats import LengthStats, check_ngram_args, rollout_stats
+
+MODES = ("off", "monitor", "auto")
+
+
+class LengthMonitor:
+    """Stats + detector + penalty policy, called once per rollout batch.
+
+    mode 'off': stats only (always computed and logged), no events, all-off plan.
+    mode 'monitor': stats and events, all-off plan (watch before you act).
+    mode 'auto': penalties follow the active conditions:
+        inflation      -> overlong + stop_properly + adaptive max_new_tokens (if enabled)
+                          + top-k KL remedy + teacher mixture
+        repetition     -> stop_properly + prefer_bad_rejected + top-k KL remedy + loop-tail rule
+                          + divergence anchor to the starting student
+        short_collapse -> length_ratio (needs a reference)
+        eos_collapse   -> stop_properly + overlong + top-k KL remedy + teacher mixture
+    and switch off when the detector reports the condition recovered. Format checks
+    (opd/formatting.py) are not gated by the detector: in 'auto' a malformed rollout always
+    gets ``malformed_weight`` and, with ``prefer_malformed_rejected``, counts as bad for SMPO.
+
+    Never training on nothing: stop-properly masking would leave no gradient at all when every
+    rollout is truncated (a collapsing student). When the stopped rollouts hold less than
+    ``min_effective_weight`` of the batch's tokens, truncated rollouts are down-weighted
+    instead of masked (an event says so), and the remedies that *teach* stopping carry the
+    signal: the teacher's top-k distribution (which holds its EOS probability wherever it would
+    stop) and teacher completions that end in EOS. Masking alone does not teach a model to
+    stop (DAPO, Yu et al. 2025, who use a soft overlong penalty for that reason). While
+    repetition is on, a divergence anchor (StableOPD's KL constraint to a reference policy,
+    here the starting student) keeps the student near where it began, so a loop the
+    distillation signal rewards cannot run away.
+    """
+
+    def __init__(self, eos_ids: Collection[int], penalty: PenaltyConfig,
+                 detector: Optional[DetectorConfig] = None, mode: str = "monitor",
+                 min_length: int = 1, ngram: int = 3, tail_window: int = 32,
+                 repeat_threshold: float = 0.5):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_ngram_args(ngram, tail_window, repeat_threshold)
+        self.eos_ids = frozenset(int(e) for e in eos_ids)
+        self.penalty, self.mode = penalty, mode
+        self.detector = LengthDetector(detector)
+        self.stats_kwargs = dict(min_length=min_length, ngram=ngram, tail_window=tail_window,
+                                 repeat_threshold=repeat_threshold)
+        self.max_new_tokens = penalty.max_new_tokens  # cap in force for the next batch
+        self._starving = False  # stop-properly is down-weighting to keep a gradient
+
+    def observe(self, token_ids: Sequence[Sequence[int]], finish_reasons: Sequence[str],
+                step: int) -> tuple[LengthStats, list[LengthEvent], PenaltyPlan]:
+        """Stats of the batch (generated under ``self.max_new_tokens``), the detector's
+        events, and the plan: penalties for this batch plus the next batch's cap."""
+        ref = self.penalty.reference
+        stats = rollout_stats(token_ids, finish_reasons, self.eos_ids, self.max_new_tokens,
+                              reference_mean=ref.mean if ref else None, **self.stats_kwargs)
+        if self.mode == "off":
+            return stats, [], PenaltyPlan.off(self.max_new_tokens)
+        events = self.detector.update(stats, step)
+        if self.mode == "monitor":
+            return stats, events, PenaltyPlan.off(self.max_new_tokens)
+        plan = self._auto_plan(stats)
+        plan, starving = self._keep_gradient(plan, token_ids, finish_reasons, step)
+        return stats, events + starving, plan
+
+    def _keep_gradient(self, plan: PenaltyPlan, token_ids, finish_reasons,
+                       step: int) -> tuple[PenaltyPlan, list[LengthEvent]]:
+        """Down-weight instead of mask when masking would leave less than min_effective_weight
+        of the tokens in the policy-gradient term; an event when this starts or stops."""
+        lengths = np.array([len(t) for t in token_ids], np.float64)
+        kept = float(lengths[np.array(finish_reasons) == "stop"].sum() / max(1.0, lengths.sum()))
+        floor = self.penalty.min_effective_weight
+        starving = plan.stop_properly == "mask" and kept < floor
+        events = []
+        if starving != self._starving:
+            self._starving = starving
+            why = (f"stopped rollouts hold {kept:.0%} of the tokens < length.min_effective_weight={floor:g}: "
+                   f"truncated rollouts down-weighted to {max(floor, plan.stop_properly_weight):g} instead "
+                   f"of masked" if starving else f"stopped rollouts hold {kept:.0%} of the tokens again: masking")
+            events.append(LengthEvent(step, "effective_weight", "low" if starving else "ok", why))
+        if starving:
+            plan = replace(plan, stop_properly="downweight",
+                           stop_properly_weight=max(floor, plan.stop_properly_weight))
+        return plan, events
+
+    def _auto_plan(self, stats: LengthStats) -> PenaltyPlan:
+        p, active = self.penalty, self.detector.active()
+        inflation = "inflation" in active
+        batch_cap = self.max_new_tokens
+        if p.adaptive_max_new_tokens:
+            self.max_new_tokens = adaptive_max_new_tokens(
+                batch_cap, stats, inflation, p.floor_tokens, p.max_new_tokens,
+                p.adaptive_shrink, p.adaptive_grow)
+        stop = bool(active & {"inflation", "repetition", "eos_collapse"})
+        ratio_on = "short_collapse" in active and p.reference is not None
+        return PenaltyPlan(
+            overlong=bool(active & {"inflation", "eos_collapse"}) and p.buffer > 0,
+            overlong_buffer=max(1, min(p.buffer, batch_cap)), overlong_max_tokens=batch_cap,
+            stop_properly=p.stop_properly_mode if stop else None,
+            stop_properly_weight=p.stop_properly_weight,
+            length_ratio_coef=p.length_ratio_coef if ratio_on else 0.0,
+            length_ratio_tolerance=p.length_ratio_tolerance,
+            reference_mean=p.reference.mean if p.reference else None,
+            prefer_bad_rejected="repetition" in active, max_new_tokens=self.max_new_tokens,
+            topk_kl_coef=p.topk_kl_coef if stop else 0.0,
+            mixture_fraction=p.mixture_fraction if active & {"inflation", "eos_collapse"} else 0.0,
+            mixture_sft_coef=p.mixture_sft_coef,
+            anchor_coef=p.anchor_coef if "repetition" in active else 0.0,
+            loop_tail=p.tail_window if p.loop_tail and "repetition" in active else 0,
+            malformed_weight=p.malformed_weight, prefer_malformed_rejected=p.prefer_malformed_rejected)
+
+    def state_dict(self) -> dict:
+        """Plain JSON-serialisable state (the cap in force and the detector)."""
+        return {"mode": self.mode, "max_new_tokens": self.max_new_tokens,
+                "detector": self.detector.state_dict(), "starving": self._starving}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore the cap and the detector; the mode stays the one this monitor was built with."""
+        self.max_new_tokens = min(self.penalty.max_new_tokens, int(d["max_new_tokens"]))
+        self.detector.load_state_dict(d["detector"])
+        self._starving = bool(d.get("starving", False))
