@@ -29,6 +29,11 @@ Conventions (all functions)
   (top-k, sampled token) are used as given: vLLM ``prompt_logprobs`` are at temperature 1.
 - Stabilisers are out-of-place ops with row-wise bounds (``torch.where``/``torch.clamp``),
   never assignment through a boolean-mask copy.
+- Logits or hidden states: ``gather_logprobs``, ``generalized_jsd(_topk)`` take (B, T, V)
+  logits. The learner never holds those: ``logprobs_from_hidden`` runs the LM head on final
+  hidden states chunk by chunk and returns what the losses need per token (log-probs at given
+  ids, full-vocabulary divergences); ``topk_jsd_from_logprobs`` and ``divergence_loss`` turn
+  them into the same losses (tests compare values and gradients).
 
 Deliberate departures from the papers / public code
 1. ``generalized_jsd``: beta=0 and beta=1 are the plain forward / reverse KLs (as in TRL's
@@ -44,6 +49,9 @@ Deliberate departures from the papers / public code
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -217,8 +225,20 @@ def generalized_jsd_topk(student_logits_BTV: torch.Tensor, teacher_topk_logprobs
     Shapes: student_logits_BTV (B, T, V); teacher_topk_*_BTK (B, T, K); mask_BT (B, T) -> ().
     """
     _check_beta(beta)
-    ids = teacher_topk_ids_BTK.long()
-    logp_s = _gather_chunked(student_logits_BTV, ids, temperature, 1024)
+    logp_s = _gather_chunked(student_logits_BTV, teacher_topk_ids_BTK.long(), temperature, 1024)
+    return topk_jsd_from_logprobs(logp_s, teacher_topk_logprobs_BTK, teacher_topk_ids_BTK, mask_BT,
+                                  beta=beta, tail_bucket=tail_bucket, normalizer=normalizer)
+
+
+def topk_jsd_from_logprobs(student_topk_logprobs_BTK: torch.Tensor, teacher_topk_logprobs_BTK: torch.Tensor,
+                           teacher_topk_ids_BTK: torch.Tensor, mask_BT: torch.Tensor, beta: float = 0.0,
+                           tail_bucket: bool = True,
+                           normalizer: float | None = None) -> tuple[torch.Tensor, Metrics]:
+    """`generalized_jsd_topk` from the student's log-probs at the teacher's top-k ids,
+    log_softmax(student / temperature)[ids] (e.g. from `logprobs_from_hidden`), instead of
+    its logits. Any leading shape: (B, T, K) or (N, K) with mask (B, T) or (N,) -> ()."""
+    _check_beta(beta)
+    ids, logp_s = teacher_topk_ids_BTK.long(), student_topk_logprobs_BTK
     logp_t = teacher_topk_logprobs_BTK.detach().to(logp_s.dtype)
     valid = _first_occurrence(ids) & ~torch.isneginf(logp_t)
     floor = torch.full_like(logp_s, LOGP_FLOOR)
@@ -538,3 +558,75 @@ def gather_logprobs(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, temperature:
     Shapes: logits_BTV (B, T, V); ids_BT (B, T) -> logprobs_BT (B, T).
     """
     return _gather_chunked(logits_BTV, ids_BT.unsqueeze(-1), temperature, chunk_size).squeeze(-1)
+
+
+# ------------------------------------------------------------- from hidden states, chunked
+@dataclass(frozen=True)
+class Reference:
+    """A constant per-token distribution to compare the student with in `logprobs_from_hidden`
+    (a teacher's full log-probs; a frozen model's hidden states): its logits are head(x_NX),
+    or x_NX itself when head is None. Both sides are divided by ``temperature`` before the
+    softmax; one generalized JSD (as `generalized_jsd`) per entry of ``betas``.
+
+    Shapes: x_NX (N, V) logits or log-probs, or (N, H) hidden states for ``head``."""
+
+    x_NX: torch.Tensor
+    betas: tuple[float, ...]
+    temperature: float = 1.0
+    head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+def _hidden_chunk(hidden_NH, head, gathers, references, start, end):
+    """`logprobs_from_hidden` on rows start..end: their logits, one log_softmax per temperature,
+    and from it every gather and every reference's divergences."""
+    x = hidden_NH[start:end]
+    logits = x if head is None else head(x)
+    logits = logits.to(_float_dtype(logits))
+    temps = dict.fromkeys([t for _, t in gathers] + [r.temperature for r in references])
+    logp = {t: torch.log_softmax(logits / t, -1) for t in temps}
+    out = [logp[t].gather(-1, ids_NK[start:end].long()) for ids_NK, t in gathers]
+    for r in references:
+        with torch.no_grad():
+            ref = r.x_NX[start:end] if r.head is None else r.head(r.x_NX[start:end])
+            ref = torch.log_softmax(ref.to(logits.dtype) / r.temperature, -1)
+        out.append(torch.stack([_gjsd(logp[r.temperature], ref, beta) for beta in r.betas], -1))
+    return tuple(out)
+
+
+def logprobs_from_hidden(hidden_NH: torch.Tensor, head: Optional[Callable[[torch.Tensor], torch.Tensor]],
+                         gathers: Sequence[tuple[torch.Tensor, float]], references: Sequence[Reference] = (),
+                         chunk_size: int = 1024) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The student's log-probs and divergences from its final hidden states, ``chunk_size``
+    tokens at a time, without the (N, V) logits. Per chunk: logits = head(hidden) (head None:
+    hidden_NH are the logits), one log_softmax per temperature, and from it
+      each gather (ids_NK, temperature): log_softmax(logits / temperature)[ids] -> (N, K);
+      each Reference: D[n, j] = the generalized JSD at betas[j] between the student and the
+          reference, both at the reference's temperature (`generalized_jsd` per token) -> (N, J).
+    Under autograd each chunk is recomputed in backward (`torch.utils.checkpoint`), so one
+    chunk's (chunk, V) temporaries are alive at a time, in forward and in backward; gradients
+    reach hidden_NH and head's parameters, references are constants. ``head`` must be
+    deterministic (it runs again in backward).
+
+    Shapes: hidden_NH (N, H); ids_NK (N, K) -> ([(N, K) per gather], [(N, J) per reference]).
+    """
+    n, step = hidden_NH.shape[0], max(int(chunk_size), 1)
+    args = (head, tuple(gathers), tuple(references))
+    if torch.is_grad_enabled():
+        parts = [checkpoint(_hidden_chunk, hidden_NH, *args, i, min(i + step, n),
+                            use_reentrant=False, preserve_rng_state=False) for i in range(0, n, step)]
+    else:
+        parts = [_hidden_chunk(hidden_NH, *args, i, min(i + step, n)) for i in range(0, n, step)]
+    if not parts:
+        empty = [(0, ids.shape[-1]) for ids, _ in gathers] + [(0, len(r.betas)) for r in references]
+        parts = [tuple(hidden_NH.new_zeros(s, dtype=_float_dtype(hidden_NH)) for s in empty)]
+    out = [torch.cat(p) for p in zip(*parts)]
+    return out[: len(gathers)], out[len(gathers):]
+
+
+def divergence_loss(div_BT: torch.Tensor, mask_BT: torch.Tensor, normalizer: float | None = None,
+                    name: str = "jsd") -> tuple[torch.Tensor, Metrics]:
+    """Token mean of per-token divergences (a `Reference`'s from `logprobs_from_hidden`):
+    sum(D * mask) / normalizer, the loss of `generalized_jsd`, logged as ``loss/<name>``.
+    Shapes: div_BT, mask_BT (B, T) or (N,) -> ()."""
+    loss = masked_token_mean(div_BT, mask_BT, normalizer)
+    return loss, {f"loss/{name}": loss.item()}
