@@ -150,8 +150,8 @@ class Learner:
         `start_path`: the run's starting student (the divergence anchor), default model_path."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.cfg, self.loss_cfg, self.o = cfg, cfg.loss, cfg.optim
-        self.device = pick_device(self.o.device)
+        self.cfg, self.loss_cfg, self.optim_cfg = cfg, cfg.loss, cfg.optim
+        self.device = pick_device(self.optim_cfg.device)
         self.autocast = self.device == "cuda" and cfg.student.dtype == "bfloat16"
         torch.manual_seed(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
@@ -163,10 +163,11 @@ class Learner:
         # the LM head on target positions only, where the model's logits are a plain head
         self.head_only_on_targets = (hasattr(self.model, "model") and not any(
             getattr(self.model.config, k, None) for k in ("final_logit_softcapping", "logit_scale")))
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.o.lr, betas=(self.o.beta1, self.o.beta2),
-                                     weight_decay=self.o.weight_decay)
+        oc = self.optim_cfg
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
+                                     weight_decay=oc.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(self.o.schedule, self.o.warmup_steps, cfg.steps, self.o.min_lr_ratio))
+            self.opt, lr_lambda(oc.schedule, oc.warmup_steps, cfg.steps, oc.min_lr_ratio))
         self.anchor = (self._frozen(start_path or model_path)
                        if cfg.length.mode == "auto" and cfg.length.anchor_coef > 0 else None)
         self.step = 0
@@ -213,22 +214,22 @@ class Learner:
     def _row_terms(self, b: TrainBatch, rows: np.ndarray, norm: "Normalizers") -> tuple[torch.Tensor, dict]:
         """Distillation, length-remedy and SFT terms over a micro-batch of rows, each
         normalised by the whole batch's count of the tokens it trains (`norm`)."""
-        L = self.loss_cfg
+        lc = self.loss_cfg
         win, logits, lp, mask, _ = self._forward(b, rows)
         on = self._tensor(b.on_policy_B.astype(np.float32), rows)[:, None]
         terms = [(0.0, torch.zeros((), device=self.device), losses.sampler_mismatch_metrics(
             lp, self._tensor(b.sampler_logprobs_BS, rows, win), mask * on))] if (mask * on).any() else []
-        if L.distill == "reverse_kl_pg" and L.distill_coef and norm.pg:
+        if lc.distill == "reverse_kl_pg" and lc.distill_coef and norm.pg:
             pg_mask = mask * on * self._tensor(b.seq_weight_B, rows)[:, None]  # stop-properly
-            terms.append((L.distill_coef, *losses.reverse_kl_pg_loss(
+            terms.append((lc.distill_coef, *losses.reverse_kl_pg_loss(
                 lp, self._tensor(b.sampler_logprobs_BS, rows, win),
                 self._tensor(b.teacher_logprobs_BS, rows, win), pg_mask,
-                clip_eps_low=L.clip_eps_low, clip_eps_high=L.clip_eps_high, tis_cap=L.tis_cap,
-                discount=L.discount, seq_advantage_B=self._tensor(b.seq_advantage_B, rows),
+                clip_eps_low=lc.clip_eps_low, clip_eps_high=lc.clip_eps_high, tis_cap=lc.tis_cap,
+                discount=lc.discount, seq_advantage_B=self._tensor(b.seq_advantage_B, rows),
                 normalizer=norm.pg, no_reward_BT=self._tensor(b.no_reward_BS, rows, win))))
-        if L.distill == "jsd" and L.distill_coef and norm.on:
-            terms.append((L.distill_coef, *self._jsd(b, rows, win, logits, mask * on, norm.on,
-                                                     L.jsd_beta)))
+        if lc.distill == "jsd" and lc.distill_coef and norm.on:
+            terms.append((lc.distill_coef, *self._jsd(b, rows, win, logits, mask * on, norm.on,
+                                                     lc.jsd_beta)))
         if b.remedy_weight_B is not None and norm.on:  # the length remedy: forward KL, top-k
             w = self._tensor(b.remedy_weight_B, rows)[:, None]
             loss, m = self._jsd(b, rows, win, logits, mask * on * w, norm.on, 0.0)
@@ -242,17 +243,17 @@ class Learner:
         return total, {k: v for _, _, m in terms for k, v in m.items()}
 
     def _jsd(self, b: TrainBatch, rows, win, logits, mask, n_tokens, beta: float):
-        L = self.loss_cfg
+        lc = self.loss_cfg
         if b.teacher_full_logprobs_BSV is not None:
             teacher = self._tensor(b.teacher_full_logprobs_BSV, rows, win)
             return losses.generalized_jsd(logits, teacher, mask, beta=beta,
-                                          temperature=L.jsd_temperature, normalizer=n_tokens)
+                                          temperature=lc.jsd_temperature, normalizer=n_tokens)
         if b.teacher_topk_ids_BSK is None:
             raise ValueError("loss.distill=jsd and the length remedy need teacher.logprobs=full or topk")
         return losses.generalized_jsd_topk(
             logits, self._tensor(b.teacher_topk_logprobs_BSK, rows, win),
             self._tensor(b.teacher_topk_ids_BSK, rows, win), mask, beta=beta,
-            temperature=L.jsd_temperature, tail_bucket=L.tail_bucket, normalizer=n_tokens)
+            temperature=lc.jsd_temperature, tail_bucket=lc.tail_bucket, normalizer=n_tokens)
 
     def _anchor_kl(self, b: TrainBatch, rows, win, logits, mask, n_tokens):
         """KL(student || anchor) per token over the full vocabulary (StableOPD's KL constraint;
@@ -297,8 +298,8 @@ class Learner:
         t0 = time.time()
         self.opt.zero_grad(set_to_none=True)
         acc = self._backward(b)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.o.grad_clip if self.o.grad_clip > 0 else float("inf")))
+        clip = self.optim_cfg.grad_clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf")))
         lr = self.sched.get_last_lr()[0]
         losses_ok = all(math.isfinite(v) for k, vs in acc.items() if k.endswith("_total") for v, _ in vs)
         if losses_ok and math.isfinite(grad_norm):
@@ -319,7 +320,7 @@ class Learner:
     def _backward(self, b: TrainBatch) -> dict[str, list]:
         """Forward and backward over every micro-batch; returns each metric's (value, rows).
         Rows go into micro-batches in order of length, so that each one's padding is short."""
-        mb = self.o.micro_batch_size
+        mb = self.optim_cfg.micro_batch_size
         norm, B = Normalizers.of(b), b.input_ids_BS.shape[0]
         rows_on = self._row_loss_on(b, norm)
         acc: dict[str, list] = {} if rows_on else {"loss/rows_total": [(0.0, B)]}  # logged either way
@@ -341,8 +342,8 @@ class Learner:
     def _row_loss_on(self, b: TrainBatch, norm: "Normalizers") -> bool:
         """Whether any row term (distillation, length remedies, SFT) can train this batch: an
         SMPO-only batch skips the forward over every row (its pairs have their own)."""
-        L = self.loss_cfg
-        distill = L.distill != "none" and L.distill_coef > 0 and norm.on > 0
+        lc = self.loss_cfg
+        distill = lc.distill != "none" and lc.distill_coef > 0 and norm.on > 0
         remedies = (b.remedy_weight_B is not None or b.anchor_coef > 0) and norm.on
         return bool(distill or remedies or norm.sft)
 
@@ -351,11 +352,11 @@ class Learner:
         is then still the last completed one, so the driver's final checkpoint matches it)."""
         self.opt.zero_grad(set_to_none=True)
         self.bad_in_row += 1
-        if self.bad_in_row >= self.o.max_bad_steps:
+        if self.bad_in_row >= self.optim_cfg.max_bad_steps:
             raise BadStepsError(
                 f"{self.bad_in_row} steps in a row had a non-finite loss or gradient norm (last grad "
-                f"norm {grad_norm}), optim.max_bad_steps={self.o.max_bad_steps}: stopping. Check the "
-                f"teacher's log-probs and the losses' inputs, or lower optim.lr")
+                f"norm {grad_norm}), optim.max_bad_steps={self.optim_cfg.max_bad_steps}: stopping. "
+                f"Check the teacher's log-probs and the losses' inputs, or lower optim.lr")
         self.skipped += 1
 
     def ready(self) -> int:
@@ -366,7 +367,7 @@ class Learner:
     def logprobs(self, b: TrainBatch) -> np.ndarray:
         """The student's log-probs of every target token [B, S] (0 where masked)."""
         out = np.zeros(b.input_ids_BS.shape, np.float32)
-        mb = self.o.micro_batch_size
+        mb = self.optim_cfg.micro_batch_size
         for i in range(0, len(out), mb):
             rows = np.arange(i, min(len(out), i + mb))
             win, _, lp, mask, _ = self._forward(b, rows)
