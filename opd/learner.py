@@ -2,7 +2,10 @@
 
 A plain class (`Learner`); `opd.actors` wraps it as a Ray actor. What it does per step:
 1. split the TrainBatch into micro-batches of rows (and of SMPO pairs);
-2. recompute the student's log-probs of the target tokens (logits / sampler temperature);
+2. recompute the student's log-probs of the target tokens (logits / sampler temperature): the
+   decoder over the rows, then the LM head on the trained tokens only, in chunks, each with
+   one log_softmax that also gives what the distillation terms need (`Forward`): no
+   [B, T, V] logits are ever held;
 3. the objective: distill_coef * distillation + smpo_coef * SMPO + sft_coef * SFT, each a
    pure function of `opd.losses`; token-mean terms are normalised by the whole batch's token
    count, pair terms by the whole batch's pair count, so the gradient does not depend on
@@ -29,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -98,6 +101,31 @@ class Window:
             out_BS[b, pos[b][valid[b]]] = values_BT[b][valid[b]]
 
 
+def take_tokens(a_BT: torch.Tensor, sel_N: torch.Tensor) -> torch.Tensor:
+    """The entries (N, ...) of a (B, T, ...) tensor at flat (B * T) indices sel_N."""
+    return a_BT.reshape(-1, *a_BT.shape[2:]).index_select(0, sel_N)
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A micro-batch of rows through the student, over its window of target positions. The
+    LM head ran on its N trained tokens only (loss mask > 0, row-major), chunk by chunk: no
+    (B, Tc, V) logits exist. Shapes: *_BT (B, Tc); *_N* (N, ...) over the trained tokens."""
+
+    win: Window
+    tgt_BT: torch.Tensor  # target token ids
+    mask_BT: torch.Tensor  # loss mask
+    sel_N: torch.Tensor  # the trained tokens' flat indices into (B * Tc)
+    lp_BT: torch.Tensor  # log p_student(target) at the sampler's temperature; 0 off the mask
+    betas: tuple[float, ...] = ()  # the teacher terms' generalized-JSD betas (columns of teacher_NJ)
+    topk_NK: Optional[torch.Tensor] = None  # log p_student at the teacher's top-k ids (jsd_temperature)
+    teacher_NJ: Optional[torch.Tensor] = None  # generalized JSD to the teacher's full distribution, per beta
+    anchor_N: Optional[torch.Tensor] = None  # KL(student || anchor)
+
+    def tokens(self, a_BT: torch.Tensor) -> torch.Tensor:
+        return take_tokens(a_BT, self.sel_N)
+
+
 @dataclass(frozen=True)
 class Normalizers:
     """Whole-batch token counts that each term divides by (0: the term has nothing to train),
@@ -138,6 +166,11 @@ def batch_shape_metrics(b: TrainBatch) -> dict[str, float]:
             "learner/padded_tokens": float(b.loss_mask_BS.size)}
 
 
+# Tokens per chunk of the LM head and its log_softmax: (HEAD_CHUNK, V) float32 temporaries,
+# ~200 MB each at V = 49,152.
+HEAD_CHUNK = 1024
+
+
 class BadStepsError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient norm (optim.max_bad_steps)."""
 
@@ -150,8 +183,8 @@ class Learner:
         `start_path`: the run's starting student (the divergence anchor), default model_path."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.cfg, self.loss_cfg, self.o = cfg, cfg.loss, cfg.optim
-        self.device = pick_device(self.o.device)
+        self.cfg, self.loss_cfg, self.optim_cfg = cfg, cfg.loss, cfg.optim
+        self.device = pick_device(self.optim_cfg.device)
         self.autocast = self.device == "cuda" and cfg.student.dtype == "bfloat16"
         torch.manual_seed(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
@@ -163,10 +196,11 @@ class Learner:
         # the LM head on target positions only, where the model's logits are a plain head
         self.head_only_on_targets = (hasattr(self.model, "model") and not any(
             getattr(self.model.config, k, None) for k in ("final_logit_softcapping", "logit_scale")))
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.o.lr, betas=(self.o.beta1, self.o.beta2),
-                                     weight_decay=self.o.weight_decay)
+        oc = self.optim_cfg
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
+                                     weight_decay=oc.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(self.o.schedule, self.o.warmup_steps, cfg.steps, self.o.min_lr_ratio))
+            self.opt, lr_lambda(oc.schedule, oc.warmup_steps, cfg.steps, oc.min_lr_ratio))
         self.anchor = (self._frozen(start_path or model_path)
                        if cfg.length.mode == "auto" and cfg.length.anchor_coef > 0 else None)
         self.step = 0
@@ -185,22 +219,30 @@ class Learner:
     def _window(self, mask_BS: np.ndarray) -> "Window":
         return Window.of(mask_BS, self.device)
 
-    def _logits(self, ids_BS: torch.Tensor, win: "Window", model: Optional[torch.nn.Module] = None
-                ) -> torch.Tensor:
-        """Student logits [B, Tc, V] at the window's positions only: the decoder runs over the
-        whole sequence, the LM head (the [*, V] cost) only where a target token is predicted.
-        Right padding only: causal attention keeps pads from touching real positions.
-        `model`: another model of the same architecture (the anchor); default the student."""
+    def _hidden(self, ids_BS: torch.Tensor, win: "Window", sel_N: torch.Tensor,
+                model: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, Callable]:
+        """The LM head's inputs at the trained tokens (N, H) and the head, (N, H) -> float32
+        logits (N, V) over the tokenizer's vocabulary, for `losses.logprobs_from_hidden` to
+        apply chunk by chunk. The decoder runs over the columns the window needs. Right padding
+        only: causal attention keeps pads from touching real positions. Models that
+        post-process logits (soft-capping, scaling) run whole: their logits are the inputs and
+        the head only casts them. `model`: the anchor (same architecture); default the student."""
         model = self.model if model is None else model
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             if self.head_only_on_targets:
-                hidden = model.model(input_ids=ids_BS).last_hidden_state
-                h = hidden.gather(1, win.pos_BT[..., None].expand(-1, -1, hidden.shape[-1]))
-                logits = model.get_output_embeddings()(h)
-            else:  # models that post-process logits (soft-capping, scaling): the full forward
-                full = model(input_ids=ids_BS).logits
-                logits = full.gather(1, win.pos_BT[..., None].expand(-1, -1, full.shape[-1]))
-        return logits.float()[..., : self.vocab_size]
+                x = model.model(input_ids=ids_BS[:, : win.columns]).last_hidden_state
+                head = model.get_output_embeddings()
+            else:
+                x, head = model(input_ids=ids_BS[:, : win.columns]).logits, torch.nn.Identity()
+        x_BTX = x.gather(1, win.pos_BT[..., None].expand(-1, -1, x.shape[-1]))
+        return take_tokens(x_BTX, sel_N), self._float_logits(head)
+
+    def _float_logits(self, head: torch.nn.Module) -> Callable:
+        def logits(x_NX: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                return head(x_NX)[..., : self.vocab_size].float()
+
+        return logits
 
     def _tensor(self, a: Optional[np.ndarray], rows: np.ndarray, win: Optional["Window"] = None
                 ) -> Optional[torch.Tensor]:
@@ -213,29 +255,33 @@ class Learner:
     def _row_terms(self, b: TrainBatch, rows: np.ndarray, norm: "Normalizers") -> tuple[torch.Tensor, dict]:
         """Distillation, length-remedy and SFT terms over a micro-batch of rows, each
         normalised by the whole batch's count of the tokens it trains (`norm`)."""
-        L = self.loss_cfg
-        win, logits, lp, mask, _ = self._forward(b, rows)
+        lc = self.loss_cfg
+        jsd_on = bool(lc.distill == "jsd" and lc.distill_coef and norm.on)
+        remedy_on = bool(b.remedy_weight_B is not None and norm.on)
+        anchor_on = bool(b.anchor_coef > 0 and norm.on)
+        betas = tuple(dict.fromkeys([lc.jsd_beta] * jsd_on + [0.0] * remedy_on))  # of the teacher terms
+        fw = self._forward(b, rows, betas, anchor_on)
+        win, lp, mask = fw.win, fw.lp_BT, fw.mask_BT
         on = self._tensor(b.on_policy_B.astype(np.float32), rows)[:, None]
         terms = [(0.0, torch.zeros((), device=self.device), losses.sampler_mismatch_metrics(
             lp, self._tensor(b.sampler_logprobs_BS, rows, win), mask * on))] if (mask * on).any() else []
-        if L.distill == "reverse_kl_pg" and L.distill_coef and norm.pg:
+        if lc.distill == "reverse_kl_pg" and lc.distill_coef and norm.pg:
             pg_mask = mask * on * self._tensor(b.seq_weight_B, rows)[:, None]  # stop-properly
-            terms.append((L.distill_coef, *losses.reverse_kl_pg_loss(
+            terms.append((lc.distill_coef, *losses.reverse_kl_pg_loss(
                 lp, self._tensor(b.sampler_logprobs_BS, rows, win),
                 self._tensor(b.teacher_logprobs_BS, rows, win), pg_mask,
-                clip_eps_low=L.clip_eps_low, clip_eps_high=L.clip_eps_high, tis_cap=L.tis_cap,
-                discount=L.discount, seq_advantage_B=self._tensor(b.seq_advantage_B, rows),
+                clip_eps_low=lc.clip_eps_low, clip_eps_high=lc.clip_eps_high, tis_cap=lc.tis_cap,
+                discount=lc.discount, seq_advantage_B=self._tensor(b.seq_advantage_B, rows),
                 normalizer=norm.pg, no_reward_BT=self._tensor(b.no_reward_BS, rows, win))))
-        if L.distill == "jsd" and L.distill_coef and norm.on:
+        if jsd_on:
             stale = self._stale_weights(b, rows, win, lp, mask * on)
-            terms.append((L.distill_coef, *self._jsd(b, rows, win, logits, mask * on * stale, norm.on,
-                                                     L.jsd_beta)))
-        if b.remedy_weight_B is not None and norm.on:  # the length remedy: forward KL, top-k
+            terms.append((lc.distill_coef, *self._jsd(b, rows, fw, mask * on * stale, norm.on, lc.jsd_beta)))
+        if remedy_on:  # the length remedy: forward KL, top-k
             w = self._tensor(b.remedy_weight_B, rows)[:, None]
-            loss, m = self._jsd(b, rows, win, logits, mask * on * w, norm.on, 0.0)
+            loss, m = self._jsd(b, rows, fw, mask * on * w, norm.on, 0.0)
             terms.append((1.0, loss, {"loss/remedy_topk_kl": loss.item()}))
-        if b.anchor_coef > 0 and norm.on:  # the divergence anchor: KL(student || starting student)
-            terms.append((b.anchor_coef, *self._anchor_kl(b, rows, win, logits, mask * on, norm.on)))
+        if anchor_on:  # the divergence anchor: KL(student || starting student)
+            terms.append((b.anchor_coef, *self._anchor_kl(fw, mask * on, norm.on)))
         if norm.sft:
             sft_mask = mask * self._tensor(b.sft_weight_B, rows)[:, None]
             terms.append((1.0, *losses.sft_loss(lp, sft_mask, normalizer=norm.sft)))
@@ -251,50 +297,76 @@ class Learner:
         return losses.prefix_importance_weights(lp, self._tensor(b.sampler_logprobs_BS, rows, win),
                                                 mask, b.is_cap)
 
-    def _jsd(self, b: TrainBatch, rows, win, logits, mask, n_tokens, beta: float):
-        L = self.loss_cfg
-        if b.teacher_full_logprobs_BSV is not None:
-            teacher = self._tensor(b.teacher_full_logprobs_BSV, rows, win)
-            return losses.generalized_jsd(logits, teacher, mask, beta=beta,
-                                          temperature=L.jsd_temperature, normalizer=n_tokens)
-        if b.teacher_topk_ids_BSK is None:
-            raise ValueError("loss.distill=jsd and the length remedy need teacher.logprobs=full or topk")
-        return losses.generalized_jsd_topk(
-            logits, self._tensor(b.teacher_topk_logprobs_BSK, rows, win),
-            self._tensor(b.teacher_topk_ids_BSK, rows, win), mask, beta=beta,
-            temperature=L.jsd_temperature, tail_bucket=L.tail_bucket, normalizer=n_tokens)
+    def _jsd(self, b: TrainBatch, rows, fw: "Forward", mask_BT, n_tokens, beta: float):
+        """The generalized JSD to the teacher at `beta` (full distribution or top-k), token mean."""
+        mask_N = fw.tokens(mask_BT)
+        if fw.teacher_NJ is not None:
+            return losses.divergence_loss(fw.teacher_NJ[:, fw.betas.index(beta)], mask_N, n_tokens)
+        return losses.topk_jsd_from_logprobs(
+            fw.topk_NK, fw.tokens(self._tensor(b.teacher_topk_logprobs_BSK, rows, fw.win)),
+            fw.tokens(self._tensor(b.teacher_topk_ids_BSK, rows, fw.win)), mask_N, beta=beta,
+            tail_bucket=self.loss_cfg.tail_bucket, normalizer=n_tokens)
 
-    def _anchor_kl(self, b: TrainBatch, rows, win, logits, mask, n_tokens):
+    def _anchor_kl(self, fw: "Forward", mask_BT, n_tokens):
         """KL(student || anchor) per token over the full vocabulary (StableOPD's KL constraint;
         the anchor is the frozen starting student), normalised like the distillation terms."""
-        if self.anchor is None:
-            raise ValueError("the batch asks for the divergence anchor, but this learner has none: "
-                             "set length.mode=auto and length.anchor_coef > 0 when it starts")
-        with torch.no_grad():
-            ref = self._logits(self._tensor(b.input_ids_BS, rows)[:, : win.columns], win, self.anchor)
-        loss, _ = losses.generalized_jsd(logits, ref, mask, beta=1.0, normalizer=n_tokens)
-        return loss, {"loss/anchor_kl": loss.item()}
+        return losses.divergence_loss(fw.anchor_N, fw.tokens(mask_BT), n_tokens, name="anchor_kl")
 
-    def _forward(self, b: TrainBatch, rows: np.ndarray):
-        """(window, logits, log-probs of the targets, mask, target ids) of some rows, each
-        [B, Tc(, V)] over the rows' window of target positions. The decoder runs only over the
-        columns up to these rows' last target (their trailing padding is cut)."""
+    def _forward(self, b: TrainBatch, rows: np.ndarray, betas: tuple[float, ...] = (),
+                 anchor: bool = False) -> "Forward":
+        """Some rows through the student (`Forward`): the log-probs of their targets and what the
+        teacher terms at `betas` and the anchor need per trained token. The decoder runs only
+        over the columns up to these rows' last target (their trailing padding is cut); the LM
+        head, one log_softmax per temperature and all that is read from it, chunk by chunk
+        over the trained tokens only (`losses.logprobs_from_hidden`)."""
         mask = b.loss_mask_BS[rows]
         S = max(2, int(row_ends(mask).max(initial=0)))
         win = self._window(mask[:, :S])
         ids = self._tensor(b.input_ids_BS, rows)[:, :S]
-        logits, tgt = self._logits(ids, win), win.targets(ids)
-        lp = losses.gather_logprobs(logits, tgt, temperature=b.temperature)
-        return win, logits, lp, self._tensor(b.loss_mask_BS, rows, win), tgt
+        tgt, mask_BT = win.targets(ids), self._tensor(b.loss_mask_BS, rows, win)
+        sel = mask_BT.reshape(-1).nonzero().squeeze(1)
+        hidden, head = self._hidden(ids, win, sel)
+        gathers, refs = self._teacher_requests(b, rows, win, sel, betas)
+        if anchor:
+            refs["anchor"] = self._anchor_reference(ids, win, sel)
+        gathers = [(take_tokens(tgt, sel)[:, None], b.temperature), *gathers]  # the targets first
+        (lp_N, *topk), divs = losses.logprobs_from_hidden(hidden, head, gathers, list(refs.values()),
+                                                          HEAD_CHUNK)
+        lp_BT = lp_N.new_zeros(tgt.numel()).index_copy(0, sel, lp_N[:, 0]).view(tgt.shape)
+        divs = dict(zip(refs, divs))
+        return Forward(win, tgt, mask_BT, sel, lp_BT, betas, topk[0] if topk else None, divs.get("teacher"),
+                       divs["anchor"][:, 0] if anchor else None)
+
+    def _teacher_requests(self, b: TrainBatch, rows, win: "Window", sel_N: torch.Tensor,
+                          betas: tuple[float, ...]) -> tuple[list, dict]:
+        """What the teacher terms at `betas` read from the chunked pass: the student's log-probs
+        at the teacher's top-k ids, or divergences to its full distribution (jsd_temperature)."""
+        T = self.loss_cfg.jsd_temperature
+        if not betas:
+            return [], {}
+        if b.teacher_full_logprobs_BSV is not None:
+            full = take_tokens(self._tensor(b.teacher_full_logprobs_BSV, rows, win), sel_N)
+            return [], {"teacher": losses.Reference(full, betas, T)}
+        if b.teacher_topk_ids_BSK is None:
+            raise ValueError("loss.distill=jsd and the length remedy need teacher.logprobs=full or topk")
+        return [(take_tokens(self._tensor(b.teacher_topk_ids_BSK, rows, win), sel_N), T)], {}
+
+    def _anchor_reference(self, ids_BS: torch.Tensor, win: "Window", sel_N: torch.Tensor) -> losses.Reference:
+        """The frozen anchor at the trained tokens, for KL(student || anchor) at temperature 1."""
+        if self.anchor is None:
+            raise ValueError("the batch asks for the divergence anchor, but this learner has none: "
+                             "set length.mode=auto and length.anchor_coef > 0 when it starts")
+        with torch.no_grad():
+            hidden, head = self._hidden(ids_BS, win, sel_N, self.anchor)
+        return losses.Reference(hidden, (1.0,), 1.0, head)
 
     def _pair_terms(self, b: TrainBatch, idx: np.ndarray, n_pairs: int) -> tuple[torch.Tensor, dict]:
         """SMPO over a micro-batch of pairs, weighted by its share of the batch's pairs."""
         s = self.loss_cfg.smpo
-        _, _, c_lp, c_mask, _ = self._forward(b, b.pairs.chosen_rows[idx])
-        _, _, r_lp, r_mask, r_ids = self._forward(b, b.pairs.rejected_rows[idx])
+        c, r = self._forward(b, b.pairs.chosen_rows[idx]), self._forward(b, b.pairs.rejected_rows[idx])
         margin = losses.margin_schedule(self.step, s.margin, s.margin_start, s.margin_ramp_steps)
         loss, m = losses.smpo_loss(
-            c_lp, c_mask, r_lp, r_mask, r_ids, b.rejected_eos_id,
+            c.lp_BT, c.mask_BT, r.lp_BT, r.mask_BT, r.tgt_BT, b.rejected_eos_id,
             beta=s.beta, margin=margin, rho=s.rho, loss_type=s.loss_type, sft_coef=s.sft_coef,
             eos_protection=s.eos_protection, lower_percentile=s.lower_percentile,
             min_log_prob=s.min_log_prob, chosen_upper_percentile=s.chosen_upper_percentile)
@@ -307,8 +379,9 @@ class Learner:
         t0 = time.time()
         self.opt.zero_grad(set_to_none=True)
         acc = self._backward(b)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.o.grad_clip if self.o.grad_clip > 0 else float("inf")))
+        clip = self.optim_cfg.grad_clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                         clip if clip > 0 else float("inf")))
         lr = self.sched.get_last_lr()[0]
         losses_ok = all(math.isfinite(v) for k, vs in acc.items() if k.endswith("_total") for v, _ in vs)
         if losses_ok and math.isfinite(grad_norm):
@@ -329,7 +402,7 @@ class Learner:
     def _backward(self, b: TrainBatch) -> dict[str, list]:
         """Forward and backward over every micro-batch; returns each metric's (value, rows).
         Rows go into micro-batches in order of length, so that each one's padding is short."""
-        mb = self.o.micro_batch_size
+        mb = self.optim_cfg.micro_batch_size
         norm, B = Normalizers.of(b), b.input_ids_BS.shape[0]
         rows_on = self._row_loss_on(b, norm)
         acc: dict[str, list] = {} if rows_on else {"loss/rows_total": [(0.0, B)]}  # logged either way
@@ -351,8 +424,8 @@ class Learner:
     def _row_loss_on(self, b: TrainBatch, norm: "Normalizers") -> bool:
         """Whether any row term (distillation, length remedies, SFT) can train this batch: an
         SMPO-only batch skips the forward over every row (its pairs have their own)."""
-        L = self.loss_cfg
-        distill = L.distill != "none" and L.distill_coef > 0 and norm.on > 0
+        lc = self.loss_cfg
+        distill = lc.distill != "none" and lc.distill_coef > 0 and norm.on > 0
         remedies = (b.remedy_weight_B is not None or b.anchor_coef > 0) and norm.on
         return bool(distill or remedies or norm.sft)
 
@@ -361,11 +434,11 @@ class Learner:
         is then still the last completed one, so the driver's final checkpoint matches it)."""
         self.opt.zero_grad(set_to_none=True)
         self.bad_in_row += 1
-        if self.bad_in_row >= self.o.max_bad_steps:
+        if self.bad_in_row >= self.optim_cfg.max_bad_steps:
             raise BadStepsError(
                 f"{self.bad_in_row} steps in a row had a non-finite loss or gradient norm (last grad "
-                f"norm {grad_norm}), optim.max_bad_steps={self.o.max_bad_steps}: stopping. Check the "
-                f"teacher's log-probs and the losses' inputs, or lower optim.lr")
+                f"norm {grad_norm}), optim.max_bad_steps={self.optim_cfg.max_bad_steps}: stopping. "
+                f"Check the teacher's log-probs and the losses' inputs, or lower optim.lr")
         self.skipped += 1
 
     def ready(self) -> int:
@@ -376,11 +449,11 @@ class Learner:
     def logprobs(self, b: TrainBatch) -> np.ndarray:
         """The student's log-probs of every target token [B, S] (0 where masked)."""
         out = np.zeros(b.input_ids_BS.shape, np.float32)
-        mb = self.o.micro_batch_size
+        mb = self.optim_cfg.micro_batch_size
         for i in range(0, len(out), mb):
             rows = np.arange(i, min(len(out), i + mb))
-            win, _, lp, mask, _ = self._forward(b, rows)
-            win.scatter(out[rows[0]: rows[-1] + 1], (lp * (mask > 0)).cpu().numpy())
+            fw = self._forward(b, rows)
+            fw.win.scatter(out[rows[0]: rows[-1] + 1], fw.lp_BT.cpu().numpy())
         return out
 
     # ------------------------------------------------------------------ weights

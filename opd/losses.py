@@ -29,6 +29,11 @@ Conventions (all functions)
   (top-k, sampled token) are used as given: vLLM ``prompt_logprobs`` are at temperature 1.
 - Stabilisers are out-of-place ops with row-wise bounds (``torch.where``/``torch.clamp``),
   never assignment through a boolean-mask copy.
+- Logits or hidden states: ``gather_logprobs``, ``generalized_jsd(_topk)`` take (B, T, V)
+  logits. The learner never holds those: ``logprobs_from_hidden`` runs the LM head on final
+  hidden states chunk by chunk and returns what the losses need per token (log-probs at given
+  ids, full-vocabulary divergences); ``topk_jsd_from_logprobs`` and ``divergence_loss`` turn
+  them into the same losses (tests compare values and gradients).
 
 Deliberate departures from the papers / public code
 1. ``generalized_jsd``: beta=0 and beta=1 are the plain forward / reverse KLs (as in TRL's
@@ -44,6 +49,9 @@ Deliberate departures from the papers / public code
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +136,21 @@ def _jsd_chunk(student_NV, teacher_NV, rows, weights, beta, temperature):
     return (weights.to(dtype) * _gjsd(logp_s, logp_t, beta)).sum()
 
 
+def _check_jsd_inputs(student_BTV, teacher_BTV, mask_BT, beta, normalizer) -> None:
+    """ValueError unless beta, normalizer, vocabularies and shapes suit `generalized_jsd`."""
+    _check_beta(beta)
+    if normalizer is not None and normalizer <= 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    v_s, v_t = student_BTV.shape[-1], teacher_BTV.shape[-1]
+    if v_s != v_t:
+        hint = (f"slice student_logits_BTV[..., :{v_t}] if the extra rows are padding"
+                if v_s > v_t else "the teacher's vocabulary is larger than the student's")
+        raise ValueError(f"vocab mismatch: student V={v_s}, teacher V={v_t}: {hint}")
+    if student_BTV.shape[:-1] != teacher_BTV.shape[:-1] or mask_BT.shape != student_BTV.shape[:-1]:
+        raise ValueError(f"shape mismatch: student {tuple(student_BTV.shape)}, "
+                         f"teacher {tuple(teacher_BTV.shape)}, mask {tuple(mask_BT.shape)}")
+
+
 def generalized_jsd(student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor,
                     mask_BT: torch.Tensor, beta: float = 0.5, temperature: float = 1.0,
                     chunk_size: int = 512, normalizer: float | None = None) -> tuple[torch.Tensor, Metrics]:
@@ -148,19 +171,9 @@ def generalized_jsd(student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.
     Vocabularies must match: if the student's is larger (padding rows), slice
     ``student_logits_BTV[..., :V_teacher]`` first; anything else raises ValueError.
     """
-    _check_beta(beta)
-    if normalizer is not None and normalizer <= 0:
-        raise ValueError(f"normalizer must be > 0, got {normalizer}")
-    v_s, v_t = student_logits_BTV.shape[-1], teacher_logits_BTV.shape[-1]
-    if v_s != v_t:
-        hint = (f"slice student_logits_BTV[..., :{v_t}] if the extra rows are padding"
-                if v_s > v_t else "the teacher's vocabulary is larger than the student's")
-        raise ValueError(f"vocab mismatch: student V={v_s}, teacher V={v_t}: {hint}")
-    if student_logits_BTV.shape[:-1] != teacher_logits_BTV.shape[:-1] or mask_BT.shape != student_logits_BTV.shape[:-1]:
-        raise ValueError(f"shape mismatch: student {tuple(student_logits_BTV.shape)}, "
-                         f"teacher {tuple(teacher_logits_BTV.shape)}, mask {tuple(mask_BT.shape)}")
-    student_NV = student_logits_BTV.reshape(-1, v_s)
-    teacher_NV = teacher_logits_BTV.detach().reshape(-1, v_t)
+    _check_jsd_inputs(student_logits_BTV, teacher_logits_BTV, mask_BT, beta, normalizer)
+    student_NV = student_logits_BTV.reshape(-1, student_logits_BTV.shape[-1])
+    teacher_NV = teacher_logits_BTV.detach().reshape(-1, teacher_logits_BTV.shape[-1])
     mask_N = mask_BT.reshape(-1).to(_float_dtype(student_NV))
     rows = (mask_N > 0).nonzero().squeeze(1)
     total = student_NV.reshape(-1)[:0].sum().to(mask_N.dtype)   # 0 with a grad_fn
@@ -212,8 +225,20 @@ def generalized_jsd_topk(student_logits_BTV: torch.Tensor, teacher_topk_logprobs
     Shapes: student_logits_BTV (B, T, V); teacher_topk_*_BTK (B, T, K); mask_BT (B, T) -> ().
     """
     _check_beta(beta)
-    ids = teacher_topk_ids_BTK.long()
-    logp_s = _gather_chunked(student_logits_BTV, ids, temperature, 1024)
+    logp_s = _gather_chunked(student_logits_BTV, teacher_topk_ids_BTK.long(), temperature, 1024)
+    return topk_jsd_from_logprobs(logp_s, teacher_topk_logprobs_BTK, teacher_topk_ids_BTK, mask_BT,
+                                  beta=beta, tail_bucket=tail_bucket, normalizer=normalizer)
+
+
+def topk_jsd_from_logprobs(student_topk_logprobs_BTK: torch.Tensor, teacher_topk_logprobs_BTK: torch.Tensor,
+                           teacher_topk_ids_BTK: torch.Tensor, mask_BT: torch.Tensor, beta: float = 0.0,
+                           tail_bucket: bool = True,
+                           normalizer: float | None = None) -> tuple[torch.Tensor, Metrics]:
+    """`generalized_jsd_topk` from the student's log-probs at the teacher's top-k ids,
+    log_softmax(student / temperature)[ids] (e.g. from `logprobs_from_hidden`), instead of
+    its logits. Any leading shape: (B, T, K) or (N, K) with mask (B, T) or (N,) -> ()."""
+    _check_beta(beta)
+    ids, logp_s = teacher_topk_ids_BTK.long(), student_topk_logprobs_BTK
     logp_t = teacher_topk_logprobs_BTK.detach().to(logp_s.dtype)
     valid = _first_occurrence(ids) & ~torch.isneginf(logp_t)
     floor = torch.full_like(logp_s, LOGP_FLOOR)
@@ -246,6 +271,45 @@ def _pg_advantages(teacher_BT, sampler_BT, valid_BT, kl_coef, discount, seq_adv_
     return torch.where(valid_BT, a, torch.zeros_like(a)).detach()
 
 
+def _on_mask(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """x (in the mask's dtype) where mask > 0, else 0: garbage in padding cannot leak."""
+    return torch.where(mask_BT > 0, x_BT.to(mask_BT.dtype), torch.zeros_like(mask_BT))
+
+
+def _pg_surrogate(lp_BT, ls_BT, adv_BT, clip_eps_low, clip_eps_high, tis_cap):
+    """(L_t, where the clip acts) of `reverse_kl_pg_loss`, r_t = exp(l_student - l_sampler).
+    tis_cap None: PPO clipped surrogate with the sampler as behaviour policy,
+      L_t = -min(r_t A_t, clip(r_t, 1-eps_low, 1+eps_high) A_t)   (None eps: no bound);
+    tis_cap C:    truncated importance sampling for sampler/learner mismatch,
+      L_t = -min(r_t, C).detach() * A_t * exp(l_student - l_student.detach()),
+      value -min(r,C) A, gradient -min(r,C) A grad(l_student). This is verl's decoupled
+      PPO+TIS with one update per rollout batch (learner = its own pi_old, so the PPO ratio
+      is 1 and never clips): clip_eps_* have no effect in this mode; "clipped" is where the
+      weight is truncated."""
+    ratio = torch.exp(lp_BT - ls_BT)
+    if tis_cap is not None:
+        weight = torch.clamp(ratio.detach(), max=tis_cap)
+        return -weight * adv_BT * torch.exp(lp_BT - lp_BT.detach()), ratio.detach() > tis_cap
+    low = None if clip_eps_low is None else 1.0 - clip_eps_low
+    high = None if clip_eps_high is None else 1.0 + clip_eps_high
+    bounded = ratio if low is None and high is None else torch.clamp(ratio, low, high)
+    return -torch.minimum(ratio * adv_BT, bounded * adv_BT), (bounded * adv_BT < ratio * adv_BT).detach()
+
+
+def _pg_metrics(lp_BT, ls_BT, lt_BT, adv_BT, clipped_BT, mask_BT) -> Metrics:
+    """Mask-weighted token means: kl/k1 = l_sampler - l_teacher and kl/k3 = exp(l_t - l_s) - 1
+    - (l_t - l_s), two estimates of KL(student‖teacher) from the sampled tokens; pg/clip_frac,
+    the share of tokens where the clip acts; pg/ratio_mean (r_t) and pg/adv_mean (A_t)."""
+    log_ratio_ts = lt_BT.clamp(min=LOGP_FLOOR) - ls_BT
+    return {
+        "kl/k1": _metric_mean(-log_ratio_ts, mask_BT),
+        "kl/k3": _metric_mean(torch.expm1(log_ratio_ts.double()) - log_ratio_ts.double(), mask_BT),
+        "pg/clip_frac": _metric_mean(clipped_BT.to(mask_BT.dtype), mask_BT),
+        "pg/ratio_mean": _metric_mean(torch.exp(lp_BT.detach() - ls_BT), mask_BT),
+        "pg/adv_mean": _metric_mean(adv_BT, mask_BT),
+    }
+
+
 def reverse_kl_pg_loss(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor,
                        teacher_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor,
                        clip_eps_low: float | None = 0.2, clip_eps_high: float | None = 0.2,
@@ -263,50 +327,20 @@ def reverse_kl_pg_loss(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: t
             discount=0: A_t = a_t; distances count positions within the row);
             where no_reward_BT > 0 (a looping tail), A_t = min(A_t, 0): a loop is never
             rewarded for continuing, even where the teacher would continue it too;
-      r_t = exp(l_student - l_sampler).
-    tis_cap None: PPO clipped surrogate with the sampler as behaviour policy,
-      L_t = -min(r_t A_t, clip(r_t, 1-eps_low, 1+eps_high) A_t)   (None eps: no bound);
-    tis_cap C:    truncated importance sampling for sampler/learner mismatch,
-      L_t = -min(r_t, C).detach() * A_t * exp(l_student - l_student.detach()),
-      value -min(r,C) A, gradient -min(r,C) A grad(l_student). This is verl's decoupled
-      PPO+TIS with one update per rollout batch (learner = its own pi_old, so the PPO ratio
-      is 1 and never clips): clip_eps_* have no effect in this mode.
-    loss = token mean of L_t over mask. Metrics (mask-weighted token means): kl/k1 =
-    l_sampler - l_teacher and kl/k3 = exp(l_t - l_s) - 1 - (l_t - l_s), two estimates of
-    KL(student‖teacher) from the sampled tokens; pg/clip_frac = share of tokens where the
-    clipped branch is active (with tis_cap: where the weight is truncated).
+      L_t = the PPO clipped surrogate (tis_cap None) or the truncated importance-sampling
+            loss (tis_cap C), with r_t = exp(l_student - l_sampler): see `_pg_surrogate`.
+    loss = token mean of L_t over mask. Metrics: loss/pg and `_pg_metrics` (kl/k1, kl/k3,
+    pg/clip_frac, pg/ratio_mean, pg/adv_mean).
 
     Shapes: all *_BT (B, T); seq_advantage_B (B,) -> loss ().
     """
-    dtype = _float_dtype(student_logprobs_BT)
-    mask = mask_BT.to(dtype)
-    valid = mask > 0
-    zeros = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    lp = torch.where(valid, _floor_neginf(student_logprobs_BT.to(dtype)), zeros)
-    ls = torch.where(valid, sampler_logprobs_BT.detach().to(dtype), zeros)
-    lt = torch.where(valid, teacher_logprobs_BT.detach().to(dtype), zeros)
-    adv = _pg_advantages(lt, ls, valid, kl_coef, discount, seq_advantage_B, no_reward_BT)
-    ratio = torch.exp(lp - ls)
-    if tis_cap is not None:
-        weight = torch.clamp(ratio.detach(), max=tis_cap)
-        per_token = -weight * adv * torch.exp(lp - lp.detach())
-        clipped = ratio.detach() > tis_cap
-    else:
-        low = None if clip_eps_low is None else 1.0 - clip_eps_low
-        high = None if clip_eps_high is None else 1.0 + clip_eps_high
-        bounded = ratio if low is None and high is None else torch.clamp(ratio, low, high)
-        per_token = -torch.minimum(ratio * adv, bounded * adv)
-        clipped = (bounded * adv < ratio * adv).detach()
+    mask = mask_BT.to(_float_dtype(student_logprobs_BT))
+    lp = _on_mask(_floor_neginf(student_logprobs_BT.to(mask.dtype)), mask)
+    ls, lt = _on_mask(sampler_logprobs_BT.detach(), mask), _on_mask(teacher_logprobs_BT.detach(), mask)
+    adv = _pg_advantages(lt, ls, mask > 0, kl_coef, discount, seq_advantage_B, no_reward_BT)
+    per_token, clipped = _pg_surrogate(lp, ls, adv, clip_eps_low, clip_eps_high, tis_cap)
     loss = masked_token_mean(per_token, mask, normalizer)
-    log_ratio_ts = lt.clamp(min=LOGP_FLOOR) - ls
-    return loss, {
-        "loss/pg": loss.item(),
-        "kl/k1": _metric_mean(-log_ratio_ts, mask),
-        "kl/k3": _metric_mean(torch.expm1(log_ratio_ts.double()) - log_ratio_ts.double(), mask),
-        "pg/clip_frac": _metric_mean(clipped.to(dtype), mask),
-        "pg/ratio_mean": _metric_mean(ratio, mask),
-        "pg/adv_mean": _metric_mean(adv, mask),
-    }
+    return loss, {"loss/pg": loss.item(), **_pg_metrics(lp, ls, lt, adv, clipped, mask)}
 
 
 def sampler_mismatch_metrics(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor,
@@ -394,6 +428,45 @@ def _preference_loss(z_B: torch.Tensor, beta: float, loss_type: str) -> torch.Te
     return bz ** 2                               # ipo
 
 
+def _check_smpo_options(loss_type: str, eos_protection: str) -> None:
+    if loss_type not in SMPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {SMPO_LOSS_TYPES}, got {loss_type!r}")
+    if eos_protection not in EOS_PROTECTIONS:
+        raise ValueError(f"eos_protection must be one of {EOS_PROTECTIONS}, got {eos_protection!r}")
+
+
+def _smpo_rewards(lc_BT, mc_BT, lr_BT, mr_BT, eos_BT, eos_protection, lower_percentile, min_log_prob,
+                  chosen_upper_percentile):
+    """(r(chosen), r(rejected~), where a stabiliser changed a rejected value) of `smpo_loss`.
+    Stabilisers (rejected only unless said, per row, out of place, detached bounds => zero
+    gradient on every clipped token):
+      eos_protection at rejected tokens == eos_id: "exclude" drops them from r(rejected)
+        (default: no incentive to push EOS down, and none to push it up on bad answers);
+        "flip" uses -l there (lowering EOS raises the loss); "none" treats EOS as any token;
+      lower_percentile q: l < row q-quantile (over non-protected tokens) -> the quantile;
+      min_log_prob f: l < f -> f (pushing a rejected token below f cannot lower the loss);
+      chosen_upper_percentile q: chosen l > row q-quantile -> the quantile (None: off).
+    Any of them is disabled by None ("none" for EOS). Shapes: (B, Tc), (B, Tr) -> (B,), (B,)."""
+    if chosen_upper_percentile is not None:
+        lc_BT = torch.clamp(lc_BT, max=_row_quantile(lc_BT, mc_BT > 0, chosen_upper_percentile, math.inf))
+    lr_used, wr, changed = _stabilise_rejected(lr_BT, mr_BT, eos_BT, eos_protection, lower_percentile,
+                                               min_log_prob)
+    return _row_mean(lc_BT, mc_BT), _row_mean(lr_used, wr), changed
+
+
+def _smpo_metrics(z_B, pairs_B, r_chosen_B, r_rejected_B, lr_BT, mr_BT, eos_BT, changed_BT) -> Metrics:
+    """smpo/z_mean, smpo/acc (z > 0) and both rewards over the pairs; EOS metrics of the
+    rejected side; smpo/clipped_frac: the share of rejected tokens a stabiliser changed."""
+    return {
+        "smpo/z_mean": _metric_mean(z_B, pairs_B),
+        "smpo/acc": _metric_mean((z_B > 0).to(pairs_B.dtype), pairs_B),
+        "smpo/chosen_reward": _metric_mean(r_chosen_B, pairs_B),
+        "smpo/rejected_reward": _metric_mean(r_rejected_B, pairs_B),
+        **rejected_eos_metrics(lr_BT, mr_BT, eos_BT),
+        "smpo/clipped_frac": _metric_mean(changed_BT.to(mr_BT.dtype), (mr_BT > 0).to(mr_BT.dtype)),
+    }
+
+
 def smpo_loss(chosen_logprobs_BT: torch.Tensor, chosen_mask_BT: torch.Tensor,
               rejected_logprobs_BT: torch.Tensor, rejected_mask_BT: torch.Tensor,
               rejected_ids_BT: torch.Tensor, eos_id: int, beta: float = 1.2, margin: float = 0.35,
@@ -405,51 +478,32 @@ def smpo_loss(chosen_logprobs_BT: torch.Tensor, chosen_mask_BT: torch.Tensor,
     no reference model). No KL term: both rewards are the policy's own log-likelihoods.
 
       r(y) = sum_t w_t l_t / sum_t w_t  (masked mean of per-token log-probs l_t of y),
-      z = r(chosen) - r(rejected~) - margin,   rejected~ = stabilised rejected log-probs;
+      z = r(chosen) - r(rejected~) - margin,   rejected~ = stabilised rejected log-probs
+          (eos_protection, lower_percentile, min_log_prob; chosen_upper_percentile on the
+          chosen side: see `_smpo_rewards`);
       pref(z): smooth_lower_bound relu(-beta z)^2 | sigmoid -logsigmoid(beta z) |
                hinge relu(-beta z) | ipo (beta z)^2;  mean over pairs with both masks non-empty;
       loss = pref + sft_coef (rho CE(chosen) + (1-rho) CE(rejected)),
       CE = token-mean NLL over that side's mask on RAW log-probs (as ``sft_loss``).
-    Stabilisers (rejected only, per row, out of place, detached bounds => zero gradient
-    on every clipped token):
-      eos_protection at rejected tokens == eos_id: "exclude" drops them from r(rejected)
-        (default: no incentive to push EOS down, and none to push it up on bad answers);
-        "flip" uses -l there (lowering EOS raises the loss); "none" treats EOS as any token;
-      lower_percentile q: l < row q-quantile (over non-protected tokens) -> the quantile;
-      min_log_prob f: l < f -> f (pushing a rejected token below f cannot lower the loss);
-      chosen_upper_percentile q: chosen l > row q-quantile -> the quantile (None: off).
-    Any of them is disabled by None ("none" for EOS).
 
     Shapes: chosen_*_BT (B, Tc); rejected_*_BT (B, Tr); Tc and Tr may differ -> loss ().
     """
-    if loss_type not in SMPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {SMPO_LOSS_TYPES}, got {loss_type!r}")
-    if eos_protection not in EOS_PROTECTIONS:
-        raise ValueError(f"eos_protection must be one of {EOS_PROTECTIONS}, got {eos_protection!r}")
+    _check_smpo_options(loss_type, eos_protection)
     dtype = _float_dtype(chosen_logprobs_BT)
     mc, mr = chosen_mask_BT.to(dtype), rejected_mask_BT.to(dtype)
-    lc = torch.where(mc > 0, _floor_neginf(chosen_logprobs_BT.to(dtype)), torch.zeros_like(mc))
-    lr = torch.where(mr > 0, _floor_neginf(rejected_logprobs_BT.to(dtype)), torch.zeros_like(mr))
-    lc_used = lc
-    if chosen_upper_percentile is not None:
-        lc_used = torch.clamp(lc, max=_row_quantile(lc, mc > 0, chosen_upper_percentile, math.inf))
+    lc = _on_mask(_floor_neginf(chosen_logprobs_BT.to(dtype)), mc)
+    lr = _on_mask(_floor_neginf(rejected_logprobs_BT.to(dtype)), mr)
     eos = (rejected_ids_BT == eos_id) & (mr > 0)
-    lr_used, wr, changed = _stabilise_rejected(lr, mr, eos, eos_protection, lower_percentile, min_log_prob)
-    r_chosen, r_rejected = _row_mean(lc_used, mc), _row_mean(lr_used, wr)
+    r_chosen, r_rejected, changed = _smpo_rewards(lc, mc, lr, mr, eos, eos_protection, lower_percentile,
+                                                  min_log_prob, chosen_upper_percentile)
     z = r_chosen - r_rejected - margin
     pairs = ((mc.sum(-1) > 0) & (mr.sum(-1) > 0)).to(dtype)
     pref = masked_token_mean(_preference_loss(z, beta, loss_type), pairs)
     sft = rho * masked_token_mean(-lc, mc) + (1.0 - rho) * masked_token_mean(-lr, mr)
     loss = pref + sft_coef * sft
-    return loss, {
-        "loss/smpo": loss.item(), "smpo/loss_pref": pref.item(), "smpo/loss_sft": sft.item(),
-        "smpo/z_mean": _metric_mean(z, pairs), "smpo/margin": float(margin),
-        "smpo/acc": _metric_mean((z > 0).to(dtype), pairs),
-        "smpo/chosen_reward": _metric_mean(r_chosen, pairs),
-        "smpo/rejected_reward": _metric_mean(r_rejected, pairs),
-        **rejected_eos_metrics(lr, mr, eos),
-        "smpo/clipped_frac": _metric_mean(changed.to(dtype), (mr > 0).to(dtype)),
-    }
+    return loss, {"loss/smpo": loss.item(), "smpo/loss_pref": pref.item(), "smpo/loss_sft": sft.item(),
+                  "smpo/margin": float(margin),
+                  **_smpo_metrics(z, pairs, r_chosen, r_rejected, lr, mr, eos, changed)}
 
 
 def rejected_eos_metrics(logp_BT: torch.Tensor, mask_BT: torch.Tensor, eos_BT: torch.Tensor) -> Metrics:
@@ -523,3 +577,74 @@ def prefix_importance_weights(student_logprobs_BT: torch.Tensor, sampler_logprob
                                                                                device=valid.device))
     before_t = torch.cumsum(log_r, dim=1) - log_r
     return torch.exp(before_t.clamp(max=math.log(cap)))
+
+# ------------------------------------------------------------- from hidden states, chunked
+@dataclass(frozen=True)
+class Reference:
+    """A constant per-token distribution to compare the student with in `logprobs_from_hidden`
+    (a teacher's full log-probs; a frozen model's hidden states): its logits are head(x_NX),
+    or x_NX itself when head is None. Both sides are divided by ``temperature`` before the
+    softmax; one generalized JSD (as `generalized_jsd`) per entry of ``betas``.
+
+    Shapes: x_NX (N, V) logits or log-probs, or (N, H) hidden states for ``head``."""
+
+    x_NX: torch.Tensor
+    betas: tuple[float, ...]
+    temperature: float = 1.0
+    head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+def _hidden_chunk(hidden_NH, head, gathers, references, start, end):
+    """`logprobs_from_hidden` on rows start..end: their logits, one log_softmax per temperature,
+    and from it every gather and every reference's divergences."""
+    x = hidden_NH[start:end]
+    logits = x if head is None else head(x)
+    logits = logits.to(_float_dtype(logits))
+    temps = dict.fromkeys([t for _, t in gathers] + [r.temperature for r in references])
+    logp = {t: torch.log_softmax(logits / t, -1) for t in temps}
+    out = [logp[t].gather(-1, ids_NK[start:end].long()) for ids_NK, t in gathers]
+    for r in references:
+        with torch.no_grad():
+            ref = r.x_NX[start:end] if r.head is None else r.head(r.x_NX[start:end])
+            ref = torch.log_softmax(ref.to(logits.dtype) / r.temperature, -1)
+        out.append(torch.stack([_gjsd(logp[r.temperature], ref, beta) for beta in r.betas], -1))
+    return tuple(out)
+
+
+def logprobs_from_hidden(hidden_NH: torch.Tensor, head: Optional[Callable[[torch.Tensor], torch.Tensor]],
+                         gathers: Sequence[tuple[torch.Tensor, float]], references: Sequence[Reference] = (),
+                         chunk_size: int = 1024) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The student's log-probs and divergences from its final hidden states, ``chunk_size``
+    tokens at a time, without the (N, V) logits. Per chunk: logits = head(hidden) (head None:
+    hidden_NH are the logits), one log_softmax per temperature, and from it
+      each gather (ids_NK, temperature): log_softmax(logits / temperature)[ids] -> (N, K);
+      each Reference: D[n, j] = the generalized JSD at betas[j] between the student and the
+          reference, both at the reference's temperature (`generalized_jsd` per token) -> (N, J).
+    Under autograd each chunk is recomputed in backward (`torch.utils.checkpoint`), so one
+    chunk's (chunk, V) temporaries are alive at a time, in forward and in backward; gradients
+    reach hidden_NH and head's parameters, references are constants. ``head`` must be
+    deterministic (it runs again in backward).
+
+    Shapes: hidden_NH (N, H); ids_NK (N, K) -> ([(N, K) per gather], [(N, J) per reference]).
+    """
+    n, step = hidden_NH.shape[0], max(int(chunk_size), 1)
+    args = (head, tuple(gathers), tuple(references))
+    if torch.is_grad_enabled():
+        parts = [checkpoint(_hidden_chunk, hidden_NH, *args, i, min(i + step, n),
+                            use_reentrant=False, preserve_rng_state=False) for i in range(0, n, step)]
+    else:
+        parts = [_hidden_chunk(hidden_NH, *args, i, min(i + step, n)) for i in range(0, n, step)]
+    if not parts:
+        empty = [(0, ids.shape[-1]) for ids, _ in gathers] + [(0, len(r.betas)) for r in references]
+        parts = [tuple(hidden_NH.new_zeros(s, dtype=_float_dtype(hidden_NH)) for s in empty)]
+    out = [torch.cat(p) for p in zip(*parts)]
+    return out[: len(gathers)], out[len(gathers):]
+
+
+def divergence_loss(div_BT: torch.Tensor, mask_BT: torch.Tensor, normalizer: float | None = None,
+                    name: str = "jsd") -> tuple[torch.Tensor, Metrics]:
+    """Token mean of per-token divergences (a `Reference`'s from `logprobs_from_hidden`):
+    sum(D * mask) / normalizer, the loss of `generalized_jsd`, logged as ``loss/<name>``.
+    Shapes: div_BT, mask_BT (B, T) or (N,) -> ()."""
+    loss = masked_token_mean(div_BT, mask_BT, normalizer)
+    return loss, {f"loss/{name}": loss.item()}

@@ -706,3 +706,109 @@ def test_prefix_importance_weights_by_hand():
                 assert got[b, t].item() == pytest.approx(min(math.exp(log_w), 1.5), rel=1e-6)
                 log_w += lp[b, t].item() - ls[b, t].item()
     assert torch.equal(prefix_importance_weights(lp, lp, m, cap=2.0), torch.ones_like(lp))
+
+# --------------------------------------------------- from hidden states, chunked (issue 10)
+def _hidden_inputs(dtype, b=3, t=5, h=4, v=9, k=3, seed=0):
+    """Hidden states and an LM head; targets; a teacher's full logits and its top-k (one
+    padded entry, one repeated id); a frozen model's hidden states and head; a float mask
+    with an empty row (padding) and masked tokens."""
+    g = _gen(seed)
+    hidden = torch.randn(b, t, h, generator=g, dtype=dtype).requires_grad_(True)
+    head, ref_head = (torch.nn.Linear(h, v, bias=False, dtype=dtype) for _ in range(2))
+    with torch.no_grad():
+        head.weight.copy_(2 * torch.randn(v, h, generator=g, dtype=dtype))
+        ref_head.weight.copy_(2 * torch.randn(v, h, generator=g, dtype=dtype))
+    tgt = torch.randint(0, v, (b, t), generator=g)
+    teacher = 2 * torch.randn(b, t, v, generator=g, dtype=dtype)
+    t_lp, t_ids = torch.log_softmax(teacher, -1).topk(k, -1)
+    t_lp = torch.where(torch.arange(k) == k - 1, -math.inf, t_lp) if t > 1 else t_lp
+    t_ids = torch.where((torch.arange(t) == 2).reshape(-1, 1) & (torch.arange(k) == 1), t_ids[..., :1], t_ids)
+    mask = _mask(b, t, seed).to(dtype) * (torch.arange(b) != 1).reshape(-1, 1)
+    return dict(hidden=hidden, head=head, tgt=tgt, teacher=teacher, t_lp=t_lp, t_ids=t_ids,
+                ref_hidden=torch.randn(b, t, h, generator=g, dtype=dtype), ref_head=ref_head,
+                mask=mask, w=torch.randn(b, t, generator=g, dtype=dtype))
+
+
+def _old_path(x, t_s, t_j, beta, tail, n):
+    """Logits [B, T, V] first, then the logits-level functions (what the learner did)."""
+    logits = x["head"](x["hidden"])
+    lp = gather_logprobs(logits, x["tgt"], temperature=t_s, chunk_size=2)
+    return lp, [generalized_jsd_topk(logits, x["t_lp"], x["t_ids"], x["mask"], beta=beta, temperature=t_j,
+                                     tail_bucket=tail, normalizer=n)[0],
+                generalized_jsd(logits, x["teacher"], x["mask"], beta=beta, temperature=t_j,
+                                normalizer=n, chunk_size=3)[0],
+                generalized_jsd(logits, x["ref_head"](x["ref_hidden"]).detach(), x["mask"], beta=1.0,
+                                normalizer=n)[0]]
+
+
+def _new_path(x, t_s, t_j, beta, tail, n, chunk):
+    """The trained tokens' hidden states, one chunked pass, then the losses of its outputs."""
+    from opd.losses import Reference, divergence_loss, logprobs_from_hidden, topk_jsd_from_logprobs
+
+    sel = x["mask"].reshape(-1).nonzero().squeeze(1)
+    tok = {k: v.reshape(-1, *v.shape[2:])[sel] for k, v in x.items() if isinstance(v, torch.Tensor)}
+    (lp, topk), (div, anchor) = logprobs_from_hidden(
+        tok["hidden"], x["head"], [(tok["tgt"][:, None], t_s), (tok["t_ids"], t_j)],
+        [Reference(tok["teacher"], (0.25, beta), t_j), Reference(tok["ref_hidden"], (1.0,), 1.0, x["ref_head"])],
+        chunk_size=chunk)
+    return sel, lp[:, 0], [
+        topk_jsd_from_logprobs(topk, tok["t_lp"], tok["t_ids"], tok["mask"], beta=beta, tail_bucket=tail,
+                               normalizer=n)[0],
+        divergence_loss(div[:, 1], tok["mask"], n)[0], divergence_loss(anchor[:, 0], tok["mask"], n)[0]]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("t_s,t_j,beta,n", [(1.0, 1.0, 0.5, None), (0.7, 2.0, 0.0, 9.0), (1.0, 1.0, 1.0, 4.0)])
+@pytest.mark.parametrize("tail", [True, False])
+def test_from_hidden_equals_logits_path(dtype, rtol, chunk, t_s, t_j, beta, n, tail):
+    """Chunked from hidden states (only the trained tokens, one log_softmax per temperature)
+    = logits first, then gather_logprobs / generalized_jsd_topk / generalized_jsd: every
+    value, and the gradients of their sum w.r.t. the hidden states and the head."""
+    x = _hidden_inputs(dtype)
+    params = (x["hidden"], x["head"].weight)
+    lp_old, old = _old_path(x, t_s, t_j, beta, tail, n)
+    sel, lp_new, new = _new_path(x, t_s, t_j, beta, tail, n, chunk)
+    torch.testing.assert_close(lp_new, lp_old.reshape(-1)[sel], rtol=rtol, atol=rtol)
+    for a, b in zip(new, old):
+        assert a.item() == pytest.approx(b.item(), rel=rtol, abs=rtol)
+    w = x["w"].reshape(-1)[sel]
+    g_old = torch.autograd.grad((w * lp_old.reshape(-1)[sel]).sum() + sum(old), params)
+    g_new = torch.autograd.grad((w * lp_new).sum() + sum(new), params)
+    for a, b in zip(g_new, g_old):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
+
+
+def test_from_hidden_without_grad_and_without_tokens():
+    from opd.losses import Reference, logprobs_from_hidden
+
+    x = _hidden_inputs(torch.float64)
+    h, ids = x["hidden"].reshape(-1, 4), x["tgt"].reshape(-1, 1)
+    ref = [Reference(x["teacher"].reshape(-1, 9), (0.0, 1.0), 2.0)]
+    (lp,), (div,) = logprobs_from_hidden(h, x["head"], [(ids, 1.0)], ref, chunk_size=4)
+    with torch.no_grad():
+        (lp0,), (div0,) = logprobs_from_hidden(h, x["head"], [(ids, 1.0)], ref, chunk_size=4)
+    assert lp.requires_grad and not lp0.requires_grad
+    torch.testing.assert_close((lp0, div0), (lp.detach(), div.detach()), rtol=0, atol=0)
+    (lp, top), (div,) = logprobs_from_hidden(h[:0], x["head"], [(ids[:0], 1.0), (ids[:0, [0, 0]], 2.0)],
+                                             [Reference(x["teacher"][:0], (0.5,))])
+    assert lp.shape == (0, 1) and top.shape == (0, 2) and div.shape == (0, 1)
+
+
+def test_from_hidden_saves_no_vocabulary_sized_tensor_for_backward():
+    """What forward leaves for backward: no (tokens, V) tensor, only chunk inputs (checkpoint)."""
+    from opd.losses import Reference, logprobs_from_hidden
+
+    x = _hidden_inputs(torch.float64, b=4, t=8, v=50)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        (lp,), (div,) = logprobs_from_hidden(x["hidden"].reshape(-1, 4), x["head"], [(x["tgt"].reshape(-1, 1), 1.0)],
+                                             [Reference(x["teacher"].reshape(-1, 50), (0.5,))], chunk_size=8)
+    assert saved and all(50 not in s for s in saved), saved
+    (lp.sum() + div.sum()).backward()
+    assert x["hidden"].grad is not None and x["head"].weight.grad is not None

@@ -5,7 +5,9 @@
 - a batch where every rollout is truncated still yields a gradient under `auto`;
 - each remedy moves the student the way its docstring says: the top-k KL remedy and the
   teacher mixture raise the student's EOS log-prob where the teacher stops; the loop-tail
-  rule denies a looping tail any positive advantage.
+  rule denies a looping tail any positive advantage;
+- the learner's row terms (distillation, top-k remedy, anchor), computed from hidden states
+  in chunks, equal the logits-level losses on full logits: values and gradients.
 """
 
 from dataclasses import replace
@@ -269,3 +271,60 @@ def test_anchor_is_the_start_even_when_the_learner_loads_a_checkpoint(anchored, 
                                resumed.model.state_dict().values()):
         assert torch.equal(a, s), name
     assert any(not torch.equal(a, m) for a, m in zip(resumed.anchor.parameters(), resumed.model.parameters()))
+
+
+# ------------------------------------------- the learner's chunked path = the logits path
+def _scored_batch(V: int, teacher: str, seed: int = 0):
+    """Four rollouts of different lengths (right padding), teacher scores (full or top-k),
+    remedy weights on some rows and the anchor on."""
+    rng = np.random.default_rng(seed)
+    lens = [5, 2, 7, 4]
+    r = RolloutBatch([[1, 5, 6]] * 4, [list(rng.integers(3, V, n)) for n in lens],
+                     [list(rng.normal(-1, 0.3, n)) for n in lens], ["stop"] * 4, [""] * 4, 0)
+    logp = rng.normal(0, 2, (4, 7, V))
+    logp = (logp - np.log(np.exp(logp).sum(-1, keepdims=True))).astype(np.float32)
+    ids = np.argsort(-logp, -1)[..., :5]
+    kw = (dict(full_logprobs_NTV=logp) if teacher == "full"
+          else dict(topk_ids_NTK=ids, topk_logprobs_NTK=np.take_along_axis(logp, ids, -1)))
+    return build_train_batch(r, TeacherScores(rng.normal(-1.5, 0.5, (4, 7)).astype(np.float32), 1.0, **kw),
+                             0, 2, True, 1.0, remedy_weight_N=np.array([1.0, 0.5, 0.0, 1.0]), anchor_coef=0.7)
+
+
+def _logits_path(lrn, b, teacher: str):
+    """The row terms from full-sequence logits and the logits-level losses, as brute force."""
+    lc, V = lrn.loss_cfg, lrn.vocab_size
+    ids = torch.as_tensor(b.input_ids_BS)
+    logits = lrn.model(input_ids=ids).logits[:, :-1, :V]
+    with torch.no_grad():
+        ref = lrn.anchor(input_ids=ids).logits[:, :-1, :V]
+    mask = torch.as_tensor(b.loss_mask_BS[:, 1:])
+    n, w = float(mask.sum()), torch.as_tensor(b.remedy_weight_B)[:, None]
+    if teacher == "full":
+        t = torch.as_tensor(b.teacher_full_logprobs_BSV[:, 1:])
+        jsd = [losses.generalized_jsd(logits, t, m, beta=beta, temperature=lc.jsd_temperature, normalizer=n)[0]
+               for m, beta in ((mask, lc.jsd_beta), (mask * w, 0.0))]
+    else:
+        t_lp, t_ids = (torch.as_tensor(a[:, 1:]) for a in (b.teacher_topk_logprobs_BSK, b.teacher_topk_ids_BSK))
+        jsd = [losses.generalized_jsd_topk(logits, t_lp, t_ids, m, beta=beta, temperature=lc.jsd_temperature,
+                                           tail_bucket=lc.tail_bucket, normalizer=n)[0]
+               for m, beta in ((mask, lc.jsd_beta), (mask * w, 0.0))]
+    anchor = losses.generalized_jsd(logits, ref, mask, beta=1.0, normalizer=n)[0]
+    return lc.distill_coef * jsd[0] + jsd[1] + b.anchor_coef * anchor, [t.item() for t in (*jsd, anchor)]
+
+
+@pytest.mark.parametrize("teacher", ["full", "topk"])
+def test_learner_terms_equal_the_logits_path(anchored, tiny_zoo, teacher):
+    """Distillation (GKD at beta 0.3, jsd_temperature 1.5 != the sampler's 1.0), the top-k
+    remedy and the anchor, from hidden states in chunks over the trained tokens only = from
+    full [B, S, V] logits with the logits-level losses: values, and every weight's gradient."""
+    lrn = anchored
+    lrn.loss_cfg = replace(lrn.loss_cfg, distill="jsd", jsd_beta=0.3, jsd_temperature=1.5)
+    b = _scored_batch(lrn.vocab_size, teacher)
+    total, values = _logits_path(lrn, b, teacher)
+    grads = torch.autograd.grad(total, list(lrn.model.parameters()), allow_unused=True)
+    m = lrn.train_step(b)  # the gradients stay on the parameters after the step
+    got = [m["loss/jsd" if teacher == "full" else "loss/jsd_topk"], m["loss/remedy_topk_kl"], m["loss/anchor_kl"]]
+    assert got == pytest.approx(values, rel=1e-5)
+    for (name, p), g in zip(lrn.model.named_parameters(), grads):
+        torch.testing.assert_close(p.grad, torch.zeros_like(p) if g is None else g, rtol=1e-4, atol=1e-6,
+                                   msg=name)
