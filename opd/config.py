@@ -22,10 +22,9 @@ from opd.formatting import ACTIONS, CHECKS
 from opd.length import hysteresis_errors
 from opd.length.monitor import MODES as LENGTH_MODES
 from opd.length.penalties import STOP_PROPERLY_MODES
-from opd.losses import EOS_PROTECTIONS, SMPO_LOSS_TYPES
 from opd.sweep import QUALITIES, SIGNALS
 from opd.tasks import BUILTIN_TASKS, ON_BAD_LINE, check_extraction
-from opd.types import TeacherLogprobs
+from opd.types import EOS_PROTECTIONS, SMPO_LOSS_TYPES, TeacherLogprobs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

@@ -2,7 +2,7 @@
 
 Every loss takes tensors and plain values (no config objects, no Ray, no I/O) and returns
 ``(loss, metrics)``: ``loss`` is a 0-dim tensor with autograd, ``metrics`` a
-``dict[str, float]`` of detached values under namespaced keys (``loss/jsd``, ``kl/k1``, ...).
+``dict[str, float]`` of detached values under namespaced keys (``loss/jsd``, ``kl/k3``, ...).
 Shapes are in the names: B batch rows, T tokens, V vocabulary, K teacher top-k entries.
 
 Sources
@@ -56,6 +56,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from opd.types import EOS_PROTECTIONS, SMPO_LOSS_TYPES
 
 # Stand-in for log(0). exp(-80) is still a normal float32 (no denormal slow paths), and a
 # probability below it is zero for every purpose here.
@@ -297,12 +299,12 @@ def _pg_surrogate(lp_BT, ls_BT, adv_BT, clip_eps_low, clip_eps_high, tis_cap):
 
 
 def _pg_metrics(lp_BT, ls_BT, lt_BT, adv_BT, clipped_BT, mask_BT) -> Metrics:
-    """Mask-weighted token means: kl/k1 = l_sampler - l_teacher and kl/k3 = exp(l_t - l_s) - 1
-    - (l_t - l_s), two estimates of KL(student‖teacher) from the sampled tokens; pg/clip_frac,
-    the share of tokens where the clip acts; pg/ratio_mean (r_t) and pg/adv_mean (A_t)."""
+    """Mask-weighted token means: kl/k3 = exp(l_t - l_s) - 1 - (l_t - l_s), the k3 estimate of
+    KL(student‖teacher) from the sampled tokens (the k1 estimate is the driver's `teacher/kl`,
+    for every loss); pg/clip_frac, the share of tokens where the clip acts; pg/ratio_mean (r_t)
+    and pg/adv_mean (A_t)."""
     log_ratio_ts = lt_BT.clamp(min=LOGP_FLOOR) - ls_BT
     return {
-        "kl/k1": _metric_mean(-log_ratio_ts, mask_BT),
         "kl/k3": _metric_mean(torch.expm1(log_ratio_ts.double()) - log_ratio_ts.double(), mask_BT),
         "pg/clip_frac": _metric_mean(clipped_BT.to(mask_BT.dtype), mask_BT),
         "pg/ratio_mean": _metric_mean(torch.exp(lp_BT.detach() - ls_BT), mask_BT),
@@ -329,7 +331,7 @@ def reverse_kl_pg_loss(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: t
             rewarded for continuing, even where the teacher would continue it too;
       L_t = the PPO clipped surrogate (tis_cap None) or the truncated importance-sampling
             loss (tis_cap C), with r_t = exp(l_student - l_sampler): see `_pg_surrogate`.
-    loss = token mean of L_t over mask. Metrics: loss/pg and `_pg_metrics` (kl/k1, kl/k3,
+    loss = token mean of L_t over mask. Metrics: loss/pg and `_pg_metrics` (kl/k3,
     pg/clip_frac, pg/ratio_mean, pg/adv_mean).
 
     Shapes: all *_BT (B, T); seq_advantage_B (B,) -> loss ().
@@ -375,8 +377,6 @@ def sft_loss(student_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------- SMPO
-SMPO_LOSS_TYPES = ("smooth_lower_bound", "sigmoid", "hinge", "ipo")
-EOS_PROTECTIONS = ("exclude", "flip", "none")
 
 
 def _row_quantile(x_BT: torch.Tensor, keep_BT: torch.Tensor, q: float, empty: float) -> torch.Tensor:

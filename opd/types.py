@@ -39,6 +39,9 @@ class TeacherLogprobs(StrEnum):
     FULL = "full"  # plus the whole distribution (full_logprobs_NTV; transformers backend)
 
 
+SMPO_LOSS_TYPES = ("smooth_lower_bound", "sigmoid", "hinge", "ipo")  # loss.smpo.loss_type (losses.smpo_loss)
+EOS_PROTECTIONS = ("exclude", "flip", "none")  # loss.smpo.eos_protection
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """What a rollout worker samples with on one call (from RolloutConfig, plus the monitor's

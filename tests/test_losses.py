@@ -310,7 +310,9 @@ def test_pg_clipping_zeroes_gradient_where_clipped_branch_wins():
     assert g_off[0, 0].item() != 0.0 and m_off["pg/clip_frac"] == 0.0
 
 
-def test_pg_k1_k3_metrics_by_hand():
+def test_pg_k3_and_advantage_metrics_by_hand():
+    """kl/k3 and pg/adv_mean (= minus the k1 estimate at discount 0; the driver logs k1 as
+    teacher/kl), as written out."""
     lp, ls, lt, m = _pg_inputs()
     _, metrics = reverse_kl_pg_loss(lp, ls, lt, m)
     k1 = k3 = w = 0.0
@@ -321,8 +323,9 @@ def test_pg_k1_k3_metrics_by_hand():
                 k1 += m[b, t].item() * -d
                 k3 += m[b, t].item() * (math.exp(d) - 1 - d)
                 w += m[b, t].item()
-    assert metrics["kl/k1"] == pytest.approx(k1 / w, rel=1e-10)
+    assert metrics["pg/adv_mean"] == pytest.approx(-k1 / w, rel=1e-6)
     assert metrics["kl/k3"] == pytest.approx(k3 / w, rel=1e-10)
+    assert "kl/k1" not in metrics
 
 
 @pytest.mark.parametrize("tis_cap", [None, 2.0])
