@@ -12,6 +12,7 @@ every `log_every` steps: no carriage returns in log files.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
@@ -22,16 +23,19 @@ BAR_KEYS = (("teacher/kl", "kl", "+.3f"), ("length/mean", "len", ".1f"),
             ("length/truncated_frac", "trunc", ".2f"), ("loss/rows_total", "loss", "+.4f"))
 
 
+# The line without a bar: (metric name, label, format, value when missing), by kind of step
+LINE_ON_POLICY = (("length/mean", "len", "5.1f", 0.0), ("length/truncated_frac", "trunc", ".2f", 0.0),
+                  ("teacher/kl", "kl", "+.3f", math.nan), ("rollout/tokens_per_s", "tok/s", "6.0f", 0.0))
+LINE_OFF_POLICY = (("rollout/tokens", "off-policy SFT tokens", ".0f", 0.0), ("offpolicy/mean", "len", "4.1f", 0.0))
+LINE_TAIL = (("loss/rows_total", "loss", "+.4f", 0.0), ("optim/grad_norm", "gnorm", ".3f", 0.0),
+             ("optim/lr", "lr", ".2e", 0.0))
+
+
 def console_line(step: int, steps: int, v: dict) -> str:
     """The compact one-line summary of a step (non-TTY output)."""
-    g = v.get
-    tail = (f"loss {g('loss/rows_total', 0):+.4f}  gnorm {g('optim/grad_norm', 0):.3f}  "
-            f"lr {g('optim/lr', 0):.2e}  {g('time/step', 0):.2f}s")
-    if g("rollout/on_policy", 1.0) == 0.0:
-        return (f"step {step:4d}/{steps}  off-policy SFT on {g('rollout/tokens', 0):.0f} tokens "
-                f"(len {g('offpolicy/mean', 0):4.1f})  {tail}")
-    return (f"step {step:4d}/{steps}  len {g('length/mean', 0):5.1f} trunc {g('length/truncated_frac', 0):.2f} "
-            f"kl {g('teacher/kl', float('nan')):+.3f}  tok/s {g('rollout/tokens_per_s', 0):6.0f}  {tail}")
+    keys = LINE_ON_POLICY if v.get("rollout/on_policy", 1.0) else LINE_OFF_POLICY
+    cells = [f"{label} {v.get(k, missing):{fmt}}" for k, label, fmt, missing in keys + LINE_TAIL]
+    return "  ".join([f"step {step:4d}/{steps}", *cells, f"{v.get('time/step', 0.0):.2f}s"])
 
 
 def bar_postfix(values: dict) -> str:
