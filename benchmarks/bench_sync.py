@@ -10,6 +10,8 @@ them (in-place reload, prefix cache reset). Options, interleaved `--repeats` tim
 - `safetensors_ref`: the same bytes, their object reference passed on (one serialisation);
 - `numpy_ref`: numpy arrays in Ray's object store, read in place by the worker and the
   driver (`Workers.sync`, the kept option);
+- `gloo_broadcast`: the tensors broadcast over a torch.distributed gloo group that the two
+  actors join (a group of their own, beside any vLLM sets up: NCCL on GPUs), then reloaded;
 - `reload_only`: the engine reloading weights it already holds in its process (the floor of
   any transport: vLLM's reload and repacking);
 - `memcpy`: one in-memory copy of the weights (the limit named by the issue).
@@ -31,8 +33,36 @@ from opd.rollout import RolloutWorker
 from opd.types import WeightUpdate
 
 
+def gloo_group(port: int, rank: int):
+    """A two-process gloo group of its own (a TCP store on localhost), not the default group."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=timedelta(seconds=120))
+    return dist.ProcessGroupGloo(store, rank, 2, timedelta(seconds=120))
+
+
+def broadcast(group, tensors: list) -> None:
+    """Rank 0's tensors into everybody's, in order."""
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    for t in tensors:
+        group.broadcast([t], opts).wait()
+
+
 class SyncLearner(Learner):
-    """The learner with the pre-issue-10 export (safetensors bytes) besides its own."""
+    """The learner with the pre-issue-10 export (safetensors bytes) besides its own, and a
+    sender on a gloo group."""
+
+    def gloo_join(self, port: int, dtype: str) -> dict:
+        self.group = gloo_group(port, 0)
+        return {k: (tuple(t.shape), str(t.dtype)) for k, t in self.state_for_sync(dtype).items()}
+
+    def gloo_send(self, dtype: str) -> None:
+        broadcast(self.group, list(self.state_for_sync(dtype).values()))
 
     def export_blob(self, dtype: str) -> bytes:
         from safetensors.torch import save
@@ -46,7 +76,18 @@ class SyncLearner(Learner):
 
 
 class SyncWorker(RolloutWorker):
-    """The rollout worker, also taking safetensors bytes, and reloading its own weights."""
+    """The rollout worker, also taking safetensors bytes or a gloo broadcast, and reloading
+    its own weights."""
+
+    def gloo_join(self, port: int) -> None:
+        self.group = gloo_group(port, 1)
+
+    def gloo_receive(self, spec: dict) -> int:
+        import torch
+
+        bufs = {k: torch.empty(shape, dtype=getattr(torch, dt.split(".")[-1])) for k, (shape, dt) in spec.items()}
+        broadcast(self.group, list(bufs.values()))
+        return self.load_weights(WeightUpdate.from_tensors(0, bufs))
 
     def load_blob(self, blob: bytes) -> int:
         from safetensors.torch import load
@@ -81,7 +122,13 @@ def run_options(learner, worker, dtype: str, repeats: int) -> dict[str, list[flo
         ray.get(ref)
         ray.get(worker.handle.load_weights.remote(ref))
 
-    options = {"safetensors_via_driver": via_driver, "safetensors_ref": blob_ref, "numpy_ref": numpy_ref}
+    spec = ray.get([learner.handle.gloo_join.remote(29517, dtype), worker.handle.gloo_join.remote(29517)])[0]
+
+    def gloo():
+        ray.get([learner.handle.gloo_send.remote(dtype), worker.handle.gloo_receive.remote(spec)])
+
+    options = {"safetensors_via_driver": via_driver, "safetensors_ref": blob_ref, "numpy_ref": numpy_ref,
+               "gloo_broadcast": gloo}
     out: dict[str, list[float]] = {k: [] for k in [*options, "reload_only", "memcpy"]}
     update = ray.get(learner.handle.export_weights.remote(dtype))
     for name, fn in options.items():  # warm-up
