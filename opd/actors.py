@@ -235,7 +235,12 @@ class Workers:
         or the teacher found dead is restarted and its call resubmitted; a dead learner raises
         `LearnerDied` (the loop restores it from a checkpoint)."""
         calls = [(c[0], c[1], c[2] if len(c) > 2 else ()) for c in calls]
-        return self._results(calls, [actor.submit(method, *args) for actor, method, args in calls], timeout)
+        return self._results(calls, self._submit(calls), timeout)
+
+    @staticmethod
+    def _submit(calls: list[tuple[Any, str, tuple]]) -> list:
+        """Send every (actor, method, args) call without waiting (in process: run it)."""
+        return [actor.submit(method, *args) for actor, method, args in calls]
 
     def _results(self, calls: list[tuple[Any, str, tuple]], refs: list, timeout: Optional[float] = None) -> list:
         """The answers of submitted calls (in process: the answers themselves)."""
@@ -307,7 +312,7 @@ class Workers:
         W = len(self.rollouts)
         parts = [prompts.rows(slice(i, None, W)) for i in range(W)]
         calls = [(w, "generate", (p, sampling)) for w, p in zip(self.rollouts, parts) if p.prompt_ids]
-        refs = [actor.submit(method, *args) for actor, method, args in calls]
+        refs = self._submit(calls)
         sizes = [len(p.prompt_ids) for p in parts if p.prompt_ids]
         return lambda: merge_rollouts(self._results(calls, refs), sizes, W, sampling.n)
 

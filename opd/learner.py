@@ -263,18 +263,19 @@ class Learner:
         fw = self._forward(b, rows, betas, anchor_on)
         win, lp, mask = fw.win, fw.lp_BT, fw.mask_BT
         on = self._tensor(b.on_policy_B.astype(np.float32), rows)[:, None]
+        sampler = self._tensor(b.sampler_logprobs_BS, rows, win)
         terms = [(0.0, torch.zeros((), device=self.device), losses.sampler_mismatch_metrics(
-            lp, self._tensor(b.sampler_logprobs_BS, rows, win), mask * on))] if (mask * on).any() else []
+            lp, sampler, mask * on))] if (mask * on).any() else []
         if lc.distill == "reverse_kl_pg" and lc.distill_coef and norm.pg:
             pg_mask = mask * on * self._tensor(b.seq_weight_B, rows)[:, None]  # stop-properly
             terms.append((lc.distill_coef, *losses.reverse_kl_pg_loss(
-                lp, self._tensor(b.sampler_logprobs_BS, rows, win),
-                self._tensor(b.teacher_logprobs_BS, rows, win), pg_mask,
+                lp, sampler, self._tensor(b.teacher_logprobs_BS, rows, win), pg_mask,
                 clip_eps_low=lc.clip_eps_low, clip_eps_high=lc.clip_eps_high, tis_cap=lc.tis_cap,
                 discount=lc.discount, seq_advantage_B=self._tensor(b.seq_advantage_B, rows),
                 normalizer=norm.pg, no_reward_BT=self._tensor(b.no_reward_BS, rows, win))))
-        if jsd_on:
-            stale = self._stale_weights(b, rows, win, lp, mask * on)
+        if jsd_on:  # stale rollouts (b.is_cap): weighted by their prefix's importance weight; the PG
+            # term needs none, its PPO ratio already has the sampler as behaviour policy
+            stale = 1.0 if b.is_cap is None else losses.prefix_importance_weights(lp, sampler, mask * on, b.is_cap)
             terms.append((lc.distill_coef, *self._jsd(b, rows, fw, mask * on * stale, norm.on, lc.jsd_beta)))
         if remedy_on:  # the length remedy: forward KL, top-k
             w = self._tensor(b.remedy_weight_B, rows)[:, None]
@@ -287,15 +288,6 @@ class Learner:
             terms.append((1.0, *losses.sft_loss(lp, sft_mask, normalizer=norm.sft)))
         total = sum((c * loss for c, loss, _ in terms), torch.zeros((), device=self.device))
         return total, {k: v for _, _, m in terms for k, v in m.items()}
-
-    def _stale_weights(self, b: TrainBatch, rows, win, lp, mask) -> torch.Tensor | float:
-        """Rollouts from older weights (b.is_cap set): each KL term's truncated prefix
-        importance weight; 1 otherwise. The PG loss needs none: its PPO ratio already has
-        the sampler as behaviour policy."""
-        if b.is_cap is None:
-            return 1.0
-        return losses.prefix_importance_weights(lp, self._tensor(b.sampler_logprobs_BS, rows, win),
-                                                mask, b.is_cap)
 
     def _jsd(self, b: TrainBatch, rows, fw: "Forward", mask_BT, n_tokens, beta: float):
         """The generalized JSD to the teacher at `beta` (full distribution or top-k), token mean."""

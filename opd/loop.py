@@ -36,6 +36,7 @@ from opd.formatting import RolloutFormat, check_rollouts
 from opd.evaluation import table as eval_table
 from opd.rollout import greedy_settings
 from opd.console import Console
+from opd.report import STEP_PHASES
 from opd.run_io import RunDir, newest_checkpoint, read_metrics
 from opd.sweep import best_finished_run, early_stop_decision
 from opd.tasks import Example, answer_correct, encode_answer, prompt_batch, sample_batch
@@ -139,9 +140,7 @@ class PhaseTimer:
     def metrics(self, reported: dict[str, float]) -> dict[str, float]:
         """Measured phases, the workers' own (generate, teacher) and the rest as time/other."""
         out = {**self.seconds, "time/step": time.time() - self.t0}
-        known = sum(v for k, v in {**reported, **self.seconds}.items()
-                    if k in ("time/generate", "time/teacher", "time/teacher_generate", "time/learn",
-                             "time/generate_wait", "time/sync"))
+        known = sum(v for k, v in {**reported, **self.seconds}.items() if k in STEP_PHASES)
         out["time/other"] = out["time/step"] - known
         return out
 

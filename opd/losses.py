@@ -345,6 +345,14 @@ def reverse_kl_pg_loss(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: t
     return loss, {"loss/pg": loss.item(), **_pg_metrics(lp, ls, lt, adv, clipped, mask)}
 
 
+def _masked_log_ratio(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor,
+                      mask_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """log r_t = l_student - l_sampler on the mask (student -inf as LOGP_FLOOR), 0 off it; detached."""
+    return torch.where(mask_BT > 0, student_logprobs_BT.detach().to(dtype).clamp(min=LOGP_FLOOR)
+                       - sampler_logprobs_BT.detach().to(dtype),
+                       torch.zeros((), dtype=dtype, device=mask_BT.device))
+
+
 def sampler_mismatch_metrics(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor,
                              mask_BT: torch.Tensor, eps: float = 0.2) -> Metrics:
     """How far the sampler's distribution is from the learner's, on the sampled tokens, for
@@ -355,13 +363,26 @@ def sampler_mismatch_metrics(student_logprobs_BT: torch.Tensor, sampler_logprobs
     other than the learner's and a repetition penalty all move these away from 1, 0, 0.
     Shapes: all (B, T) -> metrics."""
     mask = mask_BT.detach().double()
-    valid = mask > 0
-    log_r = torch.where(valid, student_logprobs_BT.detach().double().clamp(min=LOGP_FLOOR)
-                        - sampler_logprobs_BT.detach().double(), torch.zeros_like(mask))
+    log_r = _masked_log_ratio(student_logprobs_BT, sampler_logprobs_BT, mask, torch.float64)
     r = torch.exp(log_r)
     return {"is/ratio_mean": _metric_mean(r, mask),
             "is/clip_frac": _metric_mean(((r - 1).abs() > eps).double(), mask),
             "is/kl_k3": _metric_mean(r - 1 - log_r, mask)}
+
+
+def prefix_importance_weights(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor,
+                              mask_BT: torch.Tensor, cap: float) -> torch.Tensor:
+    """w_t = min(prod_{s<t, mask_s>0} r_s, cap) with r_s = exp(l_student - l_sampler), detached.
+
+    For rollouts from older weights (rollout.overlap): a KL term at position t is an
+    expectation over the prefix y_<t, which the sampler drew; w_t is that prefix's importance
+    weight from the sampler's distribution to the student's, truncated at `cap` (truncated
+    importance sampling, Ionides 2008). The first target of a row has weight 1. Student
+    log-probs of -inf count as LOGP_FLOOR. Shapes: all (B, T) -> (B, T) float."""
+    log_r = _masked_log_ratio(student_logprobs_BT, sampler_logprobs_BT, mask_BT,
+                              _float_dtype(student_logprobs_BT))
+    before_t = torch.cumsum(log_r, dim=1) - log_r
+    return torch.exp(before_t.clamp(max=math.log(cap)))
 
 
 # ----------------------------------------------------------------------------------- SFT
@@ -559,24 +580,6 @@ def gather_logprobs(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, temperature:
     """
     return _gather_chunked(logits_BTV, ids_BT.unsqueeze(-1), temperature, chunk_size).squeeze(-1)
 
-
-# ---------------------------------------------------------- stale rollouts (rollout.overlap)
-def prefix_importance_weights(student_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor,
-                              mask_BT: torch.Tensor, cap: float) -> torch.Tensor:
-    """w_t = min(prod_{s<t, mask_s>0} r_s, cap) with r_s = exp(l_student - l_sampler), detached.
-
-    A KL term at position t is an expectation over the prefix y_<t, which the sampler drew;
-    w_t is that prefix's importance weight from the sampler's distribution to the student's,
-    truncated at `cap` (truncated importance sampling, Ionides 2008). The first target of a
-    row has weight 1. Student log-probs of -inf count as LOGP_FLOOR.
-    Shapes: all (B, T) -> (B, T) float."""
-    valid = mask_BT > 0
-    dtype = _float_dtype(student_logprobs_BT)
-    log_r = torch.where(valid, student_logprobs_BT.detach().to(dtype).clamp(min=LOGP_FLOOR)
-                        - sampler_logprobs_BT.detach().to(dtype), torch.zeros((), dtype=dtype,
-                                                                               device=valid.device))
-    before_t = torch.cumsum(log_r, dim=1) - log_r
-    return torch.exp(before_t.clamp(max=math.log(cap)))
 
 # ------------------------------------------------------------- from hidden states, chunked
 @dataclass(frozen=True)

@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-PHASES = ("time/generate", "time/teacher", "time/teacher_generate", "time/learn", "time/generate_wait",
-          "time/sync", "time/other", "time/step")
+# the measured parts of a step (time/other is the rest of time/step; a generation that
+# overlapped the step before, time/generate_overlapped, is not part of it)
+STEP_PHASES = ("time/generate", "time/teacher", "time/teacher_generate", "time/learn", "time/generate_wait",
+               "time/sync")
+PHASES = (*STEP_PHASES, "time/other", "time/step")
 # summary.json leaves that are settings or counts, not outcomes: never paired
 NOT_METRICS = {"n", "max_new_tokens"}
 # paired in report.md, but left out of heldout.png to keep it readable

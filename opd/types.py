@@ -1,6 +1,7 @@
 """Typed messages that cross actor boundaries (driver <-> rollout workers, teacher, learner).
 
-Frozen dataclasses (but `Summary`, which the loop fills in as the run goes); every field carries its shape and meaning. Shape letters:
+Frozen dataclasses (but `Summary`, which the loop fills in as the run goes); every field
+carries its shape and meaning. Shape letters:
 P prompts in a step, G samples per prompt, N = P*G rollouts, L_n the length of rollout n,
 B rows of a train batch, S padded sequence length (prompt + completion), K top-k width,
 V vocabulary size. Ragged data (token ids of rollouts) travel as lists; padded numeric
@@ -41,6 +42,7 @@ class TeacherLogprobs(StrEnum):
 
 SMPO_LOSS_TYPES = ("smooth_lower_bound", "sigmoid", "hinge", "ipo")  # loss.smpo.loss_type (losses.smpo_loss)
 EOS_PROTECTIONS = ("exclude", "flip", "none")  # loss.smpo.eos_protection
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -227,7 +229,7 @@ class Summary:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Summary":
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+        return cls(**_own_fields(cls, d))
 
 
 @dataclass(frozen=True)
@@ -251,4 +253,10 @@ class CheckpointState:
         """Also reads the layout before this class (`rng` + `rng_gauss`)."""
         if "rng_state" not in d:
             d = {**d, "rng_state": [3, d["rng"], d["rng_gauss"]]}  # random.Random state version 3
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+        return cls(**_own_fields(cls, d))
+
+
+def _own_fields(cls: type, d: dict) -> dict:
+    """The entries of `d` that are fields of the dataclass `cls` (JSON may hold more)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
