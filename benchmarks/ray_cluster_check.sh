@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# A real two-node Ray cluster on this machine, bound to 127.0.0.1: a head node and a worker
-# node (one CPU each), a short default experiment submitted with `ray job submit` exactly as
-# the README's "On an existing Ray cluster" section says, a check that the run directory got
-# summary.json, and the two nodes stopped again whatever happened.
+# A real two-node Ray cluster on this machine: a head node and a worker node (one CPU each,
+# started with --node-ip-address=127.0.0.1 and the dashboard on 127.0.0.1; Ray 2.60 still
+# registers them under the machine's address, and their GCS and raylets listen on all
+# interfaces), a short default experiment submitted with `ray job submit` exactly as the
+# README's "On a Ray cluster" section says, a check that the run directory got summary.json,
+# and the two nodes stopped again whatever happened.
 #
 #   bash benchmarks/ray_cluster_check.sh                       # from the repository root
 #   VENV=/path/to/.venv OPD_ZOO_DIR=/tmp/zoo bash benchmarks/ray_cluster_check.sh task.max_digits=1 ...
