@@ -374,20 +374,8 @@ class Workers:
 
 
 def merge_rollouts(outs: list[RolloutBatch], n_prompts: list[int], W: int, G: int) -> RolloutBatch:
-    """Undo the strided split: rollout order follows the original prompt order."""
-    order: list[tuple[int, int]] = []  # (worker, index within its batch) per output row
-    counters = [0] * len(outs)
-    total = sum(n_prompts)
-    for p in range(total):
-        w = p % W
-        for _ in range(G):
-            order.append((w, counters[w]))
-            counters[w] += 1
-
-    def pick(field: str) -> list:
-        return [getattr(outs[w], field)[i] for w, i in order]
-
-    return RolloutBatch(pick("prompt_ids"), pick("completion_ids"), pick("sampler_logprobs"),
-                        pick("finish_reasons"), pick("texts"),
-                        weight_version=min(o.weight_version for o in outs),
-                        seconds=max(o.seconds for o in outs))
+    """Undo the strided split (prompt p went to worker p % W as its (p // W)-th, with G rollouts
+    each): rollout order follows the original prompt order."""
+    starts = [sum(len(o.completion_ids) for o in outs[:w]) for w in range(len(outs))]  # worker w's first row
+    order = [starts[p % W] + (p // W) * G + g for p in range(sum(n_prompts)) for g in range(G)]
+    return RolloutBatch.concat(*outs).select(order)

@@ -348,7 +348,7 @@ class Distillation:
                 "time/generate" if not self.cfg.rollout.overlap else "time/generate_overlapped":
                     rollouts.seconds, "time/teacher": scores.seconds}
 
-    def teacher_mixture(self, prompts: PromptBatch, plan, step: int):
+    def teacher_mixture(self, prompts: PromptBatch, plan, step: int) -> Optional[RolloutBatch]:
         """Teacher completions for a share of this step's prompts, the ones that end in EOS
         (None when the remedy is off or none stopped)."""
         k = math.ceil(plan.mixture_fraction * len(prompts.prompt_ids))
@@ -357,11 +357,7 @@ class Distillation:
         settings = replace(sampling_settings(self.cfg.rollout, self.cfg.rollout.max_new_tokens, step), n=1)
         out = self.workers.teacher_generate(prompts.rows(slice(0, k)), settings)
         keep = [i for i, r in enumerate(out.finish_reasons) if r == "stop"]
-        if not keep:
-            return None
-        return RolloutBatch(*([getattr(out, f)[i] for i in keep] for f in
-                              ("prompt_ids", "completion_ids", "sampler_logprobs", "finish_reasons", "texts")),
-                            weight_version=-1)
+        return out.select(keep) if keep else None
 
     def off_policy_batch(self, prompts: PromptBatch, step: int):
         """Teacher samples (sequence-level KD) or dataset answers, trained with SFT."""

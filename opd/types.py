@@ -11,9 +11,9 @@ data as numpy arrays (cheap to ship through Ray's object store, no torch needed)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -94,6 +94,39 @@ class RolloutBatch:
     @property
     def lengths(self) -> list[int]:
         return [len(c) for c in self.completion_ids]
+
+    def select(self, idx: Sequence[int]) -> "RolloutBatch":
+        """The rollouts at `idx`, in that order; the batch's weight version and time are kept."""
+        return replace(self, **{f: _take(getattr(self, f), idx) for f in self._row_fields()})
+
+    @classmethod
+    def concat(cls, *batches: "RolloutBatch") -> "RolloutBatch":
+        """The rows of every batch, in order, joined as batches generated side by side: the
+        oldest of their weight versions (min) and the longest of their times (max)."""
+        rows = {f: _join([getattr(b, f) for b in batches]) for f in batches[0]._row_fields()}
+        return replace(batches[0], **rows, weight_version=min(b.weight_version for b in batches),
+                       seconds=max(b.seconds for b in batches))
+
+    def _row_fields(self) -> list[str]:
+        """The per-rollout fields: all but the batch's weight version and time."""
+        return [f.name for f in fields(self) if f.name not in ("weight_version", "seconds")]
+
+
+def _take(rows, idx: Sequence[int]):
+    """Rows `idx` of a per-rollout field: a list, a numpy array (first axis), or None (unset)."""
+    if rows is None:
+        return None
+    return rows[np.asarray(idx, np.int64)] if isinstance(rows, np.ndarray) else [rows[i] for i in idx]
+
+
+def _join(parts: list):
+    """One per-rollout field of several batches end to end (None where every batch leaves it unset)."""
+    if all(p is None for p in parts):
+        return None
+    if any(p is None for p in parts):
+        raise ValueError("cannot join a field that is set in some batches and unset in others")
+    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [r for p in parts for r in p]
+
 
 
 @dataclass(frozen=True)
