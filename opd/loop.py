@@ -17,12 +17,13 @@ is sequence-level KD. Nothing here knows whether the workers are Ray actors or p
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
@@ -40,7 +41,7 @@ from opd.report import STEP_PHASES
 from opd.run_io import RunDir, newest_checkpoint, read_metrics
 from opd.sweep import best_finished_run, early_stop_decision
 from opd.tasks import Example, answer_correct, encode_answer, prompt_batch, sample_batch
-from opd.types import (CheckpointState, PromptBatch, RolloutBatch, SamplingSettings, StepMetrics, Summary,
+from opd.types import (CheckpointState, Pending, PromptBatch, RolloutBatch, SamplingSettings, StepMetrics, Summary,
                        TrainBatch)
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
@@ -91,19 +92,6 @@ def rollout_format(f: FormatConfig, rollouts: RolloutBatch, special_ids: set) ->
     if not (f.rollouts and f.checks):
         return None
     return check_rollouts(rollouts.texts, rollouts.completion_ids, f.checks, f.extra_tokens, special_ids)
-
-
-@dataclass(frozen=True)
-class Pending:
-    """rollout.overlap: the next step's prompts and the rollouts generated for them."""
-
-    prompts: PromptBatch
-    rollouts: RolloutBatch
-
-    @classmethod
-    def from_dict(cls, d: Optional[dict]) -> Optional["Pending"]:
-        """From `asdict` (a checkpoint's JSON); None stays None."""
-        return None if d is None else cls(PromptBatch(**d["prompts"]), RolloutBatch(**d["rollouts"]))
 
 
 @dataclass(frozen=True)
@@ -400,10 +388,10 @@ class Distillation:
         """What a checkpoint keeps of the loop: step, data cursor, monitor, summary, pending rollouts."""
         return CheckpointState(
             step=self.step, rng_state=json.loads(json.dumps(self.rng.getstate())),
-            summary=json.loads(json.dumps(self.summary.as_dict())),
+            summary=copy.deepcopy(self.summary),
             monitor=self.monitor.state_dict() if self.monitor else None, starved=self.starved,
             reference=None if self.reference is None else [self.reference.mean, self.reference.p95],
-            pending=asdict(self.pending) if self.pending else None)
+            pending=self.pending)
 
     def recover_learner(self, err: Exception) -> None:
         """The learner died: rebuild it from the newest whole checkpoint (or the start of this
@@ -415,9 +403,9 @@ class Distillation:
         self.step = state.step
         version, internal, gauss = state.rng_state
         self.rng.setstate((version, tuple(internal), gauss))
-        self.summary = Summary.from_dict(json.loads(json.dumps(state.summary)))
+        self.summary = copy.deepcopy(state.summary)
         self.starved = state.starved
-        self.pending, self.in_flight = Pending.from_dict(state.pending), None
+        self.pending, self.in_flight = state.pending, None
         self.reference = length.ReferenceLengths(*state.reference) if state.reference else None
         self.monitor = make_monitor(self.cfg, self.eos, self.reference)
         if state.monitor:

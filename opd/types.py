@@ -254,15 +254,19 @@ class Summary:
     starved_steps: int = 0  # steps that trained on (almost) nothing
     steps_done: int = 0
     wall_seconds: float = 0.0
-    early_stop: Optional[dict] = None  # the early-stop verdict, when the rule ran
+    early_stop: Optional[dict] = None  # the early-stop verdict (EarlyStopDecision.as_dict), when the rule ran
 
     def as_dict(self) -> dict:
         """The JSON form (summary.json), without the fields that were never set."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Summary":
-        return cls(**_own_fields(cls, d))
+
+@dataclass(frozen=True)
+class Pending:
+    """rollout.overlap: the next step's prompts and the rollouts generated for them."""
+
+    prompts: PromptBatch
+    rollouts: RolloutBatch  # from the weights of the step that launched them
 
 
 @dataclass(frozen=True)
@@ -272,24 +276,19 @@ class CheckpointState:
 
     step: int
     rng_state: list  # the loop's random.Random.getstate(), as JSON lists
-    summary: dict  # Summary.as_dict() so far (the "before" view is never recomputed)
+    summary: Summary  # the summary so far (the "before" view is never recomputed)
     monitor: Optional[dict] = None  # LengthMonitor.state_dict()
     starved: int = 0
     reference: Optional[list[float]] = None  # the reference lengths' [mean, p95]
-    pending: Optional[dict] = None  # rollout.overlap: the next step's prompts and rollouts
+    pending: Optional[Pending] = None  # rollout.overlap: the next step's prompts and rollouts
 
     def as_dict(self) -> dict:
+        """The JSON form (plain dicts and lists all the way down)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CheckpointState":
-        """Also reads the layout before this class (`rng` + `rng_gauss`)."""
-        if "rng_state" not in d:
-            d = {**d, "rng_state": [3, d["rng"], d["rng_gauss"]]}  # random.Random state version 3
-        return cls(**_own_fields(cls, d))
-
-
-def _own_fields(cls: type, d: dict) -> dict:
-    """The entries of `d` that are fields of the dataclass `cls` (JSON may hold more)."""
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+        """From `as_dict` (a checkpoint's JSON)."""
+        p = d.get("pending")
+        pending = None if p is None else Pending(PromptBatch(**p["prompts"]), RolloutBatch(**p["rollouts"]))
+        return cls(**{**d, "summary": Summary(**d["summary"]), "pending": pending})

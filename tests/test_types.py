@@ -1,16 +1,19 @@
 """The typed messages' own operations, on hand-built values:
 
 - `RolloutBatch.select` / `concat` keep every per-rollout field and the rows' order, and
-  round-trip (select, then concat, gives the batch back); numpy and unset fields included.
+  round-trip (select, then concat, gives the batch back); numpy and unset fields included;
+- `CheckpointState` comes back equal from its JSON (summary and pending rollouts typed).
 """
 
+import json
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import numpy as np
 import pytest
 
-from opd.types import RolloutBatch
+from opd.types import CheckpointState, Pending, PromptBatch, RolloutBatch, Summary
 
 
 def _batch(n: int = 4, version: int = 3, seconds: float = 1.5) -> RolloutBatch:
@@ -67,3 +70,32 @@ def test_select_and_concat_handle_numpy_and_unset_fields():
     assert back.extra_N is None and back.completion_ids == b.completion_ids
     with pytest.raises(ValueError, match="set in some batches and unset in others"):
         _WithArrays.concat(b, replace(b, extra_N=np.zeros(4)))
+
+
+def _state(**summary) -> CheckpointState:
+    prompts = PromptBatch([[1, 2], [3]], ["3", None], ["addition:train:1", "data.jsonl:2"], ["exact", "last_number"])
+    return CheckpointState(
+        step=7, rng_state=[3, list(range(625)), None],
+        summary=Summary(eval={"teacher": {"accuracy/greedy": 0.75}, "before": {"kl": 0.5}}, teacher=0.75,
+                        student_before=0.25, student_after=0.5, starved_steps=1, steps_done=7, **summary),
+        monitor={"state": {"inflation": "on"}, "max_new_tokens": 24}, starved=1, reference=[12.5, 20.0],
+        pending=Pending(prompts, _batch(2)))
+
+
+@pytest.mark.parametrize("early_stop", [None, {"stop": True, "reason": "worse than run 0", "reference": 1.0}])
+def test_checkpoint_state_round_trips_through_json(early_stop):
+    state = _state(early_stop=early_stop)
+    back = CheckpointState.from_dict(json.loads(json.dumps(state.as_dict())))
+    assert back == state
+    assert isinstance(back.summary, Summary) and isinstance(back.pending, Pending)
+    assert isinstance(back.pending.rollouts, RolloutBatch) and isinstance(back.pending.prompts, PromptBatch)
+    quiet = replace(state, pending=None, monitor=None, reference=None)  # rollout.overlap off, no monitor yet
+    assert CheckpointState.from_dict(json.loads(json.dumps(quiet.as_dict()))) == quiet
+
+
+def test_checkpoint_state_keeps_unmeasured_values_as_nan():
+    state = _state()
+    state.summary.student_after = math.nan  # never measured: nan, which equals nothing
+    text = json.dumps(state.as_dict())
+    back = CheckpointState.from_dict(json.loads(text))
+    assert math.isnan(back.summary.student_after) and json.dumps(back.as_dict()) == text
