@@ -2,10 +2,9 @@
 as plain objects in this process (`resources.use_ray=false`, for tests and debugging).
 
 `Workers` is the one handle the driver loop uses. Its methods are the loop's verbs
-(generate, generate_async, score, teacher_generate, train, sync, student_logprobs,
-save_checkpoint, load_checkpoint) and hide whether a call crosses a process: with Ray
-each call is a remote call waited on with `resources.remote_timeout_s`, so a hung actor
-becomes a clear `ActorError` naming the actor and the call, never a silent hang.
+(`opd.types.LoopWorkers`) and hide whether a call crosses a process: with Ray each call
+is a remote call waited on with `resources.remote_timeout_s`, so a hung actor becomes a
+clear `ActorError` naming the actor and the call, never a silent hang.
 
 A rollout worker or the teacher whose process dies is rebuilt here, up to
 `resources.max_actor_restarts` times each, and the call that found it dead is sent again
@@ -25,23 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from opd.console import filter_benign_vllm_warnings, redirect_output
-from opd.types import (CheckpointState, PromptBatch, RolloutBatch, SamplingSettings, TeacherScores, TrainBatch,
-                       WeightUpdate)
+from opd.types import (ActorDied, ActorError, CheckpointState, LearnerDied, PromptBatch, RolloutBatch,
+                       SamplingSettings, TeacherScores, TrainBatch, WeightUpdate)
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
+    import numpy as np
+
     from opd.config import ResourcesConfig, TrainConfig
-
-
-class ActorError(RuntimeError):
-    """A remote actor failed or timed out; the message names it and the call."""
-
-
-class ActorDied(ActorError):
-    """An actor's process is gone (killed, crashed) and could not be restarted."""
-
-
-class LearnerDied(ActorDied):
-    """The learner's process is gone: the loop restores it from the newest checkpoint."""
 
 
 def start_ray(resources: Any, debug: bool = False) -> bool:
@@ -187,7 +176,11 @@ def check_resources(r: ResourcesConfig) -> None:
 
 
 class Workers:
-    """The rollout workers, the teacher and the learner, wherever they run."""
+    """The rollout workers, the teacher and the learner, wherever they run: the loop's verbs
+    (`opd.types.LoopWorkers`) as calls to them."""
+
+    restarts: int  # restarts so far, of all actors
+    teacher_eval: Optional[tuple[RolloutBatch, RolloutBatch]]  # the teacher's greedy and sampled held-out completions
 
     def __init__(self, cfg: TrainConfig, student_path: str, teacher_path: str,
                  teacher_eval_prompts: Optional[PromptBatch] = None, start_path: Optional[str] = None):
@@ -211,8 +204,7 @@ class Workers:
             check_resources(r)
         # the teacher's held-out completions come first, while every CPU/GPU is still free (a
         # short-lived engine started later could wait forever for a slot)
-        self.teacher_eval: Optional[tuple[RolloutBatch, RolloutBatch]] = (
-            self._teacher_eval(teacher_eval_prompts) if teacher_eval_prompts else None)
+        self.teacher_eval = self._teacher_eval(teacher_eval_prompts) if teacher_eval_prompts else None
         ncpu = str(os.cpu_count() or 1)
         plain = {"OMP_NUM_THREADS": ncpu, "TOKENIZERS_PARALLELISM": "false"}
         self.rollouts = [
@@ -346,7 +338,7 @@ class Workers:
         """The learner's state from `path` (its weights were loaded at start); the loop's."""
         return CheckpointState.from_dict(self.call(self.learner, "load_checkpoint", path))
 
-    def student_logprobs(self, batch: TrainBatch):
+    def student_logprobs(self, batch: TrainBatch) -> np.ndarray:
         """The learner's log-probs of a batch's target tokens [B, S] (0 off the mask)."""
         return self.call(self.learner, "logprobs", batch)
 

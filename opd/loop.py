@@ -12,7 +12,8 @@
 
 With `loss.on_policy_fraction < 1` (GKD's lambda), the other steps train on off-policy
 completions (the teacher's samples, or the dataset's answers) with the SFT term: at 0 this
-is sequence-level KD. Nothing here knows whether the workers are Ray actors or plain objects.
+is sequence-level KD. The loop is typed against `LoopWorkers` (opd/types.py): nothing here
+knows whether the workers are Ray actors, plain objects or a test's fakes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 
 from opd import length
-from opd.actors import LearnerDied
 from opd.batch import (RowWeights, answer_rollouts, build_train_batch, effective_weights, select_pairs,
                        teacher_kl_metrics, with_extra_rows)
 from opd.evaluation import Evaluator, flatten
@@ -41,8 +41,8 @@ from opd.report import STEP_PHASES
 from opd.run_io import RunDir, newest_checkpoint, read_metrics
 from opd.sweep import best_finished_run, early_stop_decision
 from opd.tasks import Example, answer_correct, encode_answer, prompt_batch, sample_batch
-from opd.types import (CheckpointState, Pending, PromptBatch, RolloutBatch, SamplingSettings, StepMetrics, Summary,
-                       TrainBatch)
+from opd.types import (CheckpointState, LearnerDied, LoopWorkers, Pending, PromptBatch, RolloutBatch, SamplingSettings,
+                       StepMetrics, Summary, TrainBatch)
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import FormatConfig, RolloutConfig, TrainConfig
@@ -137,7 +137,7 @@ class Distillation:
     """State of one run; `run()` is the loop. `checkpoint()` can be called from outside
     (Ctrl-C, actor error) to save the last completed step."""
 
-    def __init__(self, cfg: TrainConfig, workers: Any, tokenizer: Any, train: list[Example],
+    def __init__(self, cfg: TrainConfig, workers: LoopWorkers, tokenizer: Any, train: list[Example],
                  heldout: list[Example], run_dir: RunDir):
         self.cfg, self.workers, self.tok, self.run_dir = cfg, workers, tokenizer, run_dir
         self.train_set, self.heldout = train, prompt_batch(tokenizer, heldout) if heldout else None

@@ -1,4 +1,6 @@
-"""Typed messages that cross actor boundaries (driver <-> rollout workers, teacher, learner).
+"""Typed messages that cross actor boundaries (driver <-> rollout workers, teacher, learner),
+and the seam they cross: `LoopWorkers`, the verbs the driver loop calls on its workers, with
+the errors those calls raise.
 
 Frozen dataclasses (but `Summary`, which the loop fills in as the run goes); every field
 carries its shape and meaning. Shape letters:
@@ -13,7 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -126,7 +129,6 @@ def _join(parts: list):
     if any(p is None for p in parts):
         raise ValueError("cannot join a field that is set in some batches and unset in others")
     return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [r for p in parts for r in p]
-
 
 
 @dataclass(frozen=True)
@@ -292,3 +294,61 @@ class CheckpointState:
         p = d.get("pending")
         pending = None if p is None else Pending(PromptBatch(**p["prompts"]), RolloutBatch(**p["rollouts"]))
         return cls(**{**d, "summary": Summary(**d["summary"]), "pending": pending})
+
+
+# ---------------------------------------------------------------------------- the loop's workers
+class ActorError(RuntimeError):
+    """A remote actor failed or timed out; the message names it and the call."""
+
+
+class ActorDied(ActorError):
+    """An actor's process is gone (killed, crashed) and could not be restarted."""
+
+
+class LearnerDied(ActorDied):
+    """The learner's process is gone: the loop restores it from the newest checkpoint."""
+
+
+class LoopWorkers(Protocol):
+    """The verbs the driver loop (and its held-out evaluator) calls on its workers: the
+    rollout workers, the teacher and the learner. `opd.actors.Workers` runs them as Ray
+    actors or in process; tests and benchmarks pass fakes. A verb may raise `ActorError`;
+    `train` raises `LearnerDied` when the learner's process is gone."""
+
+    restarts: int  # actor restarts so far (fault/restarts)
+    teacher_eval: Optional[tuple[RolloutBatch, RolloutBatch]]  # the teacher's greedy and sampled
+    #   held-out completions, made at start (None: no held-out prompts)
+
+    def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
+        """The student's rollouts of `prompts` (sampling.n per prompt, in prompt order)."""
+
+    def generate_async(self, prompts: PromptBatch, sampling: SamplingSettings) -> Callable[[], RolloutBatch]:
+        """Start `generate` from the current weights; calling the result waits for the rollouts."""
+
+    def score(self, rollouts: RolloutBatch) -> TeacherScores:
+        """The teacher's log-probs of the rollouts' exact tokens."""
+
+    def teacher_generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
+        """The teacher's own completions of `prompts` (weight_version -1)."""
+
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        """One learner step on `batch`; its metrics."""
+
+    def sync(self) -> tuple[WeightUpdate, list[int]]:
+        """The learner's weights into every rollout worker; the update and the workers' versions."""
+
+    def student_logprobs(self, batch: TrainBatch) -> np.ndarray:
+        """The learner's log-probs of a batch's target tokens [B, S] (0 off the mask)."""
+
+    def save_checkpoint(self, path: str, state: CheckpointState) -> str:
+        """The learner's weights and optimizer, with the loop's state, at `path`."""
+
+    def load_checkpoint(self, path: str) -> CheckpointState:
+        """The learner's state from `path`; the loop's state saved with it."""
+
+    def restart_learner(self, ckpt: Optional[Path], reason: str) -> Optional[CheckpointState]:
+        """A new learner from `ckpt` (None: the run's start), synced to the rollout workers; the
+        loop state saved with the checkpoint (None: the start of the run)."""
+
+    def take_events(self) -> list[dict]:
+        """Restart events since the last call (for the step's metrics line)."""
