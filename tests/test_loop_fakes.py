@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opd.loop import Distillation, sampling_settings
+from opd.loop import Distillation
 from opd.run_io import RunDir
+from opd.steps import sampling_settings
 from opd.tasks import Example
 from opd.types import CheckpointState, LoopWorkers, RolloutBatch, TeacherScores, WeightUpdate
 
@@ -118,7 +119,7 @@ def test_auto_penalties_and_remedies_reach_the_train_batch(tiny_overrides, tok, 
     assert first.remedy_weight_B[first.on_policy_B].tolist() == [1.0] * 8
     # the teacher mixture: 2 of 4 prompts answered by the teacher, trained by SFT only
     assert (~first.on_policy_B).sum() == 2 and first.sft_weight_B[~first.on_policy_B].tolist() == [1.0, 1.0]
-    assert later.remedy_weight_B is not None and loop.summary.starved_steps == 0
+    assert later.remedy_weight_B is not None and loop.record.summary.starved_steps == 0
 
 
 def test_monitor_mode_changes_nothing_in_the_batch(tiny_overrides, tok, tmp_path):
@@ -157,7 +158,7 @@ def test_rng_and_monitor_state_survive_checkpoint_and_restore(tiny_overrides, to
     assert b.step == a.step == 4 and b.rng.getstate() == a.rng.getstate()
     assert b.monitor.state_dict() == a.monitor.state_dict()
     assert b.next_prompts().prompt_ids == a.next_prompts().prompt_ids
-    assert b.summary.eval["before"] == a.summary.eval["before"]  # carried over exactly
+    assert b.record.summary.eval["before"] == a.record.summary.eval["before"]  # carried over exactly
 
 
 def test_resumed_run_keeps_the_before_view(tiny_overrides, tok, tmp_path):
@@ -166,7 +167,7 @@ def test_resumed_run_keeps_the_before_view(tiny_overrides, tok, tmp_path):
     state = CheckpointState.from_dict(json.loads(json.dumps(a.loop_state().as_dict())))
     b, w = _loop(tiny_overrides, tok, tmp_path / "b", ["steps=4"])
     summary = b.run(state)
-    assert summary.eval["before"] == a.summary.eval["before"] and len(w.batches) == 2
+    assert summary.eval["before"] == a.record.summary.eval["before"] and len(w.batches) == 2
 
 
 @pytest.mark.parametrize("correction, cap", [("tis", 2.0), ("none", None)])
