@@ -25,10 +25,11 @@ import numpy as np
 
 
 class SleepWorkers:
-    """The loop's verbs; each sleeps for its phase's seconds. Canned rollouts of 8 tokens."""
+    """The loop's verbs (opd.types.LoopWorkers); each sleeps for its phase's seconds. Canned
+    rollouts of 8 tokens; no held-out prompts, checkpoints or faults."""
 
     def __init__(self, phases: dict[str, float], eos: int):
-        self.p, self.eos, self.version, self.restarts, self.learner = phases, eos, 0, 0, "learner"
+        self.p, self.eos, self.version, self.restarts = phases, eos, 0, 0
         self.pool, self.teacher_eval = ThreadPoolExecutor(1), None
 
     def _rollouts(self, prompts, sampling, version: int):
@@ -53,6 +54,9 @@ class SleepWorkers:
         time.sleep(self.p["teacher"])
         return TeacherScores(np.full((len(rollouts.lengths), 8), -1.0, np.float32), 1.0, seconds=self.p["teacher"])
 
+    def teacher_generate(self, prompts, sampling):  # length.reference_prompts=0, no mixture: never called
+        raise NotImplementedError("the simulation samples no teacher completions")
+
     def train(self, batch):
         time.sleep(self.p["learn"])
         return {"loss/rows_total": 0.1, "optim/grad_norm": 1.0}
@@ -64,11 +68,20 @@ class SleepWorkers:
         self.version += 1
         return WeightUpdate(self.version, {"w": np.zeros(1, np.float32)}), [self.version]
 
+    def student_logprobs(self, batch):  # no held-out prompts: never called
+        raise NotImplementedError("the simulation has no held-out prompts")
+
     def take_events(self):
         return []
 
     def save_checkpoint(self, path, state):  # the final checkpoint: nothing to save here
         return path
+
+    def load_checkpoint(self, path):
+        raise NotImplementedError("the simulation saves no checkpoints")
+
+    def restart_learner(self, ckpt, reason):
+        raise NotImplementedError("the simulation's learner never dies")
 
 
 def newest_bench_phases() -> dict[str, float]:

@@ -2,10 +2,9 @@
 as plain objects in this process (`resources.use_ray=false`, for tests and debugging).
 
 `Workers` is the one handle the driver loop uses. Its methods are the loop's verbs
-(generate, generate_async, score, teacher_generate, train, sync, student_logprobs,
-save_checkpoint, load_checkpoint) and hide whether a call crosses a process: with Ray
-each call is a remote call waited on with `resources.remote_timeout_s`, so a hung actor
-becomes a clear `ActorError` naming the actor and the call, never a silent hang.
+(`opd.types.LoopWorkers`) and hide whether a call crosses a process: with Ray each call
+is a remote call waited on with `resources.remote_timeout_s`, so a hung actor becomes a
+clear `ActorError` naming the actor and the call, never a silent hang (`ActorCalls`).
 
 A rollout worker or the teacher whose process dies is rebuilt here, up to
 `resources.max_actor_restarts` times each, and the call that found it dead is sent again
@@ -25,23 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from opd.console import filter_benign_vllm_warnings, redirect_output
-from opd.types import (CheckpointState, PromptBatch, RolloutBatch, SamplingSettings, TeacherScores, TrainBatch,
-                       WeightUpdate)
+from opd.types import (ActorDied, ActorError, CheckpointState, LearnerDied, PromptBatch, RolloutBatch,
+                       SamplingSettings, TeacherScores, TrainBatch, WeightUpdate)
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
+    import numpy as np
+
     from opd.config import ResourcesConfig, TrainConfig
-
-
-class ActorError(RuntimeError):
-    """A remote actor failed or timed out; the message names it and the call."""
-
-
-class ActorDied(ActorError):
-    """An actor's process is gone (killed, crashed) and could not be restarted."""
-
-
-class LearnerDied(ActorDied):
-    """The learner's process is gone: the loop restores it from the newest checkpoint."""
 
 
 def start_ray(resources: Any, debug: bool = False) -> bool:
@@ -186,56 +175,27 @@ def check_resources(r: ResourcesConfig) -> None:
                 f"but the Ray cluster has {have.get(kind, 0.0):g}")
 
 
-class Workers:
-    """The rollout workers, the teacher and the learner, wherever they run."""
+class ActorCalls:
+    """Calls to actors, wherever they run: submitted together, then waited on (with Ray under
+    `resources.remote_timeout_s`, so a hung actor is an `ActorError` naming it and the call).
+    An actor found dead goes to `_dead`: restarted, up to `resources.max_actor_restarts` times,
+    and its call sent again. Each restart is printed and kept as an event."""
 
-    def __init__(self, cfg: TrainConfig, student_path: str, teacher_path: str,
-                 teacher_eval_prompts: Optional[PromptBatch] = None, start_path: Optional[str] = None):
-        """`student_path`: the weights to start from (a checkpoint when resuming);
-        `start_path`: the run's original student (the learner's divergence anchor)."""
-        from opd.learner import Learner
-        from opd.rollout import RolloutWorker, cpu_engine_env
-        from opd.teacher import TeacherScorer
+    cfg: TrainConfig
+    use_ray: bool
+    timeout: float  # resources.remote_timeout_s
+    max_restarts: int  # resources.max_actor_restarts
+    restarts: int  # restarts so far, of all actors
+    events: list[dict]  # restart events not yet logged
 
-        cpu_engine_env()
-        r, self.cfg = cfg.resources, cfg
-        self.student_path, self.teacher_path = student_path, teacher_path
-        self.start_path = start_path or student_path
-        self.use_ray, self.timeout, self.max_restarts = r.use_ray, r.remote_timeout_s, r.max_actor_restarts
-        self.rollouts: list[_Actor] = []
-        self.learner: Optional[_Actor] = None
-        self.restarts, self.events = 0, []  # restarts so far; restart events not yet logged
-        self.log_dir = (str(Path(cfg.run_dir).resolve() / "logs")
-                        if r.use_ray and cfg.log_level != "debug" else None)
-        if r.use_ray:
-            check_resources(r)
-        # the teacher's held-out completions come first, while every CPU/GPU is still free (a
-        # short-lived engine started later could wait forever for a slot)
-        self.teacher_eval: Optional[tuple[RolloutBatch, RolloutBatch]] = (
-            self._teacher_eval(teacher_eval_prompts) if teacher_eval_prompts else None)
-        ncpu = str(os.cpu_count() or 1)
-        plain = {"OMP_NUM_THREADS": ncpu, "TOKENIZERS_PARALLELISM": "false"}
-        self.rollouts = [
-            _make(RolloutWorker, f"rollout-{i}", r.use_ray, r.rollout_num_cpus, r.rollout_num_gpus,
-                  _rollout_env(int(ncpu)), student_path, cfg.rollout, i, cfg.student.trust_remote_code,
-                  log_dir=self.log_dir)
-            for i in range(r.rollout_workers)]
-        self.teacher = _make(TeacherScorer, "teacher", r.use_ray, r.teacher_num_cpus,
-                             r.teacher_num_gpus, _rollout_env(int(ncpu)), teacher_path, cfg.teacher,
-                             cfg.rollout, cfg.optim.device, log_dir=self.log_dir)
-        self.learner = _make(Learner, "learner", r.use_ray, r.learner_num_cpus, r.learner_num_gpus,
-                             plain, student_path, cfg, self.start_path, log_dir=self.log_dir)
-        # actor construction (engine start, model load) finishes here, under its own timeout
-        self.gather([(a, "ready") for a in self.rollouts + [self.teacher, self.learner]], r.startup_timeout_s)
-
-    # ------------------------------------------------------------------ plumbing
     def gather(self, calls: Sequence[tuple[Any, str, tuple] | tuple[Any, str]],
                timeout: Optional[float] = None) -> list:
-        """Submit every (actor, method, args) call, then wait for all of them. A rollout worker
-        or the teacher found dead is restarted and its call resubmitted; a dead learner raises
-        `LearnerDied` (the loop restores it from a checkpoint)."""
+        """Submit every (actor, method, args) call, then wait for all of them."""
         calls = [(c[0], c[1], c[2] if len(c) > 2 else ()) for c in calls]
         return self._results(calls, self._submit(calls), timeout)
+
+    def call(self, actor: _Actor, method: str, *args) -> Any:
+        return self.gather([(actor, method, args)])[0]
 
     @staticmethod
     def _submit(calls: list[tuple[Any, str, tuple]]) -> list:
@@ -259,17 +219,18 @@ class Workers:
                 raise ActorError(f"{actor.name}.{method} did not answer within "
                                  f"{timeout:.0f}s (resources.remote_timeout_s)") from e
             except ray.exceptions.RayActorError as e:
-                reason = f"{actor.name}.{method}: the actor died ({type(e).__name__})"
-                if actor is self.learner:
-                    raise LearnerDied(reason) from e
-                self.restart(actor, reason)
+                self._dead(actor, f"{actor.name}.{method}: the actor died ({type(e).__name__})", e)
                 ref = actor.submit(method, *args)
             except ray.exceptions.RayError as e:
                 raise ActorError(f"{actor.name}.{method} failed: {e}") from e
 
+    def _dead(self, actor: _Actor, reason: str, err: Exception) -> None:
+        """An actor found dead during a call: rebuilt, so that the call can be sent again."""
+        self.restart(actor, reason)
+
     def restart(self, actor: _Actor, reason: str, *args) -> None:
-        """Rebuild a dead actor (a rollout worker then takes the learner's current weights, so
-        its weight version never goes backwards); an event on the console and in the metrics."""
+        """Rebuild a dead actor (with new constructor arguments, if given); an event on the
+        console and in the metrics."""
         if actor.restarts >= self.max_restarts:
             raise ActorDied(f"{reason}; it was restarted {actor.restarts} times already "
                             f"(resources.max_actor_restarts={self.max_restarts})")
@@ -280,6 +241,71 @@ class Workers:
         print(f"fault: {reason}; restarted {actor.name} ({actor.restarts} of at most "
               f"{self.max_restarts})", flush=True)
         self.gather([(actor, "ready")], self.cfg.resources.startup_timeout_s)
+        self._restarted(actor)
+
+    def _restarted(self, actor: _Actor) -> None:
+        """What a rebuilt actor needs before it takes calls again (here: nothing)."""
+
+    def take_events(self) -> list[dict]:
+        """Restart events since the last call (for the current step's metrics line)."""
+        out, self.events = self.events, []
+        return out
+
+
+class Workers(ActorCalls):
+    """The rollout workers, the teacher and the learner, wherever they run: the loop's verbs
+    (`opd.types.LoopWorkers`) as calls to them."""
+
+    teacher_eval: Optional[tuple[RolloutBatch, RolloutBatch]]  # the teacher's greedy and sampled held-out completions
+
+    def __init__(self, cfg: TrainConfig, student_path: str, teacher_path: str,
+                 teacher_eval_prompts: Optional[PromptBatch] = None, start_path: Optional[str] = None):
+        """`student_path`: the weights to start from (a checkpoint when resuming);
+        `start_path`: the run's original student (the learner's divergence anchor)."""
+        from opd.learner import Learner
+        from opd.rollout import RolloutWorker, cpu_engine_env
+        from opd.teacher import TeacherScorer
+
+        cpu_engine_env()
+        r, self.cfg = cfg.resources, cfg
+        self.student_path, self.teacher_path = student_path, teacher_path
+        self.start_path = start_path or student_path
+        self.use_ray, self.timeout, self.max_restarts = r.use_ray, r.remote_timeout_s, r.max_actor_restarts
+        self.rollouts: list[_Actor] = []
+        self.learner: Optional[_Actor] = None
+        self.restarts, self.events = 0, []
+        self.log_dir = (str(Path(cfg.run_dir).resolve() / "logs")
+                        if r.use_ray and cfg.log_level != "debug" else None)
+        if r.use_ray:
+            check_resources(r)
+        # the teacher's held-out completions come first, while every CPU/GPU is still free (a
+        # short-lived engine started later could wait forever for a slot)
+        self.teacher_eval = self._teacher_eval(teacher_eval_prompts) if teacher_eval_prompts else None
+        ncpu = str(os.cpu_count() or 1)
+        plain = {"OMP_NUM_THREADS": ncpu, "TOKENIZERS_PARALLELISM": "false"}
+        self.rollouts = [
+            _make(RolloutWorker, f"rollout-{i}", r.use_ray, r.rollout_num_cpus, r.rollout_num_gpus,
+                  _rollout_env(int(ncpu)), student_path, cfg.rollout, i, cfg.student.trust_remote_code,
+                  log_dir=self.log_dir)
+            for i in range(r.rollout_workers)]
+        self.teacher = _make(TeacherScorer, "teacher", r.use_ray, r.teacher_num_cpus,
+                             r.teacher_num_gpus, _rollout_env(int(ncpu)), teacher_path, cfg.teacher,
+                             cfg.rollout, cfg.optim.device, log_dir=self.log_dir)
+        self.learner = _make(Learner, "learner", r.use_ray, r.learner_num_cpus, r.learner_num_gpus,
+                             plain, student_path, cfg, self.start_path, log_dir=self.log_dir)
+        # actor construction (engine start, model load) finishes here, under its own timeout
+        self.gather([(a, "ready") for a in self.rollouts + [self.teacher, self.learner]], r.startup_timeout_s)
+
+    # ------------------------------------------------------------------ faults
+    def _dead(self, actor: _Actor, reason: str, err: Exception) -> None:
+        """A dead learner is the loop's to restore from a checkpoint; any other actor is rebuilt."""
+        if actor is self.learner:
+            raise LearnerDied(reason) from err
+        super()._dead(actor, reason, err)
+
+    def _restarted(self, actor: _Actor) -> None:
+        """A rebuilt rollout worker takes the learner's current weights first, so its weight
+        version never goes backwards."""
         if actor in self.rollouts:
             update = self.call(self.learner, "export_weights", self.cfg.rollout.dtype)
             self.call(actor, "load_weights", update)
@@ -292,14 +318,6 @@ class Workers:
         extra = self.load_checkpoint(path) if (Path(path) / "learner_state.json").is_file() else None
         self.sync()
         return extra
-
-    def take_events(self) -> list[dict]:
-        """Restart events since the last call (for the current step's metrics line)."""
-        out, self.events = self.events, []
-        return out
-
-    def call(self, actor: _Actor, method: str, *args) -> Any:
-        return self.gather([(actor, method, args)])[0]
 
     # ------------------------------------------------------------------ the loop's verbs
     def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
@@ -346,7 +364,7 @@ class Workers:
         """The learner's state from `path` (its weights were loaded at start); the loop's."""
         return CheckpointState.from_dict(self.call(self.learner, "load_checkpoint", path))
 
-    def student_logprobs(self, batch: TrainBatch):
+    def student_logprobs(self, batch: TrainBatch) -> np.ndarray:
         """The learner's log-probs of a batch's target tokens [B, S] (0 off the mask)."""
         return self.call(self.learner, "logprobs", batch)
 
@@ -374,20 +392,8 @@ class Workers:
 
 
 def merge_rollouts(outs: list[RolloutBatch], n_prompts: list[int], W: int, G: int) -> RolloutBatch:
-    """Undo the strided split: rollout order follows the original prompt order."""
-    order: list[tuple[int, int]] = []  # (worker, index within its batch) per output row
-    counters = [0] * len(outs)
-    total = sum(n_prompts)
-    for p in range(total):
-        w = p % W
-        for _ in range(G):
-            order.append((w, counters[w]))
-            counters[w] += 1
-
-    def pick(field: str) -> list:
-        return [getattr(outs[w], field)[i] for w, i in order]
-
-    return RolloutBatch(pick("prompt_ids"), pick("completion_ids"), pick("sampler_logprobs"),
-                        pick("finish_reasons"), pick("texts"),
-                        weight_version=min(o.weight_version for o in outs),
-                        seconds=max(o.seconds for o in outs))
+    """Undo the strided split (prompt p went to worker p % W as its (p // W)-th, with G rollouts
+    each): rollout order follows the original prompt order."""
+    starts = [sum(len(o.completion_ids) for o in outs[:w]) for w in range(len(outs))]  # worker w's first row
+    order = [starts[p % W] + (p // W) * G + g for p in range(sum(n_prompts)) for g in range(G)]
+    return RolloutBatch.concat(*outs).select(order)

@@ -109,9 +109,8 @@ def with_extra_rows(rollouts: RolloutBatch, scores: TeacherScores,
         out[: a.shape[0], : a.shape[1]] = a
         return out
 
-    merged = RolloutBatch(*(getattr(rollouts, f) + getattr(extra, f) for f in
-                            ("prompt_ids", "completion_ids", "sampler_logprobs", "finish_reasons", "texts")),
-                          weight_version=rollouts.weight_version, seconds=rollouts.seconds)
+    merged = replace(RolloutBatch.concat(rollouts, extra), weight_version=rollouts.weight_version,
+                     seconds=rollouts.seconds)  # the step's own rollouts' weights and time
     return merged, replace(scores, logprobs_NT=grow(scores.logprobs_NT, 0.0),
                            topk_ids_NTK=grow(scores.topk_ids_NTK, 0),
                            topk_logprobs_NTK=grow(scores.topk_logprobs_NTK, -np.inf),

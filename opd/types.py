@@ -1,4 +1,6 @@
-"""Typed messages that cross actor boundaries (driver <-> rollout workers, teacher, learner).
+"""Typed messages that cross actor boundaries (driver <-> rollout workers, teacher, learner),
+and the seam they cross: `LoopWorkers`, the verbs the driver loop calls on its workers, with
+the errors those calls raise.
 
 Frozen dataclasses (but `Summary`, which the loop fills in as the run goes); every field
 carries its shape and meaning. Shape letters:
@@ -11,9 +13,10 @@ data as numpy arrays (cheap to ship through Ray's object store, no torch needed)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -94,6 +97,38 @@ class RolloutBatch:
     @property
     def lengths(self) -> list[int]:
         return [len(c) for c in self.completion_ids]
+
+    def select(self, idx: Sequence[int]) -> "RolloutBatch":
+        """The rollouts at `idx`, in that order; the batch's weight version and time are kept."""
+        return replace(self, **{f: _take(getattr(self, f), idx) for f in self._row_fields()})
+
+    @classmethod
+    def concat(cls, *batches: "RolloutBatch") -> "RolloutBatch":
+        """The rows of every batch, in order, joined as batches generated side by side: the
+        oldest of their weight versions (min) and the longest of their times (max)."""
+        rows = {f: _join([getattr(b, f) for b in batches]) for f in batches[0]._row_fields()}
+        return replace(batches[0], **rows, weight_version=min(b.weight_version for b in batches),
+                       seconds=max(b.seconds for b in batches))
+
+    def _row_fields(self) -> list[str]:
+        """The per-rollout fields: all but the batch's weight version and time."""
+        return [f.name for f in fields(self) if f.name not in ("weight_version", "seconds")]
+
+
+def _take(rows, idx: Sequence[int]):
+    """Rows `idx` of a per-rollout field: a list, a numpy array (first axis), or None (unset)."""
+    if rows is None:
+        return None
+    return rows[np.asarray(idx, np.int64)] if isinstance(rows, np.ndarray) else [rows[i] for i in idx]
+
+
+def _join(parts: list):
+    """One per-rollout field of several batches end to end (None where every batch leaves it unset)."""
+    if all(p is None for p in parts):
+        return None
+    if any(p is None for p in parts):
+        raise ValueError("cannot join a field that is set in some batches and unset in others")
+    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [r for p in parts for r in p]
 
 
 @dataclass(frozen=True)
@@ -221,15 +256,19 @@ class Summary:
     starved_steps: int = 0  # steps that trained on (almost) nothing
     steps_done: int = 0
     wall_seconds: float = 0.0
-    early_stop: Optional[dict] = None  # the early-stop verdict, when the rule ran
+    early_stop: Optional[dict] = None  # the early-stop verdict (EarlyStopDecision.as_dict), when the rule ran
 
     def as_dict(self) -> dict:
         """The JSON form (summary.json), without the fields that were never set."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Summary":
-        return cls(**_own_fields(cls, d))
+
+@dataclass(frozen=True)
+class Pending:
+    """rollout.overlap: the next step's prompts and the rollouts generated for them."""
+
+    prompts: PromptBatch
+    rollouts: RolloutBatch  # from the weights of the step that launched them
 
 
 @dataclass(frozen=True)
@@ -239,24 +278,77 @@ class CheckpointState:
 
     step: int
     rng_state: list  # the loop's random.Random.getstate(), as JSON lists
-    summary: dict  # Summary.as_dict() so far (the "before" view is never recomputed)
+    summary: Summary  # the summary so far (the "before" view is never recomputed)
     monitor: Optional[dict] = None  # LengthMonitor.state_dict()
     starved: int = 0
     reference: Optional[list[float]] = None  # the reference lengths' [mean, p95]
-    pending: Optional[dict] = None  # rollout.overlap: the next step's prompts and rollouts
+    pending: Optional[Pending] = None  # rollout.overlap: the next step's prompts and rollouts
 
     def as_dict(self) -> dict:
+        """The JSON form (plain dicts and lists all the way down)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CheckpointState":
-        """Also reads the layout before this class (`rng` + `rng_gauss`)."""
-        if "rng_state" not in d:
-            d = {**d, "rng_state": [3, d["rng"], d["rng_gauss"]]}  # random.Random state version 3
-        return cls(**_own_fields(cls, d))
+        """From `as_dict` (a checkpoint's JSON)."""
+        p = d.get("pending")
+        pending = None if p is None else Pending(PromptBatch(**p["prompts"]), RolloutBatch(**p["rollouts"]))
+        return cls(**{**d, "summary": Summary(**d["summary"]), "pending": pending})
 
 
-def _own_fields(cls: type, d: dict) -> dict:
-    """The entries of `d` that are fields of the dataclass `cls` (JSON may hold more)."""
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+# ---------------------------------------------------------------------------- the loop's workers
+class ActorError(RuntimeError):
+    """A remote actor failed or timed out; the message names it and the call."""
+
+
+class ActorDied(ActorError):
+    """An actor's process is gone (killed, crashed) and could not be restarted."""
+
+
+class LearnerDied(ActorDied):
+    """The learner's process is gone: the loop restores it from the newest checkpoint."""
+
+
+class LoopWorkers(Protocol):
+    """The verbs the driver loop (and its held-out evaluator) calls on its workers: the
+    rollout workers, the teacher and the learner. `opd.actors.Workers` runs them as Ray
+    actors or in process; tests and benchmarks pass fakes. A verb may raise `ActorError`;
+    `train` raises `LearnerDied` when the learner's process is gone."""
+
+    restarts: int  # actor restarts so far (fault/restarts)
+    teacher_eval: Optional[tuple[RolloutBatch, RolloutBatch]]  # the teacher's greedy and sampled
+    #   held-out completions, made at start (None: no held-out prompts)
+
+    def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
+        """The student's rollouts of `prompts` (sampling.n per prompt, in prompt order)."""
+
+    def generate_async(self, prompts: PromptBatch, sampling: SamplingSettings) -> Callable[[], RolloutBatch]:
+        """Start `generate` from the current weights; calling the result waits for the rollouts."""
+
+    def score(self, rollouts: RolloutBatch) -> TeacherScores:
+        """The teacher's log-probs of the rollouts' exact tokens."""
+
+    def teacher_generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
+        """The teacher's own completions of `prompts` (weight_version -1)."""
+
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        """One learner step on `batch`; its metrics."""
+
+    def sync(self) -> tuple[WeightUpdate, list[int]]:
+        """The learner's weights into every rollout worker; the update and the workers' versions."""
+
+    def student_logprobs(self, batch: TrainBatch) -> np.ndarray:
+        """The learner's log-probs of a batch's target tokens [B, S] (0 off the mask)."""
+
+    def save_checkpoint(self, path: str, state: CheckpointState) -> str:
+        """The learner's weights and optimizer, with the loop's state, at `path`."""
+
+    def load_checkpoint(self, path: str) -> CheckpointState:
+        """The learner's state from `path`; the loop's state saved with it."""
+
+    def restart_learner(self, ckpt: Optional[Path], reason: str) -> Optional[CheckpointState]:
+        """A new learner from `ckpt` (None: the run's start), synced to the rollout workers; the
+        loop state saved with the checkpoint (None: the start of the run)."""
+
+    def take_events(self) -> list[dict]:
+        """Restart events since the last call (for the step's metrics line)."""

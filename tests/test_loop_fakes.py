@@ -5,19 +5,25 @@ itself decides, checked exactly.
 - `loss.on_policy_fraction` picks on- or off-policy steps;
 - a batch that trains on nothing is counted and said, even with the floor at 0;
 - the loop's RNG and the monitor's state survive a checkpoint and restore;
-- the summary's "before" view is carried over exactly.
+- the summary's "before" view is carried over exactly;
+- these fakes, the benchmark's sleeping workers and the real `Workers` all have every verb
+  of `LoopWorkers`, under the same names and parameters.
 """
 
+import importlib.util
+import inspect
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from opd.loop import Distillation, sampling_settings
+from opd.loop import Distillation
 from opd.run_io import RunDir
+from opd.steps import sampling_settings
 from opd.tasks import Example
-from opd.types import CheckpointState, RolloutBatch, TeacherScores, WeightUpdate
+from opd.types import CheckpointState, LoopWorkers, RolloutBatch, TeacherScores, WeightUpdate
 
 
 class FakeWorkers:
@@ -26,7 +32,7 @@ class FakeWorkers:
 
     def __init__(self, eos: int, loop_token: int = 5, stop_after=None):
         self.eos, self.loop_token, self.stop_after = eos, loop_token, stop_after
-        self.batches, self.version, self.restarts, self.learner = [], 0, 0, "learner"
+        self.batches, self.version, self.restarts, self.teacher_eval = [], 0, 0, None
         self.saved = {}
 
     def generate(self, prompts, sampling):
@@ -70,6 +76,12 @@ class FakeWorkers:
         self.saved[path] = CheckpointState.from_dict(json.loads(json.dumps(state.as_dict())))  # as on disk
         return path
 
+    def load_checkpoint(self, path):
+        return self.saved[path]
+
+    def restart_learner(self, ckpt, reason):  # the fake learner never dies
+        raise AssertionError(f"no learner restart expected ({reason})")
+
 
 @pytest.fixture(scope="module")
 def tok(tiny_cfg):
@@ -107,7 +119,7 @@ def test_auto_penalties_and_remedies_reach_the_train_batch(tiny_overrides, tok, 
     assert first.remedy_weight_B[first.on_policy_B].tolist() == [1.0] * 8
     # the teacher mixture: 2 of 4 prompts answered by the teacher, trained by SFT only
     assert (~first.on_policy_B).sum() == 2 and first.sft_weight_B[~first.on_policy_B].tolist() == [1.0, 1.0]
-    assert later.remedy_weight_B is not None and loop.summary.starved_steps == 0
+    assert later.remedy_weight_B is not None and loop.record.summary.starved_steps == 0
 
 
 def test_monitor_mode_changes_nothing_in_the_batch(tiny_overrides, tok, tmp_path):
@@ -146,7 +158,7 @@ def test_rng_and_monitor_state_survive_checkpoint_and_restore(tiny_overrides, to
     assert b.step == a.step == 4 and b.rng.getstate() == a.rng.getstate()
     assert b.monitor.state_dict() == a.monitor.state_dict()
     assert b.next_prompts().prompt_ids == a.next_prompts().prompt_ids
-    assert b.summary.eval["before"] == a.summary.eval["before"]  # carried over exactly
+    assert b.record.summary.eval["before"] == a.record.summary.eval["before"]  # carried over exactly
 
 
 def test_resumed_run_keeps_the_before_view(tiny_overrides, tok, tmp_path):
@@ -155,7 +167,7 @@ def test_resumed_run_keeps_the_before_view(tiny_overrides, tok, tmp_path):
     state = CheckpointState.from_dict(json.loads(json.dumps(a.loop_state().as_dict())))
     b, w = _loop(tiny_overrides, tok, tmp_path / "b", ["steps=4"])
     summary = b.run(state)
-    assert summary.eval["before"] == a.summary.eval["before"] and len(w.batches) == 2
+    assert summary.eval["before"] == a.record.summary.eval["before"] and len(w.batches) == 2
 
 
 @pytest.mark.parametrize("correction, cap", [("tis", 2.0), ("none", None)])
@@ -187,3 +199,39 @@ def test_overlap_resumes_with_the_pending_rollouts(tiny_overrides, tok, tmp_path
     for x, y in zip(wa.batches[2:], wb.batches):
         np.testing.assert_array_equal(x.input_ids_BS, y.input_ids_BS)
     assert len(wb.batches) == 2
+
+
+def _sleep_workers() -> type:
+    path = Path(__file__).parents[1] / "benchmarks" / "sim_overlap.py"
+    spec = importlib.util.spec_from_file_location("sim_overlap", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SleepWorkers
+
+
+def _verbs(protocol: type) -> dict[str, list[str]]:
+    """A protocol's methods and their parameter names (without self)."""
+    return {name: list(inspect.signature(f).parameters)[1:] for name, f in vars(protocol).items()
+            if inspect.isfunction(f) and not name.startswith("_")}
+
+
+def _declared(cls: type, name: str) -> bool:
+    """`name` is annotated on the class (an attribute its __init__ sets) or in a base class."""
+    return any(name in vars(k).get("__annotations__", {}) for k in cls.__mro__)
+
+
+@pytest.mark.parametrize("impl", ["fake", "sleep", "actors"])
+def test_workers_have_every_verb_of_the_protocol(impl):
+    """The loop calls its workers only through LoopWorkers: a verb renamed, or a parameter
+    renamed, in any of them fails here."""
+    from opd.actors import Workers
+
+    cls = {"fake": FakeWorkers, "sleep": _sleep_workers(), "actors": Workers}[impl]
+    verbs = _verbs(LoopWorkers)
+    assert {"generate", "generate_async", "score", "train", "sync", "save_checkpoint"} <= set(verbs)
+    for name, params in verbs.items():
+        assert callable(getattr(cls, name, None)), f"{cls.__name__} has no {name}"
+        assert list(inspect.signature(getattr(cls, name)).parameters)[1:] == params, (cls.__name__, name)
+    made = None if cls is Workers else cls(**({"eos": 2} if impl == "fake" else {"phases": {}, "eos": 2}))
+    for name in LoopWorkers.__annotations__:  # restarts, teacher_eval
+        assert hasattr(made, name) if made else _declared(cls, name), f"{cls.__name__} lacks {name}"

@@ -147,21 +147,19 @@ def test_multirun_jobs_get_their_own_run_dir(monkeypatch):
 def test_loop_stops_at_after_steps_against_the_sweep_and_records_the_verdict(sweep_dir):
     from types import SimpleNamespace
 
-    from opd.loop import Distillation
+    from opd.record import RunRecord
     from opd.run_io import RunDir
-    from opd.types import Summary
 
     me = make_run(sweep_dir, "me", [5.0, 5.0], [1.0, 1.0], 0, 0, 1e-2, 8, finished=False)
     es = SimpleNamespace(enabled=True, after_steps=2, signal="grad_norm", better="lower", threshold=None,
                          sweep_dir="auto", tolerance=0.1, quality="kl")
-    loop = Distillation.__new__(Distillation)
+    record = RunRecord(SimpleNamespace(early_stop=es), RunDir(me))
     notes = []
-    loop.cfg, loop.run_dir, loop.summary = SimpleNamespace(early_stop=es), RunDir(me), Summary()
-    loop.console = SimpleNamespace(note=notes.append)
-    assert not loop.early_stop(1) and loop.summary.early_stop is None  # not yet
-    assert loop.early_stop(2)  # 5.0 vs 1.0 of run 0, the best finished run by KL
-    v = loop.summary.early_stop
+    record.console = SimpleNamespace(note=notes.append)
+    assert not record.early_stop(1) and record.summary.early_stop is None  # not yet
+    assert record.early_stop(2)  # 5.0 vs 1.0 of run 0, the best finished run by KL
+    v = record.summary.early_stop
     assert v["stop"] and v["reference"] == 1.0 and v["reference_run"].endswith("/0")
     assert notes[-1].startswith("EARLY STOP at step 2:")
     es.enabled = False
-    assert not loop.early_stop(2)
+    assert not record.early_stop(2)
