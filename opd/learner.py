@@ -202,7 +202,7 @@ class Learner:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(oc.schedule, oc.warmup_steps, cfg.steps, oc.min_lr_ratio))
         self.anchor = (self._frozen(start_path or model_path)
-                       if cfg.length.mode == "auto" and cfg.length.anchor_coef > 0 else None)
+                       if cfg.length.mode == "auto" and cfg.length.remedies.anchor_coef > 0 else None)
         self.step = 0
         self.skipped, self.bad_in_row = 0, 0  # skipped steps: in all, and the current run of them
 
@@ -347,7 +347,7 @@ class Learner:
         """The frozen anchor at the trained tokens, for KL(student || anchor) at temperature 1."""
         if self.anchor is None:
             raise ValueError("the batch asks for the divergence anchor, but this learner has none: "
-                             "set length.mode=auto and length.anchor_coef > 0 when it starts")
+                             "set length.mode=auto and length.remedies.anchor_coef > 0 when it starts")
         with torch.no_grad():
             hidden, head = self._hidden(ids_BS, win, sel_N, self.anchor)
         return losses.Reference(hidden, (1.0,), 1.0, head)

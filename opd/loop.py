@@ -22,7 +22,7 @@ import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
@@ -58,29 +58,15 @@ def sampling_settings(r: RolloutConfig, max_new_tokens: int, step: int) -> Sampl
 
 
 def make_monitor(cfg: TrainConfig, eos_id: int, reference: Optional[length.ReferenceLengths]) -> length.LengthMonitor:
-    """The length monitor of `cfg.length`: its detector thresholds are LengthConfig's fields
-    of the same names; its penalties and remedies are the rest."""
-    ln = cfg.length
-    det = length.DetectorConfig(**{f.name: getattr(ln, f.name) for f in fields(length.DetectorConfig)})
-    pen = length.PenaltyConfig(
-        max_new_tokens=cfg.rollout.max_new_tokens, overlong_buffer=ln.overlong_buffer,
-        stop_properly_mode=ln.stop_properly_mode, stop_properly_weight=ln.stop_properly_weight,
-        length_ratio_coef=ln.length_ratio_coef, length_ratio_tolerance=ln.length_ratio_tolerance,
-        adaptive_max_new_tokens=ln.adaptive_max_new_tokens and reference is not None,
-        adaptive_shrink=ln.adaptive_shrink, adaptive_grow=ln.adaptive_grow, reference=reference,
-        topk_kl_coef=ln.topk_kl_coef, mixture_fraction=ln.mixture_fraction,
-        mixture_sft_coef=ln.mixture_sft_coef, anchor_coef=ln.anchor_coef, loop_tail=ln.loop_tail_rule,
-        tail_window=ln.tail_window,
-        # the guard protects the policy-gradient term, the one stop-properly weights act on
-        min_effective_weight=ln.min_effective_weight if cfg.loss.distill == "reverse_kl_pg" else 0.0,
-        **format_penalty(cfg.format))
-    return length.LengthMonitor({eos_id} | set(cfg.rollout.stop_token_ids), pen, det, mode=ln.mode,
-                           min_length=ln.min_length, ngram=ln.ngram, tail_window=ln.tail_window,
-                           repeat_threshold=ln.repeat_threshold)
+    """The length monitor of `cfg.length`, under the configured cap, with the format checks'
+    penalty; its gradient guard is on when the loss has a policy-gradient term."""
+    return length.LengthMonitor({eos_id} | set(cfg.rollout.stop_token_ids), cfg.rollout.max_new_tokens,
+                                cfg.length, reference, policy_gradient=cfg.loss.distill == "reverse_kl_pg",
+                                **format_penalty(cfg.format))
 
 
 def format_penalty(f: FormatConfig) -> dict:
-    """The PenaltyConfig fields of the format checks: they act only when rollouts are checked."""
+    """The LengthMonitor arguments of the format checks: they act only when rollouts are checked."""
     on = bool(f.rollouts and f.checks)
     return {"malformed_weight": f.seq_weight if on else 1.0,
             "prefer_malformed_rejected": bool(on and f.prefer_rejected)}
@@ -227,19 +213,19 @@ class Distillation:
 
     def gradient_share(self, batch, step: int) -> dict[str, float]:
         """length/effective_weight*: the share of the batch's tokens that carry gradient, per
-        term; a step under length.min_effective_weight, or with none at all, is counted and
-        said, never silent."""
+        term; a step under length.penalties.min_effective_weight, or with none at all, is
+        counted and said, never silent."""
         loss = self.cfg.loss
         terms = {"pg": loss.distill == "reverse_kl_pg" and loss.distill_coef > 0,
                  "jsd": loss.distill == "jsd" and loss.distill_coef > 0, "sft": True,
                  "smpo": loss.smpo_coef > 0, "remedy": batch.remedy_weight_B is not None,
                  "anchor": batch.anchor_coef > 0}
-        share, floor = effective_weights(batch, terms), self.cfg.length.min_effective_weight
+        share, floor = effective_weights(batch, terms), self.cfg.length.penalties.min_effective_weight
         w = share["length/effective_weight"]
         if w < floor or w == 0.0:  # a batch with no gradient at all is said even with the floor at 0
             self.starved += 1
             self.console.note(f"warning: step {step} trains on {w:.1%} of its tokens (length/effective_weight"
-                              f" {'= 0' if w == 0 else '<'} length.min_effective_weight={floor:g}); "
+                              f" {'= 0' if w == 0 else '<'} length.penalties.min_effective_weight={floor:g}); "
                               f"{self.starved} such steps so far")
         return {**share, "length/starved_steps": float(self.starved)}
 
@@ -374,7 +360,7 @@ class Distillation:
         batch = build_train_batch(rollouts, None, self.pad, self.eos, on_policy=False, temperature=1.0,
                                   sft_weight_N=np.full(len(rollouts.completion_ids), self.cfg.loss.sft_coef))
         stats = length.rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, {self.eos},
-                                self.cfg.rollout.max_new_tokens)
+                                     self.cfg.rollout.max_new_tokens, self.cfg.length.stats)
         return StepResult(batch, {**stats.as_metrics("offpolicy/"), "rollout/on_policy": 0.0,
                                   "rollout/tokens": float(sum(rollouts.lengths)), "time/generate": time.time() - t0})
 

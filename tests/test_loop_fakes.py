@@ -84,7 +84,7 @@ def _loop(tiny_overrides, tok, tmp_path, overrides, workers=None, heldout=True):
     cfg = load_config(tiny_overrides + ["steps=4", "eval_every=0", "checkpoint_every=0", "log_every=100",
                                         "length.reference_prompts=0", "rollout.max_new_tokens=8",
                                         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
-                                        "length.k_on=1", f"run_dir={tmp_path}"] + overrides)
+                                        "length.detector.k_on=1", f"run_dir={tmp_path}"] + overrides)
     train = [Example(None, f"{a}+{b}=", str(a + b), f"fake:{a}{b}") for a in range(5) for b in range(5)]
     digit = tok("5", add_special_tokens=False)["input_ids"][0]  # an ordinary token: well formed
     w = workers or FakeWorkers(tok.eos_token_id, loop_token=digit)
@@ -97,7 +97,7 @@ def _loop(tiny_overrides, tok, tmp_path, overrides, workers=None, heldout=True):
 
 def test_auto_penalties_and_remedies_reach_the_train_batch(tiny_overrides, tok, tmp_path):
     loop, w = _loop(tiny_overrides, tok, tmp_path, ["length=auto", "loss=opd", "teacher.logprobs=topk",
-                                                   "length.mixture_fraction=0.5"])
+                                                   "length.remedies.mixture_fraction=0.5"])
     loop.run()
     first, later = w.batches[0], w.batches[-1]
     # step 1: every rollout truncated -> inflation on at once (k_on=1): the guard down-weights
@@ -128,8 +128,9 @@ def test_on_policy_fraction_picks_the_step_kind(tiny_overrides, tok, tmp_path, f
 
 def test_a_batch_with_no_gradient_is_counted_even_with_the_floor_at_zero(tiny_overrides, tok, tmp_path, capsys):
     loop, w = _loop(tiny_overrides, tok, tmp_path, [
-        "length=auto", "loss=opd", "length.min_effective_weight=0", "length.topk_kl_coef=0",
-        "length.mixture_fraction=0", "length.anchor_coef=0", "length.overlong_buffer=1"])
+        "length=auto", "loss=opd", "length.penalties.min_effective_weight=0",
+        "length.remedies.topk_kl_coef=0", "length.remedies.mixture_fraction=0", "length.remedies.anchor_coef=0",
+        "length.penalties.overlong_buffer=1"])
     summary = loop.run()
     # stop-properly masks every (truncated) rollout from step 1 on: nothing left to train
     assert all(b.seq_weight_B.sum() == 0 for b in w.batches)

@@ -67,10 +67,12 @@ def test_extra_rows_pad_scores_and_train_by_sft_only():
 
 
 # ----------------------------------------------------------------- the monitor's guard
-def _monitor(max_new_tokens=4, **kw):
-    pen = L.PenaltyConfig(max_new_tokens=max_new_tokens, overlong_buffer=1, stop_properly_mode="mask",
-                          topk_kl_coef=1.0, mixture_fraction=0.25, loop_tail=True, tail_window=8, **kw)
-    return L.LengthMonitor({2}, pen, L.DetectorConfig(k_on=1, k_off=1), mode="auto", tail_window=8)
+def _monitor(max_new_tokens=4, **remedies):
+    cfg = L.LengthConfig(mode="auto", stats=L.StatsConfig(tail_window=8), detector=L.DetectorConfig(k_on=1, k_off=1),
+                         penalties=L.PenaltyConfig(overlong_buffer=1, stop_properly_mode="mask"),
+                         remedies=L.RemedyConfig(**{"topk_kl_coef": 1.0, "mixture_fraction": 0.25,
+                                                    "loop_tail_rule": True, "anchor_coef": 0.0, **remedies}))
+    return L.LengthMonitor({2}, max_new_tokens, cfg)
 
 
 def test_monitor_down_weights_instead_of_masking_everything_and_says_so():
@@ -221,7 +223,8 @@ def anchored(learner_cfg, tiny_zoo):
 
     from opd.learner import Learner
 
-    cfg = dc_replace(learner_cfg, length=dc_replace(learner_cfg.length, mode="auto", anchor_coef=1.0))
+    cfg = dc_replace(learner_cfg, length=dc_replace(learner_cfg.length, mode="auto",
+                                                         remedies=dc_replace(learner_cfg.length.remedies, anchor_coef=1.0)))
     lrn = Learner(str(tiny_zoo.student), cfg)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -265,7 +268,8 @@ def test_anchor_is_the_start_even_when_the_learner_loads_a_checkpoint(anchored, 
     from opd.learner import Learner
 
     ckpt = anchored.save_checkpoint(tmp_path / "step-000001", {"step": 1})  # perturbed weights
-    cfg = dc_replace(learner_cfg, length=dc_replace(learner_cfg.length, mode="auto", anchor_coef=1.0))
+    cfg = dc_replace(learner_cfg, length=dc_replace(learner_cfg.length, mode="auto",
+                                                         remedies=dc_replace(learner_cfg.length.remedies, anchor_coef=1.0)))
     resumed = Learner(ckpt, cfg, start_path=str(tiny_zoo.student))
     for (name, a), s, m in zip(resumed.anchor.state_dict().items(), anchored.anchor.state_dict().values(),
                                resumed.model.state_dict().values()):
