@@ -108,7 +108,8 @@ def row_weights(plan: length.PenaltyPlan, stats: length.LengthStats, rollouts: R
     reasons = rollouts.finish_reasons
     return RowWeights(on_policy=np.ones(len(reasons), bool), seq_weight_N=length.loss_weights(plan, reasons, malformed),
                       seq_advantage_N=length.apply_sequence_penalty(plan, rollouts.lengths, reasons),
-                      remedy_weight_N=plan.remedy_weights(stats, reasons), no_reward_tail_N=plan.no_reward_tails(stats))
+                      topk_kl_coef_N=plan.topk_kl_coef_N(stats, reasons),
+                      loop_tail_tokens_N=plan.loop_tail_tokens_N(stats))
 
 
 class PhaseTimer:
@@ -218,7 +219,7 @@ class Distillation:
         loss = self.cfg.loss
         terms = {"pg": loss.distill == "reverse_kl_pg" and loss.distill_coef > 0,
                  "jsd": loss.distill == "jsd" and loss.distill_coef > 0, "sft": True,
-                 "smpo": loss.smpo_coef > 0, "remedy": batch.remedy_weight_B is not None,
+                 "smpo": loss.smpo_coef > 0, "topk_kl": batch.topk_kl_coef_B is not None,
                  "anchor": batch.anchor_coef > 0}
         share, floor = effective_weights(batch, terms), self.cfg.length.penalties.min_effective_weight
         w = share["length/effective_weight"]

@@ -104,10 +104,10 @@ def test_auto_penalties_and_remedies_reach_the_train_batch(tiny_overrides, tok, 
     # instead of masking, the overlong penalty is -1, the top-k remedy covers every rollout
     np.testing.assert_array_equal(first.seq_weight_B[first.on_policy_B], np.float32([0.1] * 8))
     assert first.seq_advantage_B[first.on_policy_B].tolist() == [-1.0] * 8
-    assert first.remedy_weight_B[first.on_policy_B].tolist() == [1.0] * 8
+    assert first.topk_kl_coef_B[first.on_policy_B].tolist() == [1.0] * 8
     # the teacher mixture: 2 of 4 prompts answered by the teacher, trained by SFT only
     assert (~first.on_policy_B).sum() == 2 and first.sft_weight_B[~first.on_policy_B].tolist() == [1.0, 1.0]
-    assert later.remedy_weight_B is not None and loop.summary.starved_steps == 0
+    assert later.topk_kl_coef_B is not None and loop.summary.starved_steps == 0
 
 
 def test_monitor_mode_changes_nothing_in_the_batch(tiny_overrides, tok, tmp_path):
@@ -115,7 +115,7 @@ def test_monitor_mode_changes_nothing_in_the_batch(tiny_overrides, tok, tmp_path
     loop.run()
     b = w.batches[-1]
     assert b.seq_weight_B.tolist() == [1.0] * 8 and b.seq_advantage_B.tolist() == [0.0] * 8
-    assert b.remedy_weight_B is None and b.on_policy_B.all()
+    assert b.topk_kl_coef_B is None and b.on_policy_B.all()
 
 
 @pytest.mark.parametrize("fraction, on_steps", [(1.0, 4), (0.0, 0)])

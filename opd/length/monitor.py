@@ -142,7 +142,7 @@ class LengthMonitor:
             topk_kl_coef=r.topk_kl_coef if stop else 0.0,
             mixture_fraction=r.mixture_fraction if cut_short else 0.0, mixture_sft_coef=r.mixture_sft_coef,
             anchor_coef=r.anchor_coef if "repetition" in active else 0.0,
-            loop_tail=self.config.stats.tail_window if r.loop_tail_rule and "repetition" in active else 0,
+            loop_tail_tokens=self.config.stats.tail_window if r.loop_tail_rule and "repetition" in active else 0,
             malformed_weight=self.malformed_weight, prefer_malformed_rejected=self.prefer_malformed_rejected)
 
     def state_dict(self) -> dict:

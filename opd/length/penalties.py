@@ -167,7 +167,8 @@ class PenaltyPlan:
     mixture_fraction: float = 0.0         # remedy (b): share of prompts the teacher answers
     mixture_sft_coef: float = 1.0
     anchor_coef: float = 0.0              # remedy (c): divergence anchor to the starting student
-    loop_tail: int = 0                    # tokens of a looping tail denied positive advantage
+    loop_tail_tokens: int = 0             # remedy (d): tokens of a looping tail denied positive
+    #                                       advantage (0: off)
     malformed_weight: float = 1.0         # sequence-level weight of a malformed rollout (format)
     prefer_malformed_rejected: bool = False  # malformed rollouts count in rejection_badness
 
@@ -179,7 +180,7 @@ class PenaltyPlan:
     def any_on(self) -> bool:
         return bool(self.overlong or self.stop_properly or self.length_ratio_coef > 0
                     or self.prefer_bad_rejected or self.topk_kl_coef > 0 or self.mixture_fraction > 0
-                    or self.anchor_coef > 0 or self.loop_tail or self.malformed_weight < 1
+                    or self.anchor_coef > 0 or self.loop_tail_tokens or self.malformed_weight < 1
                     or self.prefer_malformed_rejected)
 
     def as_metrics(self, prefix: str = "length/penalty/") -> dict[str, float]:
@@ -192,7 +193,7 @@ class PenaltyPlan:
                 prefix + "topk_kl_coef": float(self.topk_kl_coef),
                 prefix + "mixture_fraction": float(self.mixture_fraction),
                 prefix + "anchor_coef": float(self.anchor_coef),
-                prefix + "loop_tail": float(self.loop_tail),
+                prefix + "loop_tail_tokens": float(self.loop_tail_tokens),
                 prefix + "malformed_weight": float(self.malformed_weight),
                 prefix + "prefer_malformed_rejected": float(self.prefer_malformed_rejected)}
 
@@ -209,7 +210,7 @@ class PenaltyPlan:
             return rejection_badness(finish_reasons, repetitive, malformed if use_fmt else None)
         return np.asarray(malformed, dtype=np.int64)
 
-    def remedy_weights(self, stats: LengthStats, finish_reasons: Sequence[str]) -> Optional[np.ndarray]:
+    def topk_kl_coef_N(self, stats: LengthStats, finish_reasons: Sequence[str]) -> Optional[np.ndarray]:
         """Per rollout, the weight of remedy (a): topk_kl_coef on truncated or repetitive
         rollouts, 0 elsewhere; None when the remedy is off."""
         if self.topk_kl_coef <= 0:
@@ -217,12 +218,12 @@ class PenaltyPlan:
         bad = np.array([r == "length" for r in finish_reasons]) | np.array(stats.repetitive, bool)
         return np.where(bad, self.topk_kl_coef, 0.0).astype(np.float32)
 
-    def no_reward_tails(self, stats: LengthStats) -> Optional[list[int]]:
+    def loop_tail_tokens_N(self, stats: LengthStats) -> Optional[list[int]]:
         """Per rollout, how many final tokens may not earn a positive advantage (a looping
         rollout's tail window; 0 for the rest); None when the rule is off."""
-        if not self.loop_tail:
+        if not self.loop_tail_tokens:
             return None
-        return [self.loop_tail if flag else 0 for flag in stats.repetitive]
+        return [self.loop_tail_tokens if flag else 0 for flag in stats.repetitive]
 
 
 def apply_sequence_penalty(plan: PenaltyPlan, lengths: Sequence[int],
