@@ -14,7 +14,7 @@ Inflation is induced by pushing the zoo's student away from EOS: a short SFT (de
 steps) on the task's answers followed by random filler characters and no EOS, so the student
 keeps writing past its answer and most rollouts are cut at `max_new_tokens`. Every run then
 starts from that same EOS-averse student. Reported per run: the truncated fraction at the
-first steps and at the end, the first step from which it stays under `length.trunc_off`
+first steps and at the end, the first step from which it stays under `length.detector.trunc_off`
 (the detector's off-threshold), the detector's events, and the held-out exact match before
 and after. JSON goes to benchmarks/results/exp_length-<time>.json.
 """
@@ -71,11 +71,11 @@ def recovery_step(trunc: list[float], threshold: float) -> int | None:
 
 VARIANTS = {  # name -> overrides: the modes, and auto with one remedy removed
     "off": ["length=off"], "monitor": ["length=monitor"], "auto": ["length=auto"],
-    "auto-no-topk": ["length=auto", "length.topk_kl_coef=0"],
-    "auto-no-mixture": ["length=auto", "length.mixture_fraction=0"],
-    "auto-no-looptail": ["length=auto", "length.loop_tail_rule=false"],
-    "auto-no-anchor": ["length=auto", "length.anchor_coef=0"],
-    "auto-no-guard": ["length=auto", "length.min_effective_weight=0"],  # the old masking
+    "auto-no-topk": ["length=auto", "length.remedies.topk_kl_coef=0"],
+    "auto-no-mixture": ["length=auto", "length.remedies.mixture_fraction=0"],
+    "auto-no-looptail": ["length=auto", "length.remedies.loop_tail_rule=false"],
+    "auto-no-anchor": ["length=auto", "length.remedies.anchor_coef=0"],
+    "auto-no-guard": ["length=auto", "length.penalties.min_effective_weight=0"],  # the old masking
 }
 
 
@@ -93,9 +93,9 @@ def run_variant(student: Optional[str], loss: str, variant: str, steps: int, roo
     steps_m = [l for l in lines if "length/truncated_frac" in l]
     trunc = [l["length/truncated_frac"] for l in steps_m]
     ev = s.get("eval", {})
-    return {"loss": loss, "variant": variant, "steps": steps, "trunc_off": cfg.length.trunc_off,
+    return {"loss": loss, "variant": variant, "steps": steps, "trunc_off": cfg.length.detector.trunc_off,
             "truncated_first5": trunc[:5], "truncated_last5": trunc[-5:],
-            "recovered_at_step": recovery_step(trunc, cfg.length.trunc_off),
+            "recovered_at_step": recovery_step(trunc, cfg.length.detector.trunc_off),
             "mean_length_first5": [l["length/mean"] for l in steps_m[:5]],
             "mean_length_last5": [l["length/mean"] for l in steps_m[-5:]],
             "effective_weight_min": min(l.get("length/effective_weight", 1.0) for l in steps_m),
@@ -125,7 +125,7 @@ def main() -> None:
     student = None
     if args.pair == "smollm2":
         # the top-k teacher feeds remedy (a); the experiment turns it off for its own loss
-        extra = ["experiment=smollm2_cpu", "teacher.logprobs=topk", "length.topk_kl_coef=1.0"] + extra
+        extra = ["experiment=smollm2_cpu", "teacher.logprobs=topk", "length.remedies.topk_kl_coef=1.0"] + extra
     else:
         cfg = load_config(extra)
         src, _ = resolve_model_paths(cfg)

@@ -42,12 +42,13 @@ def build_train_batch(rollouts: RolloutBatch, scores: Optional[TeacherScores], p
                       seq_weight_N: Optional[np.ndarray] = None,
                       seq_advantage_N: Optional[np.ndarray] = None,
                       pairs: Optional[PairBatch] = None, sft_weight_N: Optional[np.ndarray] = None,
-                      remedy_weight_N: Optional[np.ndarray] = None,
-                      no_reward_tail_N: Optional[Sequence[int]] = None,
+                      topk_kl_coef_N: Optional[np.ndarray] = None,
+                      loop_tail_tokens_N: Optional[Sequence[int]] = None,
                       anchor_coef: float = 0.0) -> TrainBatch:
     """`on_policy`: per row (or one value for all) whether it is a student rollout;
     `sft_weight_N`: SFT weight per row (default 1 on off-policy rows, 0 on student rollouts);
-    `no_reward_tail_N`: per row, how many final tokens may not get a positive advantage."""
+    `topk_kl_coef_N`: per row, the weight of the top-k KL remedy;
+    `loop_tail_tokens_N`: per row, how many final tokens may not get a positive advantage."""
     N, lens = len(rollouts.completion_ids), rollouts.lengths
     P = [len(p) for p in rollouts.prompt_ids]
     S = max(p + n for p, n in zip(P, lens))
@@ -59,13 +60,13 @@ def build_train_batch(rollouts: RolloutBatch, scores: Optional[TeacherScores], p
     teacher = (_teacher_arrays(scores, lens, P, S) if scores is not None
                else {"teacher_logprobs_BS": np.zeros((N, S), np.float32)})
     sft = (~on).astype(np.float32) if sft_weight_N is None else _per_row(sft_weight_N, N)
-    remedy = None if remedy_weight_N is None else _per_row(remedy_weight_N, N)
-    tails = None if no_reward_tail_N is None else _tail_mask(no_reward_tail_N, lens, P, S)
+    topk_kl = None if topk_kl_coef_N is None else _per_row(topk_kl_coef_N, N)
+    tails = None if loop_tail_tokens_N is None else _tail_mask(loop_tail_tokens_N, lens, P, S)
     return TrainBatch(input_ids_BS=ids, loss_mask_BS=mask, sampler_logprobs_BS=sampler,
                       seq_advantage_B=_per_row(seq_advantage_N, N, 0.0),
                       seq_weight_B=_per_row(seq_weight_N, N, 1.0), on_policy_B=on, sft_weight_B=sft,
                       temperature=temperature, pairs=pairs, rejected_eos_id=eos_id,
-                      anchor_coef=float(anchor_coef), remedy_weight_B=remedy, no_reward_BS=tails, **teacher)
+                      anchor_coef=float(anchor_coef), topk_kl_coef_B=topk_kl, loop_tail_BS=tails, **teacher)
 
 
 def _per_row(values: Optional[np.ndarray], N: int, default: float = 0.0) -> np.ndarray:
@@ -120,7 +121,7 @@ def with_extra_rows(rollouts: RolloutBatch, scores: TeacherScores,
 def effective_weights(b: TrainBatch, terms: dict[str, bool]) -> dict[str, float]:
     """Share of the batch's trained tokens that carry gradient, per loss term, weighted by each
     term's per-row weight (stop-properly's 0.1 counts 0.1), and `any` for the union. `terms`
-    names the terms the loss uses: pg, jsd, sft, smpo, remedy, anchor.
+    names the terms the loss uses: pg, jsd, sft, smpo, topk_kl (the length remedy), anchor.
 
     Exact and pure: a batch whose every rollout is masked reads 0.0, and the loop says so."""
     mask = b.loss_mask_BS
@@ -130,8 +131,8 @@ def effective_weights(b: TrainBatch, terms: dict[str, bool]) -> dict[str, float]
     on = b.on_policy_B.astype(np.float32)
     per_row = {"pg": b.seq_weight_B * b.on_policy_B, "jsd": on, "anchor": on,
                "sft": b.sft_weight_B.clip(max=1.0),
-               "remedy": (b.remedy_weight_B > 0).astype(np.float32) * b.on_policy_B
-               if b.remedy_weight_B is not None else np.zeros(len(mask), np.float32),
+               "topk_kl": (b.topk_kl_coef_B > 0).astype(np.float32) * b.on_policy_B
+               if b.topk_kl_coef_B is not None else np.zeros(len(mask), np.float32),
                "smpo": np.isin(np.arange(len(mask)), np.concatenate(
                    [b.pairs.chosen_rows, b.pairs.rejected_rows])).astype(np.float32)
                if b.pairs is not None else np.zeros(len(mask), np.float32)}
@@ -215,8 +216,8 @@ class RowWeights:
     seq_weight_N: np.ndarray  # [N] the policy-gradient term's weight (stop-properly)
     seq_advantage_N: np.ndarray  # [N] the sequence-level length penalty
     sft_weight_N: Optional[np.ndarray] = None  # [N] SFT weight (None: 0 on student rollouts)
-    remedy_weight_N: Optional[np.ndarray] = None  # [N] the top-k KL remedy's weight
-    no_reward_tail_N: Optional[list[int]] = None  # [N] looping-tail lengths
+    topk_kl_coef_N: Optional[np.ndarray] = None  # [N] the top-k KL remedy's weight
+    loop_tail_tokens_N: Optional[list[int]] = None  # [N] looping-tail lengths (the loop-tail rule)
 
     def with_sft_rows(self, k: int, sft_coef: float) -> "RowWeights":
         """`k` off-policy rows appended (teacher completions), trained by SFT only."""
@@ -225,8 +226,8 @@ class RowWeights:
                           np.r_[self.seq_advantage_N, np.zeros(k)],
                           np.r_[np.zeros(n) if self.sft_weight_N is None else self.sft_weight_N,
                                 np.full(k, sft_coef)],
-                          None if self.remedy_weight_N is None else np.r_[self.remedy_weight_N, np.zeros(k)],
-                          None if self.no_reward_tail_N is None else list(self.no_reward_tail_N) + [0] * k)
+                          None if self.topk_kl_coef_N is None else np.r_[self.topk_kl_coef_N, np.zeros(k)],
+                          None if self.loop_tail_tokens_N is None else list(self.loop_tail_tokens_N) + [0] * k)
 
     def as_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Collection, Optional
 import numpy as np
 
 from opd.batch import build_train_batch, teacher_kl_metrics
-from opd.length import rollout_stats
+from opd.length import StatsConfig, rollout_stats
 from opd.tasks import answer_correct
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
 
@@ -65,28 +65,27 @@ def accuracy(rollouts: RolloutBatch, prompts: PromptBatch) -> float:
 
 
 def length_view(rollouts: RolloutBatch, eos_ids: Collection[int], max_new_tokens: int,
-                prefix: str, **stats_kw) -> dict[str, float]:
+                prefix: str, stats_cfg: StatsConfig) -> dict[str, float]:
     """EOS rate, truncation, repetition and mean length of some completions."""
-    stats = rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, eos_ids, max_new_tokens,
-                          **stats_kw)
+    stats = rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, eos_ids, max_new_tokens, stats_cfg)
     return {f"{prefix}/{k}": float(getattr(stats, k)) for k in LENGTH_KEYS}
 
 
 def model_view(prompts: PromptBatch, sampled: RolloutBatch, greedy: RolloutBatch,
-               eos_ids: Collection[int], max_new_tokens: int, **stats_kw) -> dict[str, float]:
+               eos_ids: Collection[int], max_new_tokens: int, stats_cfg: StatsConfig) -> dict[str, float]:
     """The metrics every model gets: lengths and accuracy of its sampled and greedy completions."""
-    return {**length_view(sampled, eos_ids, max_new_tokens, "sampled", **stats_kw),
-            **length_view(greedy, eos_ids, max_new_tokens, "greedy", **stats_kw),
+    return {**length_view(sampled, eos_ids, max_new_tokens, "sampled", stats_cfg),
+            **length_view(greedy, eos_ids, max_new_tokens, "greedy", stats_cfg),
             "accuracy/greedy": accuracy(greedy, prompts), "accuracy/sampled": accuracy(sampled, prompts)}
 
 
 def student_view(prompts: PromptBatch, sampled: RolloutBatch, greedy: RolloutBatch,
                  scores: TeacherScores, nll_teacher_greedy: float, eos_ids: Collection[int],
-                 max_new_tokens: int, **stats_kw) -> dict[str, float]:
+                 max_new_tokens: int, stats_cfg: StatsConfig) -> dict[str, float]:
     """model_view plus the divergences from the teacher (`kl`, `nll_teacher_greedy`)."""
     return {"kl": teacher_kl_metrics(sampled, scores)["teacher/kl"],
             "nll_teacher_greedy": float(nll_teacher_greedy),
-            **model_view(prompts, sampled, greedy, eos_ids, max_new_tokens, **stats_kw)}
+            **model_view(prompts, sampled, greedy, eos_ids, max_new_tokens, stats_cfg)}
 
 
 def mean_nll(logprobs_BS: np.ndarray, mask_BS: np.ndarray) -> float:
@@ -102,7 +101,7 @@ class Evaluator:
         self.cfg, self.workers, self.heldout = cfg, workers, heldout
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.eos_ids = {self.eos} | set(cfg.rollout.stop_token_ids)
-        self.n, self.stats_kw = cfg.rollout.eval_max_new_tokens, length_kwargs(cfg.length)
+        self.n, self.stats_cfg = cfg.rollout.eval_max_new_tokens, cfg.length.stats  # what counts as a loop
 
     def student(self) -> dict[str, float]:
         """The student's held-out view: KL to the teacher on its own samples, NLL of the
@@ -115,7 +114,7 @@ class Evaluator:
                                   temperature=1.0)
         nll = mean_nll(self.workers.student_logprobs(batch), batch.loss_mask_BS)
         return {**student_view(self.heldout, sampled, greedy, self.workers.score(sampled), nll, self.eos_ids,
-                               self.n, **self.stats_kw), **self._configured()}
+                               self.n, self.stats_cfg), **self._configured()}
 
     def _configured(self) -> dict[str, float]:
         """Lengths of one sample per held-out prompt under the rollouts' sampling settings
@@ -124,7 +123,7 @@ class Evaluator:
         if settings is None:
             return {}
         return length_view(self.workers.generate(self.heldout, settings), self.eos_ids, self.n, "configured",
-                           **self.stats_kw)
+                           self.stats_cfg)
 
     def teacher(self) -> dict[str, float]:
         """The teacher's own view, from its greedy and sampled completions made at start; its
@@ -135,7 +134,7 @@ class Evaluator:
         own = self.workers.score(greedy)
         nll = float(-np.mean(np.concatenate([own.logprobs_NT[i, :l] for i, l in enumerate(greedy.lengths)])))
         return {"nll_teacher_greedy": nll,
-                **model_view(self.heldout, sampled, greedy, self.eos_ids, self.n, **self.stats_kw)}
+                **model_view(self.heldout, sampled, greedy, self.eos_ids, self.n, self.stats_cfg)}
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -186,12 +185,6 @@ def table(evals: dict[str, dict[str, float]]) -> str:
             cells += [_cell(a.get(key)), "-" if g is None else f"{g:.0%}"]
         lines.append(f"  {label:42s}" + "".join(f" {c:>10s}" for c in cells))
     return "\n".join(lines)
-
-
-def length_kwargs(length_cfg) -> dict:
-    """The repetition detector's settings (length.*) as keyword arguments of rollout_stats."""
-    return dict(min_length=length_cfg.min_length, ngram=length_cfg.ngram,
-                tail_window=length_cfg.tail_window, repeat_threshold=length_cfg.repeat_threshold)
 
 
 def flatten(prefix: str, values: dict[str, float]) -> dict[str, float]:

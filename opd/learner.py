@@ -202,7 +202,7 @@ class Learner:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(oc.schedule, oc.warmup_steps, cfg.steps, oc.min_lr_ratio))
         self.anchor = (self._frozen(start_path or model_path)
-                       if cfg.length.mode == "auto" and cfg.length.anchor_coef > 0 else None)
+                       if cfg.length.mode == "auto" and cfg.length.remedies.anchor_coef > 0 else None)
         self.step = 0
         self.skipped, self.bad_in_row = 0, 0  # skipped steps: in all, and the current run of them
 
@@ -257,7 +257,7 @@ class Learner:
         normalised by the whole batch's count of the tokens it trains (`norm`)."""
         lc = self.loss_cfg
         jsd_on = bool(lc.distill == "jsd" and lc.distill_coef and norm.on)
-        remedy_on = bool(b.remedy_weight_B is not None and norm.on)
+        remedy_on = bool(b.topk_kl_coef_B is not None and norm.on)
         anchor_on = bool(b.anchor_coef > 0 and norm.on)
         betas = tuple(dict.fromkeys([lc.jsd_beta] * jsd_on + [0.0] * remedy_on))  # of the teacher terms
         fw = self._forward(b, rows, betas, anchor_on)
@@ -272,15 +272,15 @@ class Learner:
                 lp, sampler, self._tensor(b.teacher_logprobs_BS, rows, win), pg_mask,
                 clip_eps_low=lc.clip_eps_low, clip_eps_high=lc.clip_eps_high, tis_cap=lc.tis_cap,
                 discount=lc.discount, seq_advantage_B=self._tensor(b.seq_advantage_B, rows),
-                normalizer=norm.pg, no_reward_BT=self._tensor(b.no_reward_BS, rows, win))))
+                normalizer=norm.pg, no_reward_BT=self._tensor(b.loop_tail_BS, rows, win))))
         if jsd_on:  # stale rollouts (b.is_cap): weighted by their prefix's importance weight; the PG
             # term needs none, its PPO ratio already has the sampler as behaviour policy
             stale = 1.0 if b.is_cap is None else losses.prefix_importance_weights(lp, sampler, mask * on, b.is_cap)
             terms.append((lc.distill_coef, *self._jsd(b, rows, fw, mask * on * stale, norm.on, lc.jsd_beta)))
         if remedy_on:  # the length remedy: forward KL, top-k
-            w = self._tensor(b.remedy_weight_B, rows)[:, None]
+            w = self._tensor(b.topk_kl_coef_B, rows)[:, None]
             loss, m = self._jsd(b, rows, fw, mask * on * w, norm.on, 0.0)
-            terms.append((1.0, loss, {"loss/remedy_topk_kl": loss.item()}))
+            terms.append((1.0, loss, {"loss/topk_kl": loss.item()}))
         if anchor_on:  # the divergence anchor: KL(student || starting student)
             terms.append((b.anchor_coef, *self._anchor_kl(fw, mask * on, norm.on)))
         if norm.sft:
@@ -347,7 +347,7 @@ class Learner:
         """The frozen anchor at the trained tokens, for KL(student || anchor) at temperature 1."""
         if self.anchor is None:
             raise ValueError("the batch asks for the divergence anchor, but this learner has none: "
-                             "set length.mode=auto and length.anchor_coef > 0 when it starts")
+                             "set length.mode=auto and length.remedies.anchor_coef > 0 when it starts")
         with torch.no_grad():
             hidden, head = self._hidden(ids_BS, win, sel_N, self.anchor)
         return losses.Reference(hidden, (1.0,), 1.0, head)
@@ -418,7 +418,7 @@ class Learner:
         SMPO-only batch skips the forward over every row (its pairs have their own)."""
         lc = self.loss_cfg
         distill = lc.distill != "none" and lc.distill_coef > 0 and norm.on > 0
-        remedies = (b.remedy_weight_B is not None or b.anchor_coef > 0) and norm.on
+        remedies = (b.topk_kl_coef_B is not None or b.anchor_coef > 0) and norm.on
         return bool(distill or remedies or norm.sft)
 
     def _skip_update(self, grad_norm: float) -> None:

@@ -23,7 +23,6 @@ import copy
 import json
 import random
 import time
-from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from opd import length
@@ -40,29 +39,15 @@ if TYPE_CHECKING:  # annotations only: no import cycle at run time
 
 
 def make_monitor(cfg: TrainConfig, eos_id: int, reference: Optional[length.ReferenceLengths]) -> length.LengthMonitor:
-    """The length monitor of `cfg.length`: its detector thresholds are LengthConfig's fields
-    of the same names; its penalties and remedies are the rest."""
-    ln = cfg.length
-    det = length.DetectorConfig(**{f.name: getattr(ln, f.name) for f in fields(length.DetectorConfig)})
-    pen = length.PenaltyConfig(
-        max_new_tokens=cfg.rollout.max_new_tokens, overlong_buffer=ln.overlong_buffer,
-        stop_properly_mode=ln.stop_properly_mode, stop_properly_weight=ln.stop_properly_weight,
-        length_ratio_coef=ln.length_ratio_coef, length_ratio_tolerance=ln.length_ratio_tolerance,
-        adaptive_max_new_tokens=ln.adaptive_max_new_tokens and reference is not None,
-        adaptive_shrink=ln.adaptive_shrink, adaptive_grow=ln.adaptive_grow, reference=reference,
-        topk_kl_coef=ln.topk_kl_coef, mixture_fraction=ln.mixture_fraction,
-        mixture_sft_coef=ln.mixture_sft_coef, anchor_coef=ln.anchor_coef, loop_tail=ln.loop_tail_rule,
-        tail_window=ln.tail_window,
-        # the guard protects the policy-gradient term, the one stop-properly weights act on
-        min_effective_weight=ln.min_effective_weight if cfg.loss.distill == "reverse_kl_pg" else 0.0,
-        **format_penalty(cfg.format))
-    return length.LengthMonitor({eos_id} | set(cfg.rollout.stop_token_ids), pen, det, mode=ln.mode,
-                           min_length=ln.min_length, ngram=ln.ngram, tail_window=ln.tail_window,
-                           repeat_threshold=ln.repeat_threshold)
+    """The length monitor of `cfg.length`, under the configured cap, with the format checks'
+    penalty; its gradient guard is on when the loss has a policy-gradient term."""
+    return length.LengthMonitor({eos_id} | set(cfg.rollout.stop_token_ids), cfg.rollout.max_new_tokens,
+                                cfg.length, reference, policy_gradient=cfg.loss.distill == "reverse_kl_pg",
+                                **format_penalty(cfg.format))
 
 
 def format_penalty(f: FormatConfig) -> dict:
-    """The PenaltyConfig fields of the format checks: they act only when rollouts are checked."""
+    """The LengthMonitor arguments of the format checks: they act only when rollouts are checked."""
     on = bool(f.rollouts and f.checks)
     return {"malformed_weight": f.seq_weight if on else 1.0,
             "prefer_malformed_rejected": bool(on and f.prefer_rejected)}

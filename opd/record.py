@@ -3,7 +3,7 @@ loggers) and console line, the held-out views, the early-stop verdict, and the s
 (summary.json, the end-of-run table).
 
 The share of a step's tokens that carry gradient is measured on every step; a step under
-`length.min_effective_weight`, or with no gradient at all, is counted and said, never silent.
+`length.penalties.min_effective_weight`, or with no gradient at all, is counted and said, never silent.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def loss_terms(loss: LossConfig, batch: TrainBatch) -> dict[str, bool]:
     """Which loss terms train on `batch` (effective_weights' `terms`)."""
     return {"pg": loss.distill == "reverse_kl_pg" and loss.distill_coef > 0,
             "jsd": loss.distill == "jsd" and loss.distill_coef > 0, "sft": True,
-            "smpo": loss.smpo_coef > 0, "remedy": batch.remedy_weight_B is not None,
+            "smpo": loss.smpo_coef > 0, "topk_kl": batch.topk_kl_coef_B is not None,
             "anchor": batch.anchor_coef > 0}
 
 
@@ -91,12 +91,12 @@ class RunRecord:
     def gradient_share(self, batch: TrainBatch, step: int) -> dict[str, float]:
         """length/effective_weight*: the share of the batch's tokens that carry gradient, per
         term, and the starved steps so far."""
-        share, floor = effective_weights(batch, loss_terms(self.cfg.loss, batch)), self.cfg.length.min_effective_weight
+        share, floor = effective_weights(batch, loss_terms(self.cfg.loss, batch)), self.cfg.length.penalties.min_effective_weight
         w = share["length/effective_weight"]
         if w < floor or w == 0.0:  # a batch with no gradient at all is said even with the floor at 0
             self.starved += 1
             self.console.note(f"warning: step {step} trains on {w:.1%} of its tokens (length/effective_weight"
-                              f" {'= 0' if w == 0 else '<'} length.min_effective_weight={floor:g}); "
+                              f" {'= 0' if w == 0 else '<'} length.penalties.min_effective_weight={floor:g}); "
                               f"{self.starved} such steps so far")
         return {**share, "length/starved_steps": float(self.starved)}
 

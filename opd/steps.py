@@ -60,7 +60,8 @@ def row_weights(plan: length.PenaltyPlan, stats: length.LengthStats, rollouts: R
     reasons = rollouts.finish_reasons
     return RowWeights(on_policy=np.ones(len(reasons), bool), seq_weight_N=length.loss_weights(plan, reasons, malformed),
                       seq_advantage_N=length.apply_sequence_penalty(plan, rollouts.lengths, reasons),
-                      remedy_weight_N=plan.remedy_weights(stats, reasons), no_reward_tail_N=plan.no_reward_tails(stats))
+                      topk_kl_coef_N=plan.topk_kl_coef_N(stats, reasons),
+                      loop_tail_tokens_N=plan.loop_tail_tokens_N(stats))
 
 
 class StepBatches:
@@ -134,6 +135,7 @@ class StepBatches:
                                        [encode_answer(self.tok, a) for a in prompts.answers for _ in range(G)])
         batch = build_train_batch(rollouts, None, self.pad, self.eos, on_policy=False, temperature=1.0,
                                   sft_weight_N=np.full(len(rollouts.completion_ids), self.cfg.loss.sft_coef))
-        stats = length.rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, {self.eos}, r.max_new_tokens)
+        stats = length.rollout_stats(rollouts.completion_ids, rollouts.finish_reasons, {self.eos}, r.max_new_tokens,
+                                     self.cfg.length.stats)
         return StepResult(batch, {**stats.as_metrics("offpolicy/"), "rollout/on_policy": 0.0,
                                   "rollout/tokens": float(sum(rollouts.lengths)), "time/generate": time.time() - t0})

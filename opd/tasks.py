@@ -22,6 +22,9 @@ Nothing is truncated silently: a prompt that cannot fit `max_model_len - max_new
 tokens is a bad line. Format checks (`opd/formatting.py`, config group `format`) find lines
 cut off mid-markup or carrying chat-template leftovers; `format.on_prompt_file` warns about
 them (file and line), skips them (counted with the other skipped lines) or refuses the file.
+
+The config's `task` section (TaskConfig, nested by opd/config.py) is defined here, next to
+the tasks and choices its fields allow.
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ import re
 import string
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from omegaconf import MISSING
+
+from opd.constraints import Rule, between, ge, knob, one_of
 from opd.formatting import ACTIONS, check_example
-
-if TYPE_CHECKING:  # annotations only: no import cycle at run time
-    from opd.config import TaskConfig
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,34 @@ def prompt_batch(tokenizer: Any, examples: Sequence[Example]):
 def encode_answer(tokenizer: Any, answer: str) -> list[int]:
     """Token ids of a reference completion, ending with EOS (a trained token)."""
     return list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+
+@dataclass
+class TaskConfig:
+    """The `task` section of the config (values in conf/task/)."""
+
+    name: str = knob(MISSING, one_of(*BUILTIN_TASKS, "file"))  # a built-in task | "file" (prompt files)
+    seed: int = knob(MISSING, ge(0))  # seed of the train/held-out prompt streams
+    train_size: int = knob(MISSING, ge(1))  # number of train prompts (built-in tasks)
+    heldout_size: int = knob(MISSING, ge(1))  # number of held-out prompts used for exact match
+    max_digits: int = knob(MISSING, between(1, 9))  # addition: operands have 1..max_digits digits
+    min_chars: int = knob(MISSING, ge(1))  # reversal: shortest string
+    max_chars: int = knob(MISSING, ge(1))  # reversal: longest string
+    train_file: Optional[str] = None  # task=file: JSONL with `prompt` or `messages`, optional `answer`
+    heldout_file: Optional[str] = None  # task=file: held-out JSONL (needs `answer` for exact match)
+    on_bad_line: str = knob(MISSING, one_of(*ON_BAD_LINE))  # "error": stop at the first bad line |
+    #                                                         "skip": skip and count
+    answer_extraction: str = knob("exact", Rule(check_extraction, "must be 'exact', 'last_number' or "
+                                                "'regex:<pattern>' (a valid regex)"))  # how answers are read
+
+    def cross_checks(self, prefix: str = "") -> list[str]:
+        """The string lengths' order, and a prompt file for task=file."""
+        errs = []
+        if self.min_chars > self.max_chars:
+            errs.append(f"{prefix}min_chars must be <= {prefix}max_chars ({self.max_chars}), got {self.min_chars}")
+        if self.name == "file" and not self.train_file:
+            errs.append(f"{prefix}train_file must be set when {prefix}name is 'file', got null")
+        return errs
 
 
 def load_splits(task_cfg: TaskConfig, tokenizer: Any = None, max_prompt_tokens: Optional[int] = None,

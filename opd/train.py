@@ -140,7 +140,7 @@ def print_table(s: dict) -> None:
         print("\nno held-out prompts: nothing was evaluated (task.heldout_file)")
     if s.get("starved_steps"):
         print(f"warning: {s['starved_steps']} of {s['steps']} steps trained on nothing or on less than "
-              f"length.min_effective_weight of their tokens (see length/effective_weight in metrics.jsonl)")
+              f"length.penalties.min_effective_weight of their tokens (see length/effective_weight in metrics.jsonl)")
     if (s.get("early_stop") or {}).get("stop"):
         print(f"stopped early after {s.get('steps_done')} of {s['steps']} steps: {s['early_stop']['reason']}")
     print(f"wall time {s['total_seconds']:.0f}s; run dir {s['run_dir']}", flush=True)

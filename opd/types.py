@@ -175,10 +175,10 @@ class TrainBatch:
     teacher_full_logprobs_BSV: Optional[np.ndarray] = None  # [B, S, V] float32
     pairs: Optional[PairBatch] = None  # SMPO pairs among the rows
     rejected_eos_id: int = -1  # EOS id (for SMPO's EOS protection)
-    remedy_weight_B: Optional[np.ndarray] = None  # [B] float32 weight of the length remedy's
+    topk_kl_coef_B: Optional[np.ndarray] = None  # [B] float32 weight of the length remedy's
     #   forward KL over the teacher's top-k (truncated / repetitive rollouts); None: off
-    no_reward_BS: Optional[np.ndarray] = None  # [B, S] float32 1 where a looping tail's token may
-    #   not get a positive advantage (repetition-aware rule); None: off
+    loop_tail_BS: Optional[np.ndarray] = None  # [B, S] float32 1 where a looping tail's token may
+    #   not get a positive advantage (the loop-tail rule); None: off
     anchor_coef: float = 0.0  # weight of KL(student||starting student) on student rollouts (0: off)
     is_cap: Optional[float] = None  # rollouts from older weights (rollout.overlap): the KL terms
     #   are weighted by the prefix importance weight, truncated at is_cap; None: off

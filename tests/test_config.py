@@ -5,8 +5,7 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from opd.config import (CONF_DIR, RULES, ConfigError, RolloutConfig, TrainConfig, _get,
-                        load_config, validate)
+from opd.config import CONF_DIR, ConfigError, RolloutConfig, TrainConfig, load_config, validate
 
 GROUPS = ["task", "student", "teacher", "rollout", "loss", "optim", "length", "resources", "zoo",
           "format", "early_stop"]
@@ -30,6 +29,12 @@ def test_root_config_alone_composes_and_validates():
     assert cfg.task.name == "addition" and cfg.loss.distill == "jsd"  # the default experiment is GKD
     assert cfg.run_dir.startswith("runs/addition-")  # ${now:...} resolved
     assert validate(cfg) is cfg
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _leaves(node: dict, prefix: str = ""):
@@ -66,10 +71,11 @@ def test_group_files_differ_where_they_say():
     assert load_config(["resources=gpu"]).resources.rollout_num_gpus == 1
 
 
-def test_rules_name_real_keys():
-    cfg = load_config([])
-    for key in RULES:
-        _get(cfg, key)  # a typo in RULES would raise AttributeError here
+def test_rules_reach_the_nested_length_configs():
+    with pytest.raises(ConfigError, match=r"length\.detector\.k_on must be >= 1, got 0"):
+        load_config(["length.detector.k_on=0"])
+    with pytest.raises(ConfigError, match=r"length\.stats\.tail_window must be >= 2 \* length\.stats\.ngram"):
+        load_config(["length.stats.ngram=20"])
 
 
 # ------------------------------------------------------------------ bad values
@@ -111,14 +117,15 @@ BAD = [
      "rollout.max_new_tokens must be < rollout.max_model_len (64), got 64"),
     (["task.min_chars=7", "task.max_chars=5"], "task.min_chars must be <= task.max_chars (5), got 7"),
     (["task=file"], "task.train_file must be set when task.name is 'file', got null"),
-    (["length.overlong_buffer=17"],
-     "length.overlong_buffer must be <= rollout.max_new_tokens (16), got 17"),
-    (["length.trunc_off=0.5", "length.trunc_on=0.2"],
-     "length.trunc_off must be <= length.trunc_on (0.2), got 0.5"),
-    (["length.rep_off=0.3", "length.rep_on=0.2"], "length.rep_off must be <= length.rep_on (0.2), got 0.3"),
-    (["length.short_off=0.4"], "length.short_off must be <= length.short_on (0.3), got 0.4"),
-    (["length.ratio_off=2.0"], "length.ratio_off must be <= length.ratio_on (1.5), got 2.0"),
-    (["length.eos_on=0.8"], "length.eos_on must be <= length.eos_off (0.7), got 0.8"),
+    (["length.penalties.overlong_buffer=17"],
+     "length.penalties.overlong_buffer must be <= rollout.max_new_tokens (16), got 17"),
+    (["length.detector.trunc_off=0.5", "length.detector.trunc_on=0.2"],
+     "length.detector.trunc_off must be <= length.detector.trunc_on (0.2), got 0.5"),
+    (["length.detector.rep_off=0.3", "length.detector.rep_on=0.2"],
+     "length.detector.rep_off must be <= length.detector.rep_on (0.2), got 0.3"),
+    (["length.detector.short_off=0.4"], "length.detector.short_off must be <= length.detector.short_on (0.3), got 0.4"),
+    (["length.detector.ratio_off=2.0"], "length.detector.ratio_off must be <= length.detector.ratio_on (1.5), got 2.0"),
+    (["length.detector.eos_on=0.8"], "length.detector.eos_on must be <= length.detector.eos_off (0.7), got 0.8"),
     (["student.zoo.heads=3"], "student.zoo.hidden must be divisible by student.zoo.heads and heads "
                               "by kv_heads, got hidden=128 heads=3 kv_heads=2"),
     (["teacher.zoo.kv_heads=3"], "teacher.zoo.hidden must be divisible by teacher.zoo.heads and "
@@ -128,9 +135,9 @@ BAD = [
     (["task.answer_extraction=first"], "task.answer_extraction must be 'exact', 'last_number' or "
                                        "'regex:<pattern>' (a valid regex), got 'first'"),
     (["task.answer_extraction='regex:('"], "task.answer_extraction must be 'exact'"),
-    (["length.mixture_fraction=1.5"], "length.mixture_fraction must be in [0, 1], got 1.5"),
+    (["length.remedies.mixture_fraction=1.5"], "length.remedies.mixture_fraction must be in [0, 1], got 1.5"),
     (["zoo.name=hub"], "zoo.name must be one of ['toy', 'smollm2'], got 'hub'"),
-    (["teacher.logprobs=sampled"], "length.topk_kl_coef > 0 (the top-k KL length remedy) needs "
+    (["teacher.logprobs=sampled"], "length.remedies.topk_kl_coef > 0 (the top-k KL length remedy) needs "
                                    "teacher.logprobs=topk or full, got sampled"),
 ]
 

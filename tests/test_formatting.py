@@ -110,8 +110,8 @@ def test_plan_downweights_malformed_rows_and_prefers_them_as_rejected():
 
 
 def test_monitor_auto_mode_carries_the_format_penalty_and_other_modes_do_not():
-    pen = L.PenaltyConfig(max_new_tokens=8, malformed_weight=0.25, prefer_malformed_rejected=True)
     ids, reasons = [[1, 2, 0]] * 4, ["stop"] * 4
     for mode, on in (("auto", True), ("monitor", False), ("off", False)):
-        _, _, plan = L.LengthMonitor({0}, pen, mode=mode).observe(ids, reasons, 1)
+        mon = L.LengthMonitor({0}, 8, L.LengthConfig(mode=mode), malformed_weight=0.25, prefer_malformed_rejected=True)
+        _, _, plan = mon.observe(ids, reasons, 1)
         assert (plan.malformed_weight, plan.prefer_malformed_rejected) == ((0.25, True) if on else (1.0, False))

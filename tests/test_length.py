@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from opd.length import (
-    CONDITIONS, DetectorConfig, LengthDetector, LengthEvent, LengthMonitor, PenaltyConfig,
-    PenaltyPlan, ReferenceLengths, adaptive_max_new_tokens, apply_sequence_penalty,
+    CONDITIONS, DetectorConfig, LengthConfig, LengthDetector, LengthEvent, LengthMonitor, PenaltyConfig,
+    PenaltyPlan, ReferenceLengths, StatsConfig, adaptive_max_new_tokens, apply_sequence_penalty,
     length_ratio_penalty, loss_weights, overlong_penalty, reference_lengths, rejection_badness,
     repetitive_flags, rollout_stats, stop_properly_weights, tail_repeat_fraction)
 
@@ -45,7 +45,7 @@ def make_batch(rng, n=40, mean_len=60.0, sd=10.0, trunc=0.0, rep=0.0, no_eos=0.0
 
 
 def stats_of(batch, reference_mean=REF, max_new=MAX_NEW, **kw):
-    return rollout_stats(batch[0], batch[1], {EOS}, max_new, reference_mean=reference_mean, **kw)
+    return rollout_stats(batch[0], batch[1], {EOS}, max_new, StatsConfig(**kw), reference_mean=reference_mean)
 
 
 def run(detector, specs, seed=0, reference_mean=REF, **stats_kw):
@@ -76,8 +76,9 @@ def test_rollout_stats_hand_computed():
         [3, 4, 5, 6, 7, 8, 9],             # 7, stopped on a stop string
     ]
     reasons = ["stop", "length", "stop", "stop"]
-    s = rollout_stats(token_ids, reasons, {EOS}, max_new_tokens=10, min_length=3,
-                      ngram=3, tail_window=32, repeat_threshold=0.5, reference_mean=5.0)
+    s = rollout_stats(token_ids, reasons, {EOS}, max_new_tokens=10,
+                      stats=StatsConfig(min_length=3, ngram=3, tail_window=32, repeat_threshold=0.5),
+                      reference_mean=5.0)
     assert s.n == 4
     assert s.mean == pytest.approx(5.75)
     assert s.median == pytest.approx(5.5)
@@ -260,11 +261,11 @@ def test_detector_state_dict_round_trip_continues_identically():
 
 def test_detector_config_validation():
     with pytest.raises(ValueError, match="trunc_off"):
-        DetectorConfig(trunc_off=0.3)
+        LengthDetector(DetectorConfig(trunc_off=0.3))
     with pytest.raises(ValueError, match="eos_off"):
-        DetectorConfig(eos_off=0.4)
+        LengthDetector(DetectorConfig(eos_off=0.4))
     with pytest.raises(ValueError, match="k_on"):
-        DetectorConfig(k_on=0)
+        LengthDetector(DetectorConfig(k_on=0))
 
 
 # ------------------------------------------------------------------ penalties
@@ -358,14 +359,16 @@ def inflation_stream(monitor, seed=0, healthy=5, inflated=6, recovered=8):
     return events, plans
 
 
-def penalty_config(**kw):
+def monitor(mode="auto", **penalties):
+    """A monitor under MAX_NEW with a reference and the adaptive cap on."""
     ref = reference_lengths(np.random.default_rng(0).normal(REF, 10, 500).round().astype(int))
-    return PenaltyConfig(max_new_tokens=MAX_NEW, reference=ref, adaptive_max_new_tokens=True, **kw)
+    cfg = LengthConfig(mode=mode, penalties=PenaltyConfig(adaptive_max_new_tokens=True, **penalties))
+    return LengthMonitor({EOS}, MAX_NEW, cfg, reference=ref)
 
 
 @pytest.mark.parametrize("mode", ["off", "monitor"])
 def test_monitor_off_and_monitor_modes_never_change_penalties(mode):
-    mon = LengthMonitor({EOS}, penalty_config(), mode=mode)
+    mon = monitor(mode)
     events, plans = inflation_stream(mon)
     assert all(p == PenaltyPlan.off(MAX_NEW) for p in plans)
     if mode == "off":
@@ -376,8 +379,7 @@ def test_monitor_off_and_monitor_modes_never_change_penalties(mode):
 
 
 def test_monitor_auto_inflation_on_then_off():
-    pc = penalty_config()
-    mon = LengthMonitor({EOS}, pc, mode="auto")
+    mon = monitor()
     events, plans = inflation_stream(mon)
     infl = [e for e in events if e.condition == "inflation"]
     on_step, off_step = infl[0].step, infl[1].step
@@ -385,10 +387,10 @@ def test_monitor_auto_inflation_on_then_off():
     assert all(not p.any_on for p in plans[:on_step])
     during = plans[on_step:11]
     assert all(p.overlong and p.stop_properly == "mask" for p in during)
-    assert all(p.overlong_buffer == min(pc.buffer, p.overlong_max_tokens) for p in during)
+    assert all(p.overlong_buffer == min(mon.buffer, p.overlong_max_tokens) for p in during)
     caps = [p.max_new_tokens for p in plans]
     assert caps[:on_step] == [MAX_NEW] * on_step
-    assert caps[on_step] < MAX_NEW and min(caps) >= pc.floor_tokens
+    assert caps[on_step] < MAX_NEW and min(caps) >= mon.floor_tokens
     assert all(not p.overlong and p.stop_properly is None for p in plans[off_step:])
     assert caps[off_step:] == sorted(caps[off_step:]) and caps[-1] == MAX_NEW  # grew back
     assert all(not p.prefer_bad_rejected and p.length_ratio_coef == 0 for p in plans)
@@ -399,7 +401,7 @@ def test_monitor_auto_other_conditions():
     cases = {"repetition": dict(rep=0.6), "short_collapse": dict(mean_len=10, sd=2),
              "eos_collapse": dict(no_eos=0.8)}
     for cond, spec in cases.items():
-        mon = LengthMonitor({EOS}, penalty_config(stop_properly_mode="downweight"), mode="auto")
+        mon = monitor(stop_properly_mode="downweight")
         for step in range(3):
             _, _, plan = mon.observe(*make_batch(rng, **spec), step)
         assert mon.detector.active() == {cond}
@@ -416,13 +418,13 @@ def test_monitor_auto_other_conditions():
 
 
 def test_monitor_state_dict_round_trip():
-    mon = LengthMonitor({EOS}, penalty_config(), mode="auto")
+    mon = monitor()
     rng = np.random.default_rng(5)
     for step in range(4):
         mon.observe(*make_batch(rng, trunc=0.6, max_new=mon.max_new_tokens), step)
     batches = [make_batch(rng) for _ in range(8)]  # healthy: they fit under any cap >= floor
     assert mon.max_new_tokens < MAX_NEW
-    resumed = LengthMonitor({EOS}, penalty_config(), mode="auto")
+    resumed = monitor()
     resumed.load_state_dict(json.loads(json.dumps(mon.state_dict())))
     assert resumed.max_new_tokens == mon.max_new_tokens
     results = [mon.observe(*b, step) for step, b in enumerate(batches, start=4)]
@@ -431,31 +433,36 @@ def test_monitor_state_dict_round_trip():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="reference"):
-        PenaltyConfig(max_new_tokens=100, adaptive_max_new_tokens=True)
-    with pytest.raises(ValueError, match="stop_properly_mode"):
-        PenaltyConfig(max_new_tokens=100, stop_properly_mode="drop")
+    with pytest.raises(ValueError, match="penalties.stop_properly_mode"):
+        LengthMonitor({EOS}, 100, LengthConfig(penalties=PenaltyConfig(stop_properly_mode="drop")))
     with pytest.raises(ValueError, match="mode"):
-        LengthMonitor({EOS}, PenaltyConfig(max_new_tokens=100), mode="on")
-    assert PenaltyConfig(max_new_tokens=100).buffer == 20
+        LengthMonitor({EOS}, 100, LengthConfig(mode="on"))
+    with pytest.raises(ValueError, match="stats.tail_window"):
+        LengthMonitor({EOS}, 100, LengthConfig(stats=StatsConfig(ngram=20)))
+    assert PenaltyConfig(overlong_buffer=None).buffer(100) == 20
+    # without reference lengths (no floor) the adaptive cap stays where it is
+    cfg = LengthConfig(penalties=PenaltyConfig(adaptive_max_new_tokens=True), detector=DetectorConfig(k_on=1))
+    mon = LengthMonitor({EOS}, 100, cfg)
+    for step in range(3):
+        mon.observe([[1] * 100] * 4, ["length"] * 4, step)
+    assert "inflation" in mon.detector.active() and mon.max_new_tokens == 100
     assert set(CONDITIONS) == {"inflation", "short_collapse", "repetition", "eos_collapse"}
     assert LengthEvent(1, "inflation", "on", "x").as_dict() == {
         "step": 1, "condition": "inflation", "state": "on", "reason": "x"}
 
 
 def test_every_detector_and_adaptive_knob_is_settable_from_yaml():
-    from dataclasses import fields
-
     from opd import length as L
     from opd.config import load_config
     from opd.loop import make_monitor
 
-    cfg = load_config(["length.short_ratio_on=0.4", "length.short_ratio_off=0.6", "length.adaptive_shrink=0.8",
-                       "length.adaptive_grow=1.3", "length.anchor_coef=0.2", "length.k_off=5"])
+    cfg = load_config(["length.detector.short_ratio_on=0.4", "length.detector.short_ratio_off=0.6",
+                       "length.penalties.adaptive_shrink=0.8", "length.penalties.adaptive_grow=1.3",
+                       "length.remedies.anchor_coef=0.2", "length.detector.k_off=5", "length.stats.ngram=4"])
     m = make_monitor(cfg, 2, L.reference_lengths([4, 5, 6]))
-    assert {f.name: getattr(m.detector.config, f.name) for f in fields(L.DetectorConfig)} == {
-        f.name: getattr(cfg.length, f.name) for f in fields(L.DetectorConfig)}
+    assert m.config is cfg.length and m.detector.config is cfg.length.detector  # passed, not copied
     assert (m.detector.config.short_ratio_on, m.detector.config.k_off) == (0.4, 5)
-    assert (m.penalty.adaptive_shrink, m.penalty.adaptive_grow, m.penalty.anchor_coef) == (0.8, 1.3, 0.2)
-    with pytest.raises(Exception, match="length.short_ratio_on must be <= length.short_ratio_off"):
-        load_config(["length.short_ratio_on=0.9"])
+    p, r = m.config.penalties, m.config.remedies
+    assert (p.adaptive_shrink, p.adaptive_grow, r.anchor_coef, m.config.stats.ngram) == (0.8, 1.3, 0.2, 4)
+    with pytest.raises(Exception, match="length.detector.short_ratio_on must be <= length.detector.short_ratio_off"):
+        load_config(["length.detector.short_ratio_on=0.9"])

@@ -96,7 +96,7 @@ def _loop(tiny_overrides, tok, tmp_path, overrides, workers=None, heldout=True):
     cfg = load_config(tiny_overrides + ["steps=4", "eval_every=0", "checkpoint_every=0", "log_every=100",
                                         "length.reference_prompts=0", "rollout.max_new_tokens=8",
                                         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
-                                        "length.k_on=1", f"run_dir={tmp_path}"] + overrides)
+                                        "length.detector.k_on=1", f"run_dir={tmp_path}"] + overrides)
     train = [Example(None, f"{a}+{b}=", str(a + b), f"fake:{a}{b}") for a in range(5) for b in range(5)]
     digit = tok("5", add_special_tokens=False)["input_ids"][0]  # an ordinary token: well formed
     w = workers or FakeWorkers(tok.eos_token_id, loop_token=digit)
@@ -109,17 +109,17 @@ def _loop(tiny_overrides, tok, tmp_path, overrides, workers=None, heldout=True):
 
 def test_auto_penalties_and_remedies_reach_the_train_batch(tiny_overrides, tok, tmp_path):
     loop, w = _loop(tiny_overrides, tok, tmp_path, ["length=auto", "loss=opd", "teacher.logprobs=topk",
-                                                   "length.mixture_fraction=0.5"])
+                                                   "length.remedies.mixture_fraction=0.5"])
     loop.run()
     first, later = w.batches[0], w.batches[-1]
     # step 1: every rollout truncated -> inflation on at once (k_on=1): the guard down-weights
     # instead of masking, the overlong penalty is -1, the top-k remedy covers every rollout
     np.testing.assert_array_equal(first.seq_weight_B[first.on_policy_B], np.float32([0.1] * 8))
     assert first.seq_advantage_B[first.on_policy_B].tolist() == [-1.0] * 8
-    assert first.remedy_weight_B[first.on_policy_B].tolist() == [1.0] * 8
+    assert first.topk_kl_coef_B[first.on_policy_B].tolist() == [1.0] * 8
     # the teacher mixture: 2 of 4 prompts answered by the teacher, trained by SFT only
     assert (~first.on_policy_B).sum() == 2 and first.sft_weight_B[~first.on_policy_B].tolist() == [1.0, 1.0]
-    assert later.remedy_weight_B is not None and loop.record.summary.starved_steps == 0
+    assert later.topk_kl_coef_B is not None and loop.record.summary.starved_steps == 0
 
 
 def test_monitor_mode_changes_nothing_in_the_batch(tiny_overrides, tok, tmp_path):
@@ -127,7 +127,7 @@ def test_monitor_mode_changes_nothing_in_the_batch(tiny_overrides, tok, tmp_path
     loop.run()
     b = w.batches[-1]
     assert b.seq_weight_B.tolist() == [1.0] * 8 and b.seq_advantage_B.tolist() == [0.0] * 8
-    assert b.remedy_weight_B is None and b.on_policy_B.all()
+    assert b.topk_kl_coef_B is None and b.on_policy_B.all()
 
 
 @pytest.mark.parametrize("fraction, on_steps", [(1.0, 4), (0.0, 0)])
@@ -140,8 +140,9 @@ def test_on_policy_fraction_picks_the_step_kind(tiny_overrides, tok, tmp_path, f
 
 def test_a_batch_with_no_gradient_is_counted_even_with_the_floor_at_zero(tiny_overrides, tok, tmp_path, capsys):
     loop, w = _loop(tiny_overrides, tok, tmp_path, [
-        "length=auto", "loss=opd", "length.min_effective_weight=0", "length.topk_kl_coef=0",
-        "length.mixture_fraction=0", "length.anchor_coef=0", "length.overlong_buffer=1"])
+        "length=auto", "loss=opd", "length.penalties.min_effective_weight=0",
+        "length.remedies.topk_kl_coef=0", "length.remedies.mixture_fraction=0", "length.remedies.anchor_coef=0",
+        "length.penalties.overlong_buffer=1"])
     summary = loop.run()
     # stop-properly masks every (truncated) rollout from step 1 on: nothing left to train
     assert all(b.seq_weight_B.sum() == 0 for b in w.batches)

@@ -47,12 +47,12 @@ def test_effective_weight_is_exact_per_term():
 def test_effective_weight_with_mixture_rows_and_pairs():
     r = _rollouts([[7, 8, 9], [9], [4, 2]], ["length", "length", "stop"])
     b = build_train_batch(r, None, 0, 2, np.array([True, True, False]), 1.0, seq_weight_N=np.zeros(3),
-                          sft_weight_N=np.array([0.0, 0.0, 2.0]), remedy_weight_N=np.array([1.0, 0.0, 0.0]),
+                          sft_weight_N=np.array([0.0, 0.0, 2.0]), topk_kl_coef_N=np.array([1.0, 0.0, 0.0]),
                           pairs=PairBatch(np.array([0]), np.array([1]), np.array([1.0], np.float32), 0))
-    w = effective_weights(b, {"pg": True, "sft": True, "remedy": True, "smpo": True})
+    w = effective_weights(b, {"pg": True, "sft": True, "topk_kl": True, "smpo": True})
     assert w["length/effective_weight/pg"] == 0.0
     assert w["length/effective_weight/sft"] == pytest.approx(2 / 6)   # a weight of 2 counts once
-    assert w["length/effective_weight/remedy"] == pytest.approx(3 / 6)
+    assert w["length/effective_weight/topk_kl"] == pytest.approx(3 / 6)
     assert w["length/effective_weight/smpo"] == pytest.approx(4 / 6)
     assert w["length/effective_weight"] == 1.0
 
@@ -67,10 +67,12 @@ def test_extra_rows_pad_scores_and_train_by_sft_only():
 
 
 # ----------------------------------------------------------------- the monitor's guard
-def _monitor(max_new_tokens=4, **kw):
-    pen = L.PenaltyConfig(max_new_tokens=max_new_tokens, overlong_buffer=1, stop_properly_mode="mask",
-                          topk_kl_coef=1.0, mixture_fraction=0.25, loop_tail=True, tail_window=8, **kw)
-    return L.LengthMonitor({2}, pen, L.DetectorConfig(k_on=1, k_off=1), mode="auto", tail_window=8)
+def _monitor(max_new_tokens=4, **remedies):
+    cfg = L.LengthConfig(mode="auto", stats=L.StatsConfig(tail_window=8), detector=L.DetectorConfig(k_on=1, k_off=1),
+                         penalties=L.PenaltyConfig(overlong_buffer=1, stop_properly_mode="mask"),
+                         remedies=L.RemedyConfig(**{"topk_kl_coef": 1.0, "mixture_fraction": 0.25,
+                                                    "loop_tail_rule": True, "anchor_coef": 0.0, **remedies}))
+    return L.LengthMonitor({2}, max_new_tokens, cfg)
 
 
 def test_monitor_down_weights_instead_of_masking_everything_and_says_so():
@@ -82,12 +84,12 @@ def test_monitor_down_weights_instead_of_masking_everything_and_says_so():
     assert L.loss_weights(plan, ["length"] * 4).min() > 0
     # the remedies that teach stopping are on: top-k KL on every truncated row, teacher mixture
     stats, _, plan = m.observe([[5, 6, 7, 8]] * 4, ["length"] * 4, step=2)
-    np.testing.assert_array_equal(plan.remedy_weights(stats, ["length"] * 4), [1, 1, 1, 1])
+    np.testing.assert_array_equal(plan.topk_kl_coef_N(stats, ["length"] * 4), [1, 1, 1, 1])
     assert plan.mixture_fraction == 0.25
     # recovered: masking is safe again (an 'ok' event), the remedies switch off with the detector
     _, events, plan = m.observe([[5, 2]] * 4, ["stop"] * 4, step=3)
     assert ("effective_weight", "ok") in [(e.condition, e.state) for e in events]
-    assert plan.remedy_weights(stats, ["stop"] * 4) is None and plan.mixture_fraction == 0.0
+    assert plan.topk_kl_coef_N(stats, ["stop"] * 4) is None and plan.mixture_fraction == 0.0
 
 
 def test_monitor_keeps_masking_while_enough_rollouts_stop():
@@ -101,7 +103,7 @@ def test_loop_tail_rule_marks_only_looping_rollouts():
     loop = [3, 4] * 8
     stats, _, plan = m.observe([loop, list(range(5, 21))], ["length", "length"], step=1)
     assert stats.repetitive == (True, False)
-    assert plan.no_reward_tails(stats) == [8, 0]
+    assert plan.loop_tail_tokens_N(stats) == [8, 0]
 
 
 # ----------------------------------------------------------------- the loss-level rule
@@ -157,7 +159,7 @@ def _truncated_batch(tok, remedy: bool, stop_properly_weight: float):
     scores = TeacherScores(np.full((2, 3), -5.0, np.float32), 1.0, topk_ids_NTK=ids, topk_logprobs_NTK=lps)
     batch = build_train_batch(r, scores, tok.pad_token_id, eos, True, 1.0,
                               seq_weight_N=np.full(2, stop_properly_weight),
-                              remedy_weight_N=np.ones(2) if remedy else None)
+                              topk_kl_coef_N=np.ones(2) if remedy else None)
     return batch, prompt, digit
 
 
@@ -221,7 +223,8 @@ def anchored(learner_cfg, tiny_zoo):
 
     from opd.learner import Learner
 
-    cfg = dc_replace(learner_cfg, length=dc_replace(learner_cfg.length, mode="auto", anchor_coef=1.0))
+    cfg = dc_replace(learner_cfg, length=dc_replace(learner_cfg.length, mode="auto",
+                                                         remedies=dc_replace(learner_cfg.length.remedies, anchor_coef=1.0)))
     lrn = Learner(str(tiny_zoo.student), cfg)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -265,7 +268,8 @@ def test_anchor_is_the_start_even_when_the_learner_loads_a_checkpoint(anchored, 
     from opd.learner import Learner
 
     ckpt = anchored.save_checkpoint(tmp_path / "step-000001", {"step": 1})  # perturbed weights
-    cfg = dc_replace(learner_cfg, length=dc_replace(learner_cfg.length, mode="auto", anchor_coef=1.0))
+    cfg = dc_replace(learner_cfg, length=dc_replace(learner_cfg.length, mode="auto",
+                                                         remedies=dc_replace(learner_cfg.length.remedies, anchor_coef=1.0)))
     resumed = Learner(ckpt, cfg, start_path=str(tiny_zoo.student))
     for (name, a), s, m in zip(resumed.anchor.state_dict().items(), anchored.anchor.state_dict().values(),
                                resumed.model.state_dict().values()):
@@ -287,7 +291,7 @@ def _scored_batch(V: int, teacher: str, seed: int = 0):
     kw = (dict(full_logprobs_NTV=logp) if teacher == "full"
           else dict(topk_ids_NTK=ids, topk_logprobs_NTK=np.take_along_axis(logp, ids, -1)))
     return build_train_batch(r, TeacherScores(rng.normal(-1.5, 0.5, (4, 7)).astype(np.float32), 1.0, **kw),
-                             0, 2, True, 1.0, remedy_weight_N=np.array([1.0, 0.5, 0.0, 1.0]), anchor_coef=0.7)
+                             0, 2, True, 1.0, topk_kl_coef_N=np.array([1.0, 0.5, 0.0, 1.0]), anchor_coef=0.7)
 
 
 def _logits_path(lrn, b, teacher: str):
@@ -298,7 +302,7 @@ def _logits_path(lrn, b, teacher: str):
     with torch.no_grad():
         ref = lrn.anchor(input_ids=ids).logits[:, :-1, :V]
     mask = torch.as_tensor(b.loss_mask_BS[:, 1:])
-    n, w = float(mask.sum()), torch.as_tensor(b.remedy_weight_B)[:, None]
+    n, w = float(mask.sum()), torch.as_tensor(b.topk_kl_coef_B)[:, None]
     if teacher == "full":
         t = torch.as_tensor(b.teacher_full_logprobs_BSV[:, 1:])
         jsd = [losses.generalized_jsd(logits, t, m, beta=beta, temperature=lc.jsd_temperature, normalizer=n)[0]
@@ -323,7 +327,7 @@ def test_learner_terms_equal_the_logits_path(anchored, tiny_zoo, teacher):
     total, values = _logits_path(lrn, b, teacher)
     grads = torch.autograd.grad(total, list(lrn.model.parameters()), allow_unused=True)
     m = lrn.train_step(b)  # the gradients stay on the parameters after the step
-    got = [m["loss/jsd" if teacher == "full" else "loss/jsd_topk"], m["loss/remedy_topk_kl"], m["loss/anchor_kl"]]
+    got = [m["loss/jsd" if teacher == "full" else "loss/jsd_topk"], m["loss/topk_kl"], m["loss/anchor_kl"]]
     assert got == pytest.approx(values, rel=1e-5)
     for (name, p), g in zip(lrn.model.named_parameters(), grads):
         torch.testing.assert_close(p.grad, torch.zeros_like(p) if g is None else g, rtol=1e-4, atol=1e-6,

@@ -8,8 +8,8 @@ batch; it computes :class:`LengthStats`, a :class:`LengthDetector` with hysteres
 which conditions are on, and pure penalty functions turn the resulting
 :class:`PenaltyPlan` into numbers::
 
-    monitor = LengthMonitor(eos_ids={eos}, penalty=PenaltyConfig(max_new_tokens=1024,
-                            reference=reference_lengths(teacher_token_ids)), mode="auto")
+    monitor = LengthMonitor({eos}, max_new_tokens=1024, config=LengthConfig(mode="auto"),
+                            reference=reference_lengths(teacher_token_ids))
     stats, events, plan = monitor.observe(token_ids, finish_reasons, step)   # batch t
     advantage_B += apply_sequence_penalty(plan, lengths_B, finish_reasons)  # batch t
     seq_weight_B = loss_weights(plan, finish_reasons)                      # batch t
@@ -17,30 +17,34 @@ which conditions are on, and pure penalty functions turn the resulting
 
 The package, one module per part (each importable alone, all re-exported here):
 
-    stats.py      LengthStats, rollout_stats, repetition flags, reference lengths
+    stats.py      StatsConfig, LengthStats, rollout_stats, repetition flags, reference lengths
     detector.py   DetectorConfig, LengthDetector, LengthEvent (hysteresis)
-    penalties.py  the penalty functions, PenaltyConfig, PenaltyPlan
-    monitor.py    LengthMonitor: the three together, once per batch
+    penalties.py  the penalty functions, PenaltyConfig, RemedyConfig, PenaltyPlan
+    monitor.py    LengthConfig (the four configs above, nested), LengthMonitor: the three
+                  together, once per batch
+
+Each part owns its config dataclass, defaults included, and each field declares the values it
+allows (opd/constraints.py). These defaults are a run's too: opd/config.py nests LengthConfig
+as ``length``, and conf/length/ only picks the mode.
 
 Conventions: a rollout's length is its number of completion tokens, EOS included when it
 was generated. ``finish_reasons`` are vLLM's: 'stop' (EOS or a stop string) or 'length'
-(cut at ``max_new_tokens``). Pure package: numpy, the standard library and ``opd.types``
-only; plain values in, plain values and dataclasses out; every ``state_dict`` is
-JSON-serialisable.
+(cut at ``max_new_tokens``). Pure package: numpy, the standard library, ``opd.types`` and
+``opd.constraints`` only; plain values in, plain values and dataclasses out; every
+``state_dict`` is JSON-serialisable.
 """
-from opd.length.detector import (CONDITIONS, DetectorConfig, LengthDetector, LengthEvent,
-                                 hysteresis_errors)
-from opd.length.monitor import LengthMonitor
-from opd.length.penalties import (PenaltyConfig, PenaltyPlan, adaptive_max_new_tokens,
-                                  apply_sequence_penalty, length_ratio_penalty, loss_weights,
-                                  overlong_penalty, rejection_badness, stop_properly_weights)
-from opd.length.stats import (LengthStats, ReferenceLengths, reference_lengths, repetitive_flags,
+from opd.length.detector import CONDITIONS, DetectorConfig, LengthDetector, LengthEvent
+from opd.length.monitor import MODES, LengthConfig, LengthMonitor
+from opd.length.penalties import (STOP_PROPERLY_MODES, PenaltyConfig, PenaltyPlan, RemedyConfig,
+                                  adaptive_max_new_tokens, apply_sequence_penalty, length_ratio_penalty,
+                                  loss_weights, overlong_penalty, rejection_badness, stop_properly_weights)
+from opd.length.stats import (LengthStats, ReferenceLengths, StatsConfig, reference_lengths, repetitive_flags,
                               rollout_stats, tail_repeat_fraction)
 
 __all__ = [
-    "CONDITIONS", "LengthStats", "rollout_stats", "ReferenceLengths", "reference_lengths",
-    "tail_repeat_fraction", "repetitive_flags", "DetectorConfig", "hysteresis_errors", "LengthEvent",
-    "LengthDetector", "overlong_penalty", "stop_properly_weights", "length_ratio_penalty",
-    "rejection_badness", "adaptive_max_new_tokens", "PenaltyConfig", "PenaltyPlan",
-    "LengthMonitor", "apply_sequence_penalty", "loss_weights",
+    "CONDITIONS", "MODES", "STOP_PROPERLY_MODES", "StatsConfig", "LengthStats", "rollout_stats",
+    "ReferenceLengths", "reference_lengths", "tail_repeat_fraction", "repetitive_flags", "DetectorConfig",
+    "LengthEvent", "LengthDetector", "overlong_penalty", "stop_properly_weights", "length_ratio_penalty",
+    "rejection_badness", "adaptive_max_new_tokens", "PenaltyConfig", "RemedyConfig", "PenaltyPlan",
+    "LengthConfig", "LengthMonitor", "apply_sequence_penalty", "loss_weights",
 ]

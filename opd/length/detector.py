@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from opd.constraints import between, ge, gt, knob, require
 from opd.length.stats import LengthStats
 
 # condition -> rules (stats field, direction, on-threshold key, off-threshold key).
@@ -27,50 +28,43 @@ CONDITIONS = tuple(_RULES)
 
 @dataclass
 class DetectorConfig:
-    """Thresholds of :class:`LengthDetector` (all conditions share ``k_on`` / ``k_off``).
+    """Thresholds of :class:`LengthDetector` (``length.detector.*``; all conditions share
+    ``k_on`` / ``k_off``).
 
     A condition turns on after ``k_on`` consecutive hit steps and off after ``k_off``
     consecutive clear steps (see ``_RULES``); ratios are ``mean / reference_mean`` and
     their rules are skipped when no reference is known. Each off-threshold lies on the
-    healthy side of its on-threshold, which gives the hysteresis band.
+    healthy side of its on-threshold, which gives the hysteresis band (``cross_checks``).
     """
 
-    ema_decay: float = 0.9       # ema <- decay * ema + (1 - decay) * value (logged baselines)
-    k_on: int = 2                # consecutive hit steps to switch a condition on
-    k_off: int = 2               # consecutive clear steps to switch it off
-    trunc_on: float = 0.2        # inflation: truncated_frac > trunc_on ...
-    trunc_off: float = 0.1
-    ratio_on: float = 1.5        # ... or length_ratio > ratio_on
-    ratio_off: float = 1.2
-    short_on: float = 0.3        # short collapse: short_frac > short_on ...
-    short_off: float = 0.15
-    short_ratio_on: float = 0.5  # ... or length_ratio < short_ratio_on
-    short_ratio_off: float = 0.7
-    rep_on: float = 0.2          # repetition: repetition_frac > rep_on
-    rep_off: float = 0.1
-    eos_on: float = 0.5          # EOS collapse: eos_frac < eos_on (0 and 0: never, e.g.
-    eos_off: float = 0.7         # when answers legitimately end on stop strings)
+    ema_decay: float = knob(0.9, between(0, 1, hi_open=True))  # ema <- decay * ema + (1 - decay)
+    #                                                             * value (logged baselines)
+    k_on: int = knob(2, ge(1))  # consecutive hit steps to switch a condition on
+    k_off: int = knob(2, ge(1))  # consecutive clear steps to switch it off
+    trunc_on: float = knob(0.2, between(0, 1))  # inflation: truncated_frac > trunc_on ...
+    trunc_off: float = knob(0.1, between(0, 1))
+    ratio_on: float = knob(1.5, gt(0))  # ... or length_ratio > ratio_on
+    ratio_off: float = knob(1.2, gt(0))
+    short_on: float = knob(0.3, between(0, 1))  # short collapse: short_frac > short_on ...
+    short_off: float = knob(0.15, between(0, 1))
+    short_ratio_on: float = knob(0.5, gt(0))  # ... or length_ratio < short_ratio_on
+    short_ratio_off: float = knob(0.7, gt(0))
+    rep_on: float = knob(0.2, between(0, 1))  # repetition: repetition_frac > rep_on
+    rep_off: float = knob(0.1, between(0, 1))
+    eos_on: float = knob(0.5, between(0, 1))  # EOS collapse: eos_frac < eos_on (0 and 0: never,
+    eos_off: float = knob(0.7, between(0, 1))  # e.g. when answers legitimately end on stop strings)
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.k_on < 1 or self.k_off < 1:
-            raise ValueError(f"k_on and k_off must be >= 1, got {self.k_on}, {self.k_off}")
-        errors = hysteresis_errors(self.__dict__)
-        if errors:
-            raise ValueError(errors[0])
-
-
-def hysteresis_errors(values: dict, prefix: str = "") -> list[str]:
-    """Each off-threshold must lie on the healthy side of its on-threshold (the hysteresis
-    band); one message per pair that does not, keys named with ``prefix``."""
-    errors = []
-    for rules in _RULES.values():
-        for _, op, on_key, off_key in rules:
-            lo, hi = (off_key, on_key) if op == ">" else (on_key, off_key)
-            if values[lo] > values[hi]:
-                errors.append(f"{prefix}{lo} must be <= {prefix}{hi} ({values[hi]}), got {values[lo]}")
-    return errors
+    def cross_checks(self, prefix: str = "") -> list[str]:
+        """Each off-threshold on the healthy side of its on-threshold (the hysteresis band);
+        one message per pair that is not, keys named with ``prefix``."""
+        errors = []
+        for rules in _RULES.values():
+            for _, op, on_key, off_key in rules:
+                lo, hi = (off_key, on_key) if op == ">" else (on_key, off_key)
+                if getattr(self, lo) > getattr(self, hi):
+                    errors.append(f"{prefix}{lo} must be <= {prefix}{hi} ({getattr(self, hi)}), "
+                                  f"got {getattr(self, lo)}")
+        return errors
 
 
 @dataclass(frozen=True)
@@ -121,6 +115,7 @@ class LengthDetector:
 
     def __init__(self, config: Optional[DetectorConfig] = None):
         self.config = config or DetectorConfig()
+        require(self.config)
         self._conds = {c: _Condition() for c in CONDITIONS}
         self.ema: Optional[dict[str, float]] = None  # mean_length, truncated_frac, eos_frac
         self.last_step: Optional[int] = None

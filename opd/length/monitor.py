@@ -1,20 +1,37 @@
 """The length monitor: statistics, detector and penalty policy, called once per rollout batch.
 
 Mode 'off' computes statistics only, 'monitor' adds the detector's events, 'auto' turns the
-active conditions into a :class:`PenaltyPlan` (see :class:`LengthMonitor`).
+active conditions into a :class:`PenaltyPlan` (see :class:`LengthMonitor`). Its settings are
+one :class:`LengthConfig` (``length.*``), which nests the settings of each part.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+import math
+from dataclasses import dataclass, field, replace
 from typing import Collection, Optional, Sequence
 
 import numpy as np
 
+from opd.constraints import ge, knob, one_of, require
 from opd.length.detector import DetectorConfig, LengthDetector, LengthEvent
-from opd.length.penalties import PenaltyConfig, PenaltyPlan, adaptive_max_new_tokens
-from opd.length.stats import LengthStats, check_ngram_args, rollout_stats
+from opd.length.penalties import PenaltyConfig, PenaltyPlan, RemedyConfig, adaptive_max_new_tokens
+from opd.length.stats import LengthStats, ReferenceLengths, StatsConfig, rollout_stats
 
 MODES = ("off", "monitor", "auto")
+
+
+@dataclass
+class LengthConfig:
+    """The length monitor's settings (``length.*``): its mode and each part's own config."""
+
+    mode: str = knob("auto", one_of(*MODES))  # "off": statistics only | "monitor": + the detector's
+    #                                           events | "auto": + penalties and remedies
+    reference_prompts: int = knob(64, ge(0))  # teacher greedy generations at start for the reference
+    #                                           lengths (0: the dataset's answers, when it has some)
+    stats: StatsConfig = field(default_factory=StatsConfig)  # what counts as short and as a loop
+    detector: DetectorConfig = field(default_factory=DetectorConfig)  # when a condition is on
+    penalties: PenaltyConfig = field(default_factory=PenaltyConfig)  # what 'auto' applies then
+    remedies: RemedyConfig = field(default_factory=RemedyConfig)  # ... and what teaches stopping
 
 
 class LengthMonitor:
@@ -23,7 +40,7 @@ class LengthMonitor:
     mode 'off': stats only (always computed and logged), no events, all-off plan.
     mode 'monitor': stats and events, all-off plan (watch before you act).
     mode 'auto': penalties follow the active conditions:
-        inflation      -> overlong + stop_properly + adaptive max_new_tokens (if enabled)
+        inflation      -> overlong + stop_properly + adaptive max_new_tokens (if on, with a reference)
                           + top-k KL remedy + teacher mixture
         repetition     -> stop_properly + prefer_bad_rejected + top-k KL remedy + loop-tail rule
                           + divergence anchor to the starting student
@@ -34,8 +51,9 @@ class LengthMonitor:
     gets ``malformed_weight`` and, with ``prefer_malformed_rejected``, counts as bad for SMPO.
 
     Never training on nothing: stop-properly masking would leave no gradient at all when every
-    rollout is truncated (a collapsing student). When the stopped rollouts hold less than
-    ``min_effective_weight`` of the batch's tokens, truncated rollouts are down-weighted
+    rollout is truncated (a collapsing student). When the loss has a policy-gradient term (the
+    one stop-properly weights act on) and the stopped rollouts hold less than
+    ``penalties.min_effective_weight`` of the batch's tokens, truncated rollouts are down-weighted
     instead of masked (an event says so), and the remedies that *teach* stopping carry the
     signal: the teacher's top-k distribution (which holds its EOS probability wherever it would
     stop) and teacher completions that end in EOS. Masking alone does not teach a model to
@@ -45,32 +63,39 @@ class LengthMonitor:
     distillation signal rewards cannot run away.
     """
 
-    def __init__(self, eos_ids: Collection[int], penalty: PenaltyConfig,
-                 detector: Optional[DetectorConfig] = None, mode: str = "monitor",
-                 min_length: int = 1, ngram: int = 3, tail_window: int = 32,
-                 repeat_threshold: float = 0.5):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        check_ngram_args(ngram, tail_window, repeat_threshold)
+    def __init__(self, eos_ids: Collection[int], max_new_tokens: int, config: Optional[LengthConfig] = None,
+                 reference: Optional[ReferenceLengths] = None, policy_gradient: bool = True,
+                 malformed_weight: float = 1.0, prefer_malformed_rejected: bool = False):
+        """``max_new_tokens``: the configured cap (the adaptive cap's ceiling); ``reference``:
+        the teacher's lengths (ratio rules, the adaptive cap's floor); ``policy_gradient``:
+        whether the loss has the term the stop-properly guard protects; the last two: the
+        format checks' penalty (opd/formatting.py), 1 and False when rollouts are not checked."""
+        self.config = config or LengthConfig()
+        require(self.config)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.eos_ids = frozenset(int(e) for e in eos_ids)
-        self.penalty, self.mode = penalty, mode
-        self.detector = LengthDetector(detector)
-        self.stats_kwargs = dict(min_length=min_length, ngram=ngram, tail_window=tail_window,
-                                 repeat_threshold=repeat_threshold)
-        self.max_new_tokens = penalty.max_new_tokens  # cap in force for the next batch
+        self.reference, self.ceiling = reference, max_new_tokens
+        self.detector = LengthDetector(self.config.detector)
+        self.buffer = self.config.penalties.buffer(max_new_tokens)  # the overlong penalty's, in tokens
+        p95 = reference.p95 if reference else max_new_tokens
+        self.floor_tokens = max(1, min(max_new_tokens, math.ceil(p95)))  # the lowest adaptive cap
+        self.min_effective_weight = self.config.penalties.min_effective_weight if policy_gradient else 0.0
+        self.malformed_weight, self.prefer_malformed_rejected = malformed_weight, prefer_malformed_rejected
+        self.max_new_tokens = max_new_tokens  # cap in force for the next batch
         self._starving = False  # stop-properly is down-weighting to keep a gradient
 
     def observe(self, token_ids: Sequence[Sequence[int]], finish_reasons: Sequence[str],
                 step: int) -> tuple[LengthStats, list[LengthEvent], PenaltyPlan]:
         """Stats of the batch (generated under ``self.max_new_tokens``), the detector's
         events, and the plan: penalties for this batch plus the next batch's cap."""
-        ref = self.penalty.reference
+        ref = self.reference
         stats = rollout_stats(token_ids, finish_reasons, self.eos_ids, self.max_new_tokens,
-                              reference_mean=ref.mean if ref else None, **self.stats_kwargs)
-        if self.mode == "off":
+                              self.config.stats, reference_mean=ref.mean if ref else None)
+        if self.config.mode == "off":
             return stats, [], PenaltyPlan.off(self.max_new_tokens)
         events = self.detector.update(stats, step)
-        if self.mode == "monitor":
+        if self.config.mode == "monitor":
             return stats, events, PenaltyPlan.off(self.max_new_tokens)
         plan = self._auto_plan(stats)
         plan, starving = self._keep_gradient(plan, token_ids, finish_reasons, step)
@@ -82,12 +107,12 @@ class LengthMonitor:
         of the tokens in the policy-gradient term; an event when this starts or stops."""
         lengths = np.array([len(t) for t in token_ids], np.float64)
         kept = float(lengths[np.array(finish_reasons) == "stop"].sum() / max(1.0, lengths.sum()))
-        floor = self.penalty.min_effective_weight
+        floor = self.min_effective_weight
         starving = plan.stop_properly == "mask" and kept < floor
         events = []
         if starving != self._starving:
             self._starving = starving
-            why = (f"stopped rollouts hold {kept:.0%} of the tokens < length.min_effective_weight={floor:g}: "
+            why = (f"stopped rollouts hold {kept:.0%} of the tokens < length.penalties.min_effective_weight={floor:g}: "
                    f"truncated rollouts down-weighted to {max(floor, plan.stop_properly_weight):g} instead "
                    f"of masked" if starving else f"stopped rollouts hold {kept:.0%} of the tokens again: masking")
             events.append(LengthEvent(step, "effective_weight", "low" if starving else "ok", why))
@@ -97,38 +122,36 @@ class LengthMonitor:
         return plan, events
 
     def _auto_plan(self, stats: LengthStats) -> PenaltyPlan:
-        p, active = self.penalty, self.detector.active()
+        p, r, active = self.config.penalties, self.config.remedies, self.detector.active()
         inflation = "inflation" in active
         batch_cap = self.max_new_tokens
-        if p.adaptive_max_new_tokens:
+        if p.adaptive_max_new_tokens and self.reference is not None:
             self.max_new_tokens = adaptive_max_new_tokens(
-                batch_cap, stats, inflation, p.floor_tokens, p.max_new_tokens,
-                p.adaptive_shrink, p.adaptive_grow)
+                batch_cap, stats, inflation, self.floor_tokens, self.ceiling, p.adaptive_shrink, p.adaptive_grow)
         stop = bool(active & {"inflation", "repetition", "eos_collapse"})
-        ratio_on = "short_collapse" in active and p.reference is not None
+        ratio_on = "short_collapse" in active and self.reference is not None
+        cut_short = bool(active & {"inflation", "eos_collapse"})
         return PenaltyPlan(
-            overlong=bool(active & {"inflation", "eos_collapse"}) and p.buffer > 0,
-            overlong_buffer=max(1, min(p.buffer, batch_cap)), overlong_max_tokens=batch_cap,
-            stop_properly=p.stop_properly_mode if stop else None,
-            stop_properly_weight=p.stop_properly_weight,
+            overlong=cut_short and self.buffer > 0,
+            overlong_buffer=max(1, min(self.buffer, batch_cap)), overlong_max_tokens=batch_cap,
+            stop_properly=p.stop_properly_mode if stop else None, stop_properly_weight=p.stop_properly_weight,
             length_ratio_coef=p.length_ratio_coef if ratio_on else 0.0,
             length_ratio_tolerance=p.length_ratio_tolerance,
-            reference_mean=p.reference.mean if p.reference else None,
+            reference_mean=self.reference.mean if self.reference else None,
             prefer_bad_rejected="repetition" in active, max_new_tokens=self.max_new_tokens,
-            topk_kl_coef=p.topk_kl_coef if stop else 0.0,
-            mixture_fraction=p.mixture_fraction if active & {"inflation", "eos_collapse"} else 0.0,
-            mixture_sft_coef=p.mixture_sft_coef,
-            anchor_coef=p.anchor_coef if "repetition" in active else 0.0,
-            loop_tail=p.tail_window if p.loop_tail and "repetition" in active else 0,
-            malformed_weight=p.malformed_weight, prefer_malformed_rejected=p.prefer_malformed_rejected)
+            topk_kl_coef=r.topk_kl_coef if stop else 0.0,
+            mixture_fraction=r.mixture_fraction if cut_short else 0.0, mixture_sft_coef=r.mixture_sft_coef,
+            anchor_coef=r.anchor_coef if "repetition" in active else 0.0,
+            loop_tail_tokens=self.config.stats.tail_window if r.loop_tail_rule and "repetition" in active else 0,
+            malformed_weight=self.malformed_weight, prefer_malformed_rejected=self.prefer_malformed_rejected)
 
     def state_dict(self) -> dict:
         """Plain JSON-serialisable state (the cap in force and the detector)."""
-        return {"mode": self.mode, "max_new_tokens": self.max_new_tokens,
+        return {"mode": self.config.mode, "max_new_tokens": self.max_new_tokens,
                 "detector": self.detector.state_dict(), "starving": self._starving}
 
     def load_state_dict(self, d: dict) -> None:
         """Restore the cap and the detector; the mode stays the one this monitor was built with."""
-        self.max_new_tokens = min(self.penalty.max_new_tokens, int(d["max_new_tokens"]))
+        self.max_new_tokens = min(self.ceiling, int(d["max_new_tokens"]))
         self.detector.load_state_dict(d["detector"])
         self._starving = bool(d.get("starving", False))

@@ -1,6 +1,6 @@
 """Length penalties: pure functions of lengths and finish reasons, and the plan that says
 which of them apply to a batch (:class:`PenaltyPlan`, built by the monitor from a
-:class:`PenaltyConfig`).
+:class:`PenaltyConfig` and a :class:`RemedyConfig`).
 
 Departures from the papers: DAPO's soft overlong punishment (Yu et al. 2025) is a reward
 term; here it is a per-rollout scalar added to the rollout's advantage, and rollouts whose
@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from opd.length.stats import LengthStats, ReferenceLengths, check_batch
+from opd.constraints import between, ge, knob, one_of, optional
+from opd.length.stats import LengthStats, check_batch
 
 STOP_PROPERLY_MODES = ("mask", "downweight")  # what stop-properly does to a truncated rollout
 
@@ -104,58 +105,48 @@ def adaptive_max_new_tokens(current: int, stats: LengthStats, inflation_active: 
     return int(min(ceiling_tokens, max(floor_tokens, new)))
 
 
-@dataclass(frozen=True)
+@dataclass
 class PenaltyConfig:
-    """How strong each penalty is when the monitor switches it on (mode 'auto')."""
+    """How strong each penalty is when the monitor switches it on in mode 'auto'
+    (``length.penalties.*``)."""
 
-    max_new_tokens: int                      # configured generation cap (the ceiling)
-    overlong_buffer: Optional[int] = None    # DAPO buffer B; None: max_new_tokens // 5; 0: never
-    stop_properly_mode: Optional[str] = "mask"  # 'mask' | 'downweight' | None (never)
-    stop_properly_weight: float = 0.1        # weight of truncated rollouts in 'downweight'
-    length_ratio_coef: float = 1.0           # 0: never
-    length_ratio_tolerance: float = 0.25
-    adaptive_max_new_tokens: bool = False    # shrink the cap under inflation (needs reference)
-    adaptive_shrink: float = 0.9
-    adaptive_grow: float = 1.1
-    reference: Optional[ReferenceLengths] = None  # teacher lengths (ratio rules, floor of cap)
-    topk_kl_coef: float = 0.0                # remedy (a): forward KL over the teacher's top-k on
-    #                                          truncated / repetitive rollouts; 0: never
-    mixture_fraction: float = 0.0            # remedy (b): share of a step's prompts answered by
-    #                                          the teacher and trained by SFT; 0: never
-    mixture_sft_coef: float = 1.0            # SFT weight of those teacher completions
-    anchor_coef: float = 0.0                 # remedy (c): KL(student‖starting student) on every
-    #                                          rollout while repetition is on; 0: never
-    loop_tail: bool = False                  # no positive advantage on a looping tail
-    tail_window: int = 32                    # tokens of a looping tail (the detector's window)
-    min_effective_weight: float = 0.1        # stop-properly never leaves less than this share
-    #                                          of the batch's tokens in the policy-gradient term
-    malformed_weight: float = 1.0            # sequence-level weight of a rollout failing a
-    #                                          format check (opd/formatting.py); 1: never
-    prefer_malformed_rejected: bool = False  # malformed rollouts are SMPO's rejected first
+    overlong_buffer: Optional[int] = knob(4, optional(ge(0)))  # DAPO buffer B in tokens (at most
+    #                                    rollout.max_new_tokens); null: max_new_tokens // 5; 0: never
+    stop_properly_mode: Optional[str] = knob("mask", optional(one_of(*STOP_PROPERLY_MODES)))  # what
+    #                                    stop-properly does to a truncated rollout; null: never
+    stop_properly_weight: float = knob(0.1, between(0, 1))  # weight of truncated rollouts in 'downweight'
+    length_ratio_coef: float = knob(1.0, ge(0))  # short collapse: two-sided penalty; 0: never
+    length_ratio_tolerance: float = knob(0.25, ge(0))
+    adaptive_max_new_tokens: bool = False  # shrink the cap under inflation (needs reference lengths,
+    #                                        whose p95 is its floor; without them the cap stays)
+    adaptive_shrink: float = knob(0.9, between(0, 1, lo_open=True))  # cap *= shrink per step under
+    #                                     inflation (down to the reference p95)
+    adaptive_grow: float = knob(1.1, ge(1))  # cap *= grow per step once recovered (up to the ceiling)
+    min_effective_weight: float = knob(0.1, between(0, 1))  # stop-properly never leaves less than this
+    #                                     share of the batch's tokens in the policy-gradient term: it
+    #                                     down-weights instead of masking, and the run warns
 
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.overlong_buffer is not None and not 0 <= self.overlong_buffer <= self.max_new_tokens:
-            raise ValueError(f"overlong_buffer must be in [0, max_new_tokens], got {self.overlong_buffer}")
-        if self.stop_properly_mode not in (None, *STOP_PROPERLY_MODES):
-            raise ValueError(f"stop_properly_mode must be None or one of {STOP_PROPERLY_MODES}, "
-                             f"got {self.stop_properly_mode!r}")
-        if self.adaptive_max_new_tokens and self.reference is None:
-            raise ValueError("adaptive_max_new_tokens needs reference (its p95 is the floor)")
-
-    @property
-    def buffer(self) -> int:
-        """The overlong buffer in tokens (DAPO used 4096 of 20480, i.e. 1/5)."""
+    def buffer(self, max_new_tokens: int) -> int:
+        """The overlong buffer in tokens under a cap (DAPO used 4096 of 20480, i.e. 1/5)."""
         if self.overlong_buffer is None:
-            return max(1, self.max_new_tokens // 5)
+            return max(1, max_new_tokens // 5)
         return self.overlong_buffer
 
-    @property
-    def floor_tokens(self) -> int:
-        """Lowest adaptive cap: the teacher's reference p95, at most the ceiling."""
-        p95 = self.reference.p95 if self.reference else self.max_new_tokens
-        return max(1, min(self.max_new_tokens, math.ceil(p95)))
+
+@dataclass
+class RemedyConfig:
+    """The remedies that teach stopping, switched on by the detector in mode 'auto'
+    (``length.remedies.*``; see LengthMonitor)."""
+
+    topk_kl_coef: float = knob(1.0, ge(0))  # (a) forward KL over the teacher's top-k on truncated /
+    #                                         repetitive rollouts (needs teacher.logprobs=topk or full); 0: off
+    mixture_fraction: float = knob(0.25, between(0, 1))  # (b) StableOPD rollout mixture: share of a
+    #                                     step's prompts answered by the teacher (ending in EOS); 0: off
+    mixture_sft_coef: float = knob(1.0, ge(0))  # SFT weight of those teacher completions
+    anchor_coef: float = knob(0.1, ge(0))  # (c) StableOPD KL constraint: KL(student||starting student)
+    #                                        on every rollout while repetition is on (keeps a frozen copy); 0: off
+    loop_tail_rule: bool = True  # (d) the last length.stats.tail_window tokens of a looping rollout
+    #                              never earn a positive advantage (policy-gradient loss)
 
 
 @dataclass(frozen=True)
@@ -176,7 +167,8 @@ class PenaltyPlan:
     mixture_fraction: float = 0.0         # remedy (b): share of prompts the teacher answers
     mixture_sft_coef: float = 1.0
     anchor_coef: float = 0.0              # remedy (c): divergence anchor to the starting student
-    loop_tail: int = 0                    # tokens of a looping tail denied positive advantage
+    loop_tail_tokens: int = 0             # remedy (d): tokens of a looping tail denied positive
+    #                                       advantage (0: off)
     malformed_weight: float = 1.0         # sequence-level weight of a malformed rollout (format)
     prefer_malformed_rejected: bool = False  # malformed rollouts count in rejection_badness
 
@@ -188,7 +180,7 @@ class PenaltyPlan:
     def any_on(self) -> bool:
         return bool(self.overlong or self.stop_properly or self.length_ratio_coef > 0
                     or self.prefer_bad_rejected or self.topk_kl_coef > 0 or self.mixture_fraction > 0
-                    or self.anchor_coef > 0 or self.loop_tail or self.malformed_weight < 1
+                    or self.anchor_coef > 0 or self.loop_tail_tokens or self.malformed_weight < 1
                     or self.prefer_malformed_rejected)
 
     def as_metrics(self, prefix: str = "length/penalty/") -> dict[str, float]:
@@ -201,7 +193,7 @@ class PenaltyPlan:
                 prefix + "topk_kl_coef": float(self.topk_kl_coef),
                 prefix + "mixture_fraction": float(self.mixture_fraction),
                 prefix + "anchor_coef": float(self.anchor_coef),
-                prefix + "loop_tail": float(self.loop_tail),
+                prefix + "loop_tail_tokens": float(self.loop_tail_tokens),
                 prefix + "malformed_weight": float(self.malformed_weight),
                 prefix + "prefer_malformed_rejected": float(self.prefer_malformed_rejected)}
 
@@ -218,7 +210,7 @@ class PenaltyPlan:
             return rejection_badness(finish_reasons, repetitive, malformed if use_fmt else None)
         return np.asarray(malformed, dtype=np.int64)
 
-    def remedy_weights(self, stats: LengthStats, finish_reasons: Sequence[str]) -> Optional[np.ndarray]:
+    def topk_kl_coef_N(self, stats: LengthStats, finish_reasons: Sequence[str]) -> Optional[np.ndarray]:
         """Per rollout, the weight of remedy (a): topk_kl_coef on truncated or repetitive
         rollouts, 0 elsewhere; None when the remedy is off."""
         if self.topk_kl_coef <= 0:
@@ -226,12 +218,12 @@ class PenaltyPlan:
         bad = np.array([r == "length" for r in finish_reasons]) | np.array(stats.repetitive, bool)
         return np.where(bad, self.topk_kl_coef, 0.0).astype(np.float32)
 
-    def no_reward_tails(self, stats: LengthStats) -> Optional[list[int]]:
+    def loop_tail_tokens_N(self, stats: LengthStats) -> Optional[list[int]]:
         """Per rollout, how many final tokens may not earn a positive advantage (a looping
         rollout's tail window; 0 for the rest); None when the rule is off."""
-        if not self.loop_tail:
+        if not self.loop_tail_tokens:
             return None
-        return [self.loop_tail if flag else 0 for flag in stats.repetitive]
+        return [self.loop_tail_tokens if flag else 0 for flag in stats.repetitive]
 
 
 def apply_sequence_penalty(plan: PenaltyPlan, lengths: Sequence[int],

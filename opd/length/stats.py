@@ -4,7 +4,8 @@
 including each rollout's repetition flag (``LengthStats.repetitive``), computed here once
 per batch for every later user (the detector, SMPO's rejected choice, the remedies).
 ``reference_lengths`` gives the teacher's lengths the ratio rules compare against.
-Pure: numpy and the standard library only.
+:class:`StatsConfig` says what counts as short and as a loop (``length.stats.*``), for the
+monitor, the loop's off-policy steps and the held-out evaluation alike.
 """
 from __future__ import annotations
 
@@ -13,16 +14,37 @@ from typing import Collection, Optional, Sequence
 
 import numpy as np
 
+from opd.constraints import between, ge, knob, require
 from opd.types import FinishReason
 
 FINISH_REASONS = tuple(r.value for r in FinishReason)
+
+
+@dataclass
+class StatsConfig:
+    """What the length statistics count as short and as looping (``length.stats.*``)."""
+
+    min_length: int = knob(2, ge(0))  # completions shorter than this count as short
+    ngram: int = knob(3, ge(1))  # n of the repetition detector's n-grams
+    tail_window: int = knob(32, ge(2))  # tokens at the end of a rollout checked for a loop
+    #                                     (also the looping tail the loop-tail rule covers)
+    repeat_threshold: float = knob(0.5, between(0, 1, lo_open=True))  # a tail loops when this
+    #                                  share of its n-grams repeats (tail_repeat_fraction)
+
+    def cross_checks(self, prefix: str = "") -> list[str]:
+        """A loop needs room to occur twice in the tail."""
+        if self.tail_window < 2 * self.ngram:
+            return [f"{prefix}tail_window must be >= 2 * {prefix}ngram ({2 * self.ngram}), "
+                    f"got {self.tail_window}"]
+        return []
 
 
 def _ngrams(tokens: list, n: int) -> list:
     return list(zip(*(tokens[i:] for i in range(n))))
 
 
-def tail_repeat_fraction(tokens: Sequence[int], ngram: int = 3, tail_window: int = 32) -> float:
+def tail_repeat_fraction(tokens: Sequence[int], ngram: int = StatsConfig.ngram,
+                         tail_window: int = StatsConfig.tail_window) -> float:
     """Fraction of the tail's n-gram positions that repeat an earlier n-gram of the tail.
 
     tail = last ``tail_window`` tokens; G = its n-grams (len(tail) - ngram + 1 positions);
@@ -38,22 +60,12 @@ def tail_repeat_fraction(tokens: Sequence[int], ngram: int = 3, tail_window: int
     return (len(grams) - len(set(grams))) / len(grams)
 
 
-def repetitive_flags(token_ids: Sequence[Sequence[int]], ngram: int = 3, tail_window: int = 32,
-                     repeat_threshold: float = 0.5) -> list[bool]:
+def repetitive_flags(token_ids: Sequence[Sequence[int]], stats: Optional[StatsConfig] = None) -> list[bool]:
     """Per rollout: ``tail_repeat_fraction(tokens, ngram, tail_window) >= repeat_threshold``."""
-    check_ngram_args(ngram, tail_window, repeat_threshold)
-    return [tail_repeat_fraction(np.asarray(t).tolist(), ngram, tail_window) >= repeat_threshold
+    c = stats or StatsConfig()
+    require(c)
+    return [tail_repeat_fraction(np.asarray(t).tolist(), c.ngram, c.tail_window) >= c.repeat_threshold
             for t in token_ids]
-
-
-def check_ngram_args(ngram: int, tail_window: int, repeat_threshold: float) -> None:
-    """Refuse repetition-detector settings under which no loop could be seen."""
-    if ngram < 1:
-        raise ValueError(f"ngram must be >= 1, got {ngram}")
-    if tail_window < 2 * ngram:
-        raise ValueError(f"tail_window must be >= 2 * ngram = {2 * ngram}, got {tail_window}")
-    if not 0.0 < repeat_threshold <= 1.0:
-        raise ValueError(f"repeat_threshold must be in (0, 1], got {repeat_threshold}")
 
 
 @dataclass(frozen=True)
@@ -82,10 +94,10 @@ class LengthStats:
 
 
 def rollout_stats(token_ids: Sequence[Sequence[int]], finish_reasons: Sequence[str],
-                  eos_ids: Collection[int], max_new_tokens: int, min_length: int = 1,
-                  ngram: int = 3, tail_window: int = 32, repeat_threshold: float = 0.5,
+                  eos_ids: Collection[int], max_new_tokens: int, stats: Optional[StatsConfig] = None,
                   reference_mean: Optional[float] = None) -> LengthStats:
-    """Statistics of one batch; see :class:`LengthStats` for each field.
+    """Statistics of one batch under ``stats`` (default StatsConfig()); see
+    :class:`LengthStats` for each field.
 
     repeated_ngram_rate = sum_i (|G_i| - |distinct(G_i)|) / sum_i |G_i| over the n-grams G_i
     of each whole rollout i (0.0 when no rollout is ``ngram`` tokens long).
@@ -95,22 +107,22 @@ def rollout_stats(token_ids: Sequence[Sequence[int]], finish_reasons: Sequence[s
     seqs = [np.asarray(t).tolist() for t in token_ids]
     n = len(seqs)
     check_batch(n, finish_reasons)
-    check_ngram_args(ngram, tail_window, repeat_threshold)
+    c = stats or StatsConfig()
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     if lengths.max() > max_new_tokens:
         raise ValueError(f"a rollout has {lengths.max()} tokens > max_new_tokens={max_new_tokens}")
-    grams = [_ngrams(s, ngram) for s in seqs]
+    grams = [_ngrams(s, c.ngram) for s in seqs]
     total = sum(len(g) for g in grams)
     repeated = sum(len(g) - len(set(g)) for g in grams)
     eos = set(int(e) for e in eos_ids)
     mean = float(lengths.mean())
-    flags = repetitive_flags(seqs, ngram, tail_window, repeat_threshold)
+    flags = repetitive_flags(seqs, c)
     return LengthStats(
         n=n, mean=mean, median=float(np.median(lengths)),
         p95=float(np.percentile(lengths, 95)), min=int(lengths.min()), max=int(lengths.max()),
         truncated_frac=sum(r == "length" for r in finish_reasons) / n,
         eos_frac=sum(bool(s) and s[-1] in eos for s in seqs) / n,
-        short_frac=float((lengths < min_length).mean()),
+        short_frac=float((lengths < c.min_length).mean()),
         repetition_frac=float(np.mean(flags)), repetitive=tuple(flags),
         repeated_ngram_rate=repeated / total if total else 0.0,
         length_ratio=None if reference_mean is None else mean / float(reference_mean),
