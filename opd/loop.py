@@ -37,7 +37,7 @@ from opd.evaluation import table as eval_table
 from opd.rollout import greedy_settings
 from opd.console import Console
 from opd.report import STEP_PHASES
-from opd.run_io import RunDir, newest_checkpoint, read_metrics
+from opd.run_io import RunDir, newest_checkpoint, read_metrics, rng_state_from_json, rng_state_to_json
 from opd.sweep import best_finished_run, early_stop_decision
 from opd.tasks import Example, answer_correct, encode_answer, prompt_batch, sample_batch
 from opd.types import (CheckpointState, PromptBatch, RolloutBatch, SamplingSettings, StepMetrics, Summary,
@@ -403,7 +403,7 @@ class Distillation:
     def loop_state(self) -> CheckpointState:
         """What a checkpoint keeps of the loop: step, data cursor, monitor, summary, pending rollouts."""
         return CheckpointState(
-            step=self.step, rng_state=json.loads(json.dumps(self.rng.getstate())),
+            step=self.step, rng_state=rng_state_to_json(self.rng.getstate()),
             summary=json.loads(json.dumps(self.summary.as_dict())),
             monitor=self.monitor.state_dict() if self.monitor else None, starved=self.starved,
             reference=None if self.reference is None else [self.reference.mean, self.reference.p95],
@@ -417,8 +417,7 @@ class Distillation:
 
     def restore(self, state: CheckpointState) -> None:
         self.step = state.step
-        version, internal, gauss = state.rng_state
-        self.rng.setstate((version, tuple(internal), gauss))
+        self.rng.setstate(rng_state_from_json(state.rng_state))
         self.summary = Summary.from_dict(json.loads(json.dumps(state.summary)))
         self.starved = state.starved
         self.pending, self.in_flight = Pending.from_dict(state.pending), None
