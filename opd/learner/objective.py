@@ -55,8 +55,8 @@ def backward(fw: StudentForward, lc: LossConfig, b: TrainBatch, micro_batch_size
     into micro-batches in order of length, so that each one's padding is short; `step` sets
     the SMPO margin's ramp."""
     obj, mb = BatchObjective(fw, lc, b, Normalizers.of(b), step), micro_batch_size
-    B, rows_on = b.input_ids_BS.shape[0], obj.rows_train()
-    acc: dict[str, list] = {} if rows_on else {"loss/rows_total": [(0.0, B)]}  # logged either way
+    rows_on = obj.rows_train()
+    acc: dict[str, list] = {} if rows_on else {"loss/rows_total": [(0.0, len(b.input_ids_BS))]}  # logged anyway
     order = np.argsort(row_ends(b.loss_mask_BS), kind="stable") if rows_on else np.arange(0)
     chunks = [("rows", order[i: i + mb]) for i in range(0, len(order), mb)]
     if b.pairs is not None and len(b.pairs.chosen_rows) and lc.smpo_coef:
