@@ -20,7 +20,6 @@ nothing here knows whether the workers are Ray actors, plain objects or a test's
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -29,7 +28,7 @@ from opd import length
 from opd.evaluation import Evaluator
 from opd.record import PhaseTimer, RunRecord
 from opd.rollout import greedy_settings
-from opd.run_io import RunDir, newest_checkpoint
+from opd.run_io import RunDir, newest_checkpoint, rng_state_from_json, rng_state_to_json
 from opd.steps import StepBatches, StepResult, sampling_settings
 from opd.tasks import Example, encode_answer, prompt_batch, sample_batch
 from opd.types import CheckpointState, LearnerDied, LoopWorkers, Pending, PromptBatch, RolloutBatch, Summary
@@ -179,7 +178,7 @@ class Distillation:
     def loop_state(self) -> CheckpointState:
         """What a checkpoint keeps of the loop: step, data cursor, monitor, summary, pending rollouts."""
         return CheckpointState(
-            step=self.step, rng_state=json.loads(json.dumps(self.rng.getstate())),
+            step=self.step, rng_state=rng_state_to_json(self.rng.getstate()),
             summary=copy.deepcopy(self.record.summary),
             monitor=self.monitor.state_dict() if self.monitor else None, starved=self.record.starved,
             reference=None if self.reference is None else [self.reference.mean, self.reference.p95],
@@ -193,8 +192,7 @@ class Distillation:
 
     def restore(self, state: CheckpointState) -> None:
         self.step = state.step
-        version, internal, gauss = state.rng_state
-        self.rng.setstate((version, tuple(internal), gauss))
+        self.rng.setstate(rng_state_from_json(state.rng_state))
         self.record.summary = copy.deepcopy(state.summary)
         self.record.starved = state.starved
         self.pending, self.in_flight = state.pending, None

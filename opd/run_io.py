@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
+import numpy as np
+
 from opd.types import StepMetrics
 
 
@@ -188,6 +190,25 @@ def resolve_resume(resume: Optional[str], run: RunDir) -> Optional[Path]:
     if problem:
         raise FileNotFoundError(f"resume={resume}: {problem}")
     return Path(resume)
+
+
+def rng_state_to_json(state: Any) -> Any:
+    """A `random.getstate()` or `numpy.random.get_state()` tuple as JSON values: tuples become
+    lists, numpy arrays {"ndarray": [...], "dtype": ...}. `rng_state_from_json` inverts it."""
+    if isinstance(state, np.ndarray):
+        return {"ndarray": state.tolist(), "dtype": str(state.dtype)}
+    if isinstance(state, (tuple, list)):
+        return [rng_state_to_json(v) for v in state]
+    return state
+
+
+def rng_state_from_json(js: Any) -> Any:
+    """The RNG state tuple that `rng_state_to_json` wrote (for `setstate` / `set_state`)."""
+    if isinstance(js, dict) and "ndarray" in js:
+        return np.array(js["ndarray"], dtype=js["dtype"])
+    if isinstance(js, list):
+        return tuple(rng_state_from_json(v) for v in js)
+    return js
 
 
 def environment() -> dict:

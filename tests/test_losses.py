@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from opd.losses import (LOGP_FLOOR, gather_logprobs, generalized_jsd, generalized_jsd_topk,
-                        margin_schedule, masked_token_mean, reverse_kl_pg_loss, sft_loss,
-                        smpo_loss)
+from opd.losses import LOGP_FLOOR, margin_schedule, masked_token_mean, reverse_kl_pg_loss, sft_loss, smpo_loss
+from opd.losses.reference import gather_logprobs, generalized_jsd, generalized_jsd_topk
 
 DT = torch.float64
 

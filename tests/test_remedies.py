@@ -18,6 +18,7 @@ import torch
 
 from opd import length as L
 from opd import losses
+from opd.losses import reference
 from opd.batch import build_train_batch, effective_weights, with_extra_rows
 from opd.types import PairBatch, RolloutBatch, TeacherScores
 
@@ -305,14 +306,14 @@ def _logits_path(lrn, b, teacher: str):
     n, w = float(mask.sum()), torch.as_tensor(b.topk_kl_coef_B)[:, None]
     if teacher == "full":
         t = torch.as_tensor(b.teacher_full_logprobs_BSV[:, 1:])
-        jsd = [losses.generalized_jsd(logits, t, m, beta=beta, temperature=lc.jsd_temperature, normalizer=n)[0]
+        jsd = [reference.generalized_jsd(logits, t, m, beta=beta, temperature=lc.jsd_temperature, normalizer=n)[0]
                for m, beta in ((mask, lc.jsd_beta), (mask * w, 0.0))]
     else:
         t_lp, t_ids = (torch.as_tensor(a[:, 1:]) for a in (b.teacher_topk_logprobs_BSK, b.teacher_topk_ids_BSK))
-        jsd = [losses.generalized_jsd_topk(logits, t_lp, t_ids, m, beta=beta, temperature=lc.jsd_temperature,
-                                           tail_bucket=lc.tail_bucket, normalizer=n)[0]
+        jsd = [reference.generalized_jsd_topk(logits, t_lp, t_ids, m, beta=beta, temperature=lc.jsd_temperature,
+                                              tail_bucket=lc.tail_bucket, normalizer=n)[0]
                for m, beta in ((mask, lc.jsd_beta), (mask * w, 0.0))]
-    anchor = losses.generalized_jsd(logits, ref, mask, beta=1.0, normalizer=n)[0]
+    anchor = reference.generalized_jsd(logits, ref, mask, beta=1.0, normalizer=n)[0]
     return lc.distill_coef * jsd[0] + jsd[1] + b.anchor_coef * anchor, [t.item() for t in (*jsd, anchor)]
 
 

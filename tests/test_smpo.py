@@ -49,11 +49,11 @@ def test_rejected_eos_metrics_empty_and_masked():
 
 
 def test_min_metric_is_a_minimum_over_micro_batches():
-    from opd.learner import _combine
+    from opd.learner.objective import combine
 
-    assert _combine("smpo/min_logp_rejected", [(-3.0, 4), (-9.0, 1)]) == -9.0
-    assert _combine("smpo/eos_logp_rejected", [(-3.0, 3), (-9.0, 1)]) == -4.5
-    assert _combine("loss/smpo", [(1.0, 3), (2.0, 1)]) == 3.0
+    assert combine("smpo/min_logp_rejected", [(-3.0, 4), (-9.0, 1)]) == -9.0
+    assert combine("smpo/eos_logp_rejected", [(-3.0, 3), (-9.0, 1)]) == -4.5
+    assert combine("loss/smpo", [(1.0, 3), (2.0, 1)]) == 3.0
 
 
 # --------------------------------------------------------------------- a learner step

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from opd.tasks import TASK_ALPHABET, Example, encode_answer, encode_prompt, exact_match
+from opd.tasks import TASK_ALPHABET, Example, TaskConfig, encode_answer, encode_prompt, exact_match
 from opd.zoo.cache import MARKER, ZOO_FORMAT, atomic_build, reproducible, spec_hash, weights_sha256
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
-    from opd.config import TaskConfig, TrainConfig, ZooModelConfig
+    from opd.config import ZooModelConfig
 
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]

@@ -1,0 +1,183 @@
+"""Learner: the student in PyTorch. Recomputes log-probs, applies the losses, steps AdamW.
+
+A plain class (`Learner`); `opd.actors` wraps it as a Ray actor. What it does per step:
+1. split the TrainBatch into micro-batches of rows (and of SMPO pairs);
+2. recompute the student's log-probs of the target tokens (logits / sampler temperature): the
+   decoder over the rows, then the LM head on the trained tokens only, in chunks, each with
+   one log_softmax that also gives what the distillation terms need (`forward`): no
+   [B, T, V] logits are ever held;
+3. the objective (`objective`): distill_coef * distillation + smpo_coef * SMPO + SFT + the
+   length remedies the batch carries, each a pure function of `opd.losses`; token-mean terms
+   are normalised by the whole batch's token count, pair terms by its pair count, so the
+   gradient does not depend on how the batch is split into micro-batches;
+4. clip the global gradient norm, step AdamW and the LR schedule; a non-finite loss or
+   gradient norm skips the AdamW step instead (`optim/skipped`), and `optim.max_bad_steps`
+   such steps in a row stop the run.
+
+Weights leave as numpy arrays under Hugging Face names (`export_weights`, no copy of fp32
+weights here), for the rollout workers' in-place reload. Checkpoints (`checkpoint`) are a
+Hugging Face model directory (loadable by transformers and vLLM) plus the learner's state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+
+from opd.device import pick_device
+from opd.learner import checkpoint, objective
+from opd.learner.forward import StudentForward, batch_shape_metrics
+from opd.types import TrainBatch, WeightUpdate
+
+if TYPE_CHECKING:  # annotations only: no import cycle at run time
+    from opd.config import TrainConfig
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float):
+    """Multiplier of the base LR at a step: linear warmup, then constant or cosine."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+class BadStepsError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient norm (optim.max_bad_steps)."""
+
+
+class Learner:
+    """Holds the student, its optimizer and schedule; trains on TrainBatches."""
+
+    def __init__(self, model_path: str, cfg: TrainConfig, start_path: Optional[str] = None):
+        """`model_path`: the weights to train (the student, or a checkpoint when resuming);
+        `start_path`: the run's starting student (the divergence anchor), default model_path."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.loss_cfg, self.optim_cfg = cfg, cfg.loss, cfg.optim
+        self.device = pick_device(self.optim_cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
+        # fp32 master weights; bf16 only through autocast on GPU
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32, trust_remote_code=cfg.student.trust_remote_code).to(self.device)
+        self.model.train()
+        self.vocab_size = len(self.tokenizer)
+        oc = self.optim_cfg
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
+                                     weight_decay=oc.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(oc.schedule, oc.warmup_steps, cfg.steps, oc.min_lr_ratio))
+        # the only remedy setting read from the config: whether batches may ask for the anchor,
+        # so the frozen copy is kept; its weight per step comes with each batch (anchor_coef)
+        keeps_anchor = cfg.length.mode == "auto" and cfg.length.remedies.anchor_coef > 0
+        self.anchor = self._frozen(start_path or model_path) if keeps_anchor else None
+        autocast = self.device == "cuda" and cfg.student.dtype == "bfloat16"
+        self.forward = StudentForward(self.model, self.anchor, self.device, autocast, self.vocab_size)
+        self.step = 0
+        self.skipped, self.bad_in_row = 0, 0  # skipped steps: in all, and the current run of them
+
+    def _frozen(self, path: str) -> torch.nn.Module:
+        """The run's starting student, frozen: the reference of the divergence anchor (a
+        resumed or restarted learner loads it from the start path, not from its checkpoint)."""
+        from transformers import AutoModelForCausalLM
+
+        anchor = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=self.cfg.student.trust_remote_code)
+        return anchor.to(self.device).eval().requires_grad_(False)
+
+    def train_step(self, b: TrainBatch) -> dict[str, float]:
+        """One optimizer step. A non-finite loss or gradient norm skips the update (the grads
+        are dropped, the LR schedule still advances) and counts in `optim/skipped`."""
+        t0 = time.time()
+        self.opt.zero_grad(set_to_none=True)
+        acc = objective.backward(self.forward, self.loss_cfg, b, self.optim_cfg.micro_batch_size, self.step)
+        clip = self.optim_cfg.grad_clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                         clip if clip > 0 else float("inf")))
+        lr = self.sched.get_last_lr()[0]
+        losses_ok = all(math.isfinite(v) for k, vs in acc.items() if k.endswith("_total") for v, _ in vs)
+        if losses_ok and math.isfinite(grad_norm):
+            self.opt.step()
+            self.bad_in_row = 0
+        else:
+            self._skip_update(grad_norm)
+        with warnings.catch_warnings():  # torch warns if the first step skipped optimizer.step()
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.sched.step()
+        self.step += 1
+        out = {k: objective.combine(k, vs) for k, vs in acc.items()}
+        return {**out, "optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": float(self.skipped),
+                "learner/tokens": max(1.0, b.num_tokens), "learner/step": self.step,
+                **batch_shape_metrics(b), "learner/peak_rss_mb": peak_rss_mb(),
+                "time/learn_compute": time.time() - t0}
+
+    def _skip_update(self, grad_norm: float) -> None:
+        """A bad step: drop the gradients; too many in a row stop the run (the learner's step
+        is then still the last completed one, so the driver's final checkpoint matches it)."""
+        self.opt.zero_grad(set_to_none=True)
+        self.bad_in_row += 1
+        if self.bad_in_row >= self.optim_cfg.max_bad_steps:
+            raise BadStepsError(
+                f"{self.bad_in_row} steps in a row had a non-finite loss or gradient norm (last grad "
+                f"norm {grad_norm}), optim.max_bad_steps={self.optim_cfg.max_bad_steps}: stopping. "
+                f"Check the teacher's log-probs and the losses' inputs, or lower optim.lr")
+        self.skipped += 1
+
+    def ready(self) -> int:
+        """Answers once the model is loaded (start-up has its own timeout); the process id."""
+        return os.getpid()
+
+    @torch.no_grad()
+    def logprobs(self, b: TrainBatch) -> np.ndarray:
+        """The student's log-probs of every target token [B, S] (0 where masked)."""
+        out = np.zeros(b.input_ids_BS.shape, np.float32)
+        mb = self.optim_cfg.micro_batch_size
+        for i in range(0, len(out), mb):
+            rows = np.arange(i, min(len(out), i + mb))
+            f = self.forward(b, rows)
+            f.win.scatter(out[rows[0]: rows[-1] + 1], f.lp_BT.cpu().numpy())
+        return out
+
+    def state_for_sync(self, dtype: str = "float32") -> dict[str, torch.Tensor]:
+        sd = self.model.state_dict()
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)  # tied: the engine reads the embedding
+        return {k: v.detach().to(getattr(torch, dtype)).contiguous().cpu() for k, v in sd.items()}
+
+    def export_weights(self, dtype: str = "float32") -> WeightUpdate:
+        t0 = time.time()
+        return WeightUpdate.from_tensors(self.step, self.state_for_sync(dtype), seconds=time.time() - t0)
+
+    def save_checkpoint(self, ckpt_dir: str | Path, extra: dict) -> str:
+        """A Hugging Face model dir + learner state (`checkpoint.save`); `extra` is JSON (data
+        cursor, monitor)."""
+        counters = {"step": self.step, "skipped": self.skipped, "bad_in_row": self.bad_in_row}
+        return checkpoint.save(ckpt_dir, self.model, self.tokenizer, self.opt, self.sched, counters, extra)
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> dict:
+        """Restore the learner state saved next to the model weights (loaded at start); the `extra`."""
+        counters, extra = checkpoint.load(ckpt_dir, self.opt, self.sched)
+        self.step, self.skipped, self.bad_in_row = counters["step"], counters["skipped"], counters["bad_in_row"]
+        return extra
