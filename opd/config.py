@@ -125,7 +125,7 @@ class RolloutConfig:
 
 @dataclass
 class SmpoConfig:
-    """The SMPO preference loss (opd/losses.py smpo_loss). Default values, and the measured
+    """The SMPO preference loss (opd/losses/smpo.py smpo_loss). Default values, and the measured
     reasons for them, are in conf/loss/opd.yaml (benchmarks/exp_smpo.py)."""
 
     beta: float = knob(MISSING, gt(0))
