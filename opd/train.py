@@ -79,6 +79,8 @@ def run_training(cfg: TrainConfig) -> dict:
         start = resolve_model_paths(cfg)[0] if resume else student_path  # the anchor's reference
         workers = Workers(cfg, student_path, teacher_path, teacher_eval_prompts=eval_prompts, start_path=start)
         state = workers.load_checkpoint(str(resume)) if resume else None
+        if resume:  # the engines started on the checkpoint's weights; now they carry its step as
+            workers.sync()  # their version too, so the first rollouts are not read as stale
         loop = Distillation(cfg, workers, tok, train, heldout, run)
         summary = loop.run(state).as_dict()
         summary.update(total_seconds=time.time() - t0, run_dir=str(run.path.resolve()), steps=cfg.steps,

@@ -65,6 +65,33 @@ def tiny_zoo(tiny_cfg):
     return ensure_zoo(tiny_cfg)
 
 
+@pytest.fixture(scope="session")
+def tiny_zoo_pad_eos(tiny_zoo, tmp_path_factory):
+    """The tiny zoo with pad == eos, the real pair's case (SmolLM2 pads with <|im_end|>): the
+    same weights and vocabulary, with the tokenizer's pad token set to its EOS token and
+    pad_token_id set to the EOS id in every model and generation config."""
+    import shutil
+
+    from opd.zoo import ZooPaths
+
+    root, out = tmp_path_factory.mktemp("zoo_pad_eos"), {}
+    for role in ("tokenizer", "teacher", "student"):
+        dst = root / getattr(tiny_zoo, role).name
+        shutil.copytree(getattr(tiny_zoo, role), dst)
+        tok = json.loads((dst / "tokenizer_config.json").read_text())
+        eos_id = next(t["id"] for t in json.loads((dst / "tokenizer.json").read_text())["added_tokens"]
+                      if t["content"] == tok["eos_token"])
+        for name, key, value in (("tokenizer_config.json", "pad_token", tok["eos_token"]),
+                                 ("special_tokens_map.json", "pad_token", tok["eos_token"]),
+                                 ("config.json", "pad_token_id", eos_id),
+                                 ("generation_config.json", "pad_token_id", eos_id)):
+            if (dst / name).is_file():
+                conf = json.loads((dst / name).read_text())
+                (dst / name).write_text(json.dumps({**conf, key: value}, indent=2))
+        out[role] = dst
+    return ZooPaths(**out)
+
+
 class EnginePool:
     """vLLM engines shared by the whole session: starting one costs 10-30 s on two cores, and
     in-process runs (`resources.use_ray=false`) would otherwise start two per run.

@@ -3,6 +3,8 @@
 One vLLM engine on the tiny student (in-process class, no Ray) and one learner on the same
 weights: after the learner's weights change and are synced, the engine must sample from
 exactly the learner's distribution (fp32, <= 1e-3) and decode what the learner decodes.
+That engine takes the weights as safetensors bytes; the Ray actors' path (numpy arrays by
+reference from the object store, reloaded in place) has a test of its own, with Ray.
 """
 
 import json
@@ -149,3 +151,45 @@ def test_start_up_checks_embedding_rows(tmp_path, tiny_zoo):
     assert len(tok) == n and f"student {n}, teacher {n + 64}" in note
     with pytest.raises(TokenizerMismatch, match="fewer rows"):
         check_pair(with_rows("short", n - 1), str(tiny_zoo.teacher))
+
+
+def test_ray_sync_reloads_numpy_weights_by_reference(tiny_overrides, tiny_zoo, tmp_path):
+    """The sync the Ray actors use (`Workers.sync` with resources.use_ray=true): the learner
+    actor's exported numpy arrays stay in Ray's object store, the rollout worker actor gets
+    their reference and its in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) reloads
+    them in place. The session's engines take safetensors bytes instead (their engine core is
+    a process of its own), so only this test covers this path. Before the sync the engine's
+    log-probs are the old weights' (they differ from the trained learner's); after it they
+    equal the learner's forward (fp32, <= 1e-3)."""
+    import ray
+
+    from opd.actors import Workers, start_ray
+    from opd.config import load_config
+
+    cfg = load_config(tiny_overrides + [f"run_dir={tmp_path}", "resources.use_ray=true", "optim.lr=0.01",
+                                        "optim.warmup_steps=0"])
+    started, workers = start_ray(cfg.resources), None
+    try:
+        workers = Workers(cfg, str(tiny_zoo.student), str(tiny_zoo.teacher))
+        tok = load_tokenizer(tiny_zoo.student)
+        prompts = _prompts(cfg, tok)
+        old = workers.generate(prompts, _settings())
+        batch = build_train_batch(old, workers.score(old), tok.pad_token_id, tok.eos_token_id, True, 1.0)
+        workers.train(batch)  # the learner is at step 1, the engine still at version 0
+        m = batch.loss_mask_BS > 0
+        assert np.abs(workers.student_logprobs(batch) - batch.sampler_logprobs_BS)[m].max() > 1e-2
+
+        update, versions = workers.sync()
+        assert versions == [1] and update.version == 1
+        # read in place from the object store: the arrays are Ray's shared, read-only memory
+        assert update.arrays and not any(a.flags.writeable for a in update.arrays.values())
+        new = workers.generate(prompts, _settings())
+        assert new.weight_version == 1
+        synced = build_train_batch(new, None, tok.pad_token_id, tok.eos_token_id, True, 1.0)
+        m = synced.loss_mask_BS > 0
+        assert np.abs(workers.student_logprobs(synced) - synced.sampler_logprobs_BS)[m].max() <= 1e-3
+    finally:
+        if workers is not None:
+            workers.shutdown()
+        if started:
+            ray.shutdown()

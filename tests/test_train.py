@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from opd.config import load_config
 from opd.train import run_training
@@ -42,18 +43,41 @@ def test_inprocess_run_writes_metrics_summary_and_checkpoint(tiny_overrides, tin
     assert not list(ckpt.glob("*.bin"))
 
 
+def _differing(a: dict, b: dict) -> list[str]:
+    """The names whose tensors differ in shape, dtype or any bit (a name on one side only too)."""
+    return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
+
+
 def test_resume_continues_exactly(tiny_overrides, tiny_zoo, tmp_path):
-    """Checkpoint at step 2, then resume: step 3 has the same loss as the uninterrupted run."""
-    base = tiny_overrides + FAST + ["resources.use_ray=false", "steps=3", "checkpoint_every=2",
+    """Checkpoint every step, then resume from step 1: after the resumed run's first step and
+    after its last, its weights, AdamW moments and LR schedule equal the uninterrupted run's
+    bit for bit (a step's loss and gradient norm come before its update, so they alone would
+    not show lost optimizer state)."""
+    from safetensors.torch import load_file
+
+    base = tiny_overrides + FAST + ["resources.use_ray=false", "steps=3", "checkpoint_every=1",
                                     "keep_checkpoints=5", "optim.lr=0.003"]
     run_training(load_config(base + [f"run_dir={tmp_path / 'a'}"]))
-    full = _metrics(tmp_path / "a")
-    ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
+    ckpt = tmp_path / "a" / "checkpoints" / "step-000001"
     run_training(load_config(base + [f"run_dir={tmp_path / 'b'}", f"resume={ckpt}"]))
-    resumed = _metrics(tmp_path / "b")
-    assert [m["step"] for m in resumed] == [3]
-    for key in ("loss/rows_total", "teacher/kl", "length/mean", "optim/grad_norm", "optim/lr"):
-        assert resumed[0][key] == pytest.approx(full[2][key], rel=1e-5, abs=1e-6), key
+    full, resumed = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [m["step"] for m in resumed] == [2, 3]
+    # the checkpoints each step left: the state after the resumed run's first step, and its last
+    for step in (2, 3):
+        a, b = (tmp_path / run / "checkpoints" / f"step-{step:06d}" for run in ("a", "b"))
+        assert _differing(load_file(a / "model.safetensors"), load_file(b / "model.safetensors")) == [], step
+        sa, sb = (torch.load(d / "learner_state.pt", weights_only=True) for d in (a, b))
+        moments_a, moments_b = sa["optimizer"]["state"], sb["optimizer"]["state"]
+        assert moments_a.keys() == moments_b.keys() and len(moments_a) == len(load_file(a / "model.safetensors"))
+        for i in moments_a:
+            assert {"exp_avg", "exp_avg_sq", "step"} <= moments_a[i].keys()
+            assert _differing(moments_a[i], moments_b[i]) == [], (step, i)
+        assert float(moments_b[0]["step"]) == step  # AdamW's own count: the restored one, not restarted
+        assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
+        assert sa["scheduler"] == sb["scheduler"]
+    for key in ("rollout/weight_version", "rollout/staleness", "loss/rows_total", "teacher/kl", "length/mean",
+                "optim/grad_norm", "optim/lr"):
+        assert [m[key] for m in resumed] == pytest.approx([m[key] for m in full[1:]], rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.parametrize("loss", ["gkd", "smpo", "smpo_only", "seqkd"])
