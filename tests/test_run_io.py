@@ -38,11 +38,18 @@ def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tmp_path):
     assert got["eval/exact_match"] == [(3, float(np.float32(0.4)))]
 
 
-def test_resume_drops_redone_steps_from_tensorboard(tmp_path):
+def test_resume_drops_redone_steps_from_tensorboard(tmp_path, monkeypatch):
     run = RunDir(tmp_path, loggers=["tensorboard"])
     for s in (1, 2, 3):
         run.log(StepMetrics(s, {"loss/rows_total": float(s)}))
     run.close()
+    # TensorBoard reads event files in name order, and a name starts with the writer's second
+    # and ends with a per-process counter ("...9" sorts after "...10"): a resumed run is a
+    # later process, so its file comes later; here, in one process, move its clock on.
+    import time
+
+    later = time.time() + 10
+    monkeypatch.setattr(time, "time", lambda: later)
     resumed = RunDir(tmp_path, loggers=["tensorboard"])
     resumed.truncate_metrics(1)  # resume from the checkpoint of step 1: steps 2, 3 are redone
     resumed.log(StepMetrics(2, {"loss/rows_total": 20.0}))
