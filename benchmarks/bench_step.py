@@ -111,7 +111,8 @@ def main() -> None:
 
     from opd.config import as_dict, load_config
     from opd.run_io import environment
-    from opd.tasks import encode_prompt, load_splits, sample_batch
+    from opd.prompt_files import load_splits
+    from opd.tasks import encode_prompt, sample_batch
     from opd.train import run_training
     from opd.zoo import load_tokenizer, resolve_model_paths
 

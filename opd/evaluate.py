@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     from opd.actors import Workers
     from opd.config import load_config
     from opd.evaluation import Evaluator, table
-    from opd.tasks import load_splits, prompt_batch
+    from opd.prompt_files import load_splits
+    from opd.tasks import prompt_batch
     from opd.zoo import load_tokenizer, resolve_model_paths
 
     cfg = load_config(sys.argv[1:] if argv is None else argv)

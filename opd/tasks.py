@@ -14,14 +14,7 @@ normalised), `last_number` (the last number in the text, compared as a number), 
 `regex:<pattern>` (the first match; its first group if it has one). A real model's answer is
 rarely the bare string.
 
-And a loader for users' JSONL prompt files (`task=file`): one object per line with either
-`prompt` (raw text, encoded as is) or `messages` (a chat list, rendered with the
-tokenizer's chat template), and optionally `answer`. A bad line is reported with its file
-and line number; `on_bad_line` decides whether it stops the run or is skipped and counted.
-Nothing is truncated silently: a prompt that cannot fit `max_model_len - max_new_tokens`
-tokens is a bad line. Format checks (`opd/formatting.py`, config group `format`) find lines
-cut off mid-markup or carrying chat-template leftovers; `format.on_prompt_file` warns about
-them (file and line), skips them (counted with the other skipped lines) or refuses the file.
+Users' JSONL prompt files (`task=file`) are read by `opd/prompt_files.py`.
 
 The config's `task` section (TaskConfig, nested by opd/config.py) is defined here, next to
 the tasks and choices its fields allow.
@@ -29,18 +22,15 @@ the tasks and choices its fields allow.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import MISSING
 
 from opd.constraints import Rule, between, ge, knob, one_of
-from opd.formatting import ACTIONS, check_example
 
 
 @dataclass(frozen=True)
@@ -211,143 +201,6 @@ TASK_ALPHABET = string.digits + string.ascii_lowercase + "+-*/=?.,:;!'\"()[] "
 ON_BAD_LINE = ("error", "skip")  # a bad prompt-file line stops the run, or is skipped and counted
 
 
-class DataError(ValueError):
-    """A bad line in a prompt file: the message starts with `file:line:`."""
-
-
-@dataclass
-class LoadReport:
-    path: str
-    loaded: int = 0
-    skipped: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
-    warned: list[tuple[int, str]] = field(default_factory=list)  # kept, but malformed (format)
-
-    def summary(self) -> str:
-        s = f"{self.path}: {self.loaded} prompts loaded, {len(self.skipped)} lines skipped"
-        s += "".join(f"\n  line {n}: {why}" for n, why in self.skipped[:10])
-        if self.warned:
-            s += f"\n{self.path}: {len(self.warned)} loaded lines fail a format check (format.on_prompt_file=warn)"
-            s += "".join(f"\n  line {n}: {why}" for n, why in self.warned[:10])
-        return s
-
-
-@dataclass(frozen=True)
-class FormatRule:
-    """Format checks on prompt-file lines (`opd/formatting.py`) and what a failing line gets:
-    `warn` (kept, reported), `skip` (skipped, reported) or `refuse` (the run stops)."""
-
-    checks: tuple[str, ...] = ()
-    action: str = "warn"
-    extra_tokens: tuple[str, ...] = ()
-
-    def problem(self, ex: Example) -> Optional[str]:
-        if not self.checks:
-            return None
-        texts = [c for _, c in ex.messages] if ex.messages is not None else [ex.text or ""]
-        return check_example(texts, ex.answer, self.checks, self.extra_tokens,
-                             raw_prompt=ex.messages is None)
-
-
-def _parse_line(raw: str, default_extract: str = "exact") -> Example | str:
-    """Parse one JSONL line; returns an Example (source unset) or the reason it is bad."""
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        return f"malformed JSON ({e.msg} at column {e.colno})"
-    if not isinstance(obj, dict):
-        return f"expected a JSON object, got {type(obj).__name__}"
-    answer = obj.get("answer")
-    if answer is not None and not isinstance(answer, str):
-        return f"field 'answer' must be a string, got {type(answer).__name__}"
-    extract = obj.get("extract", default_extract)
-    try:
-        check_extraction(extract if isinstance(extract, str) else repr(extract))
-    except ValueError as e:
-        return f"field 'extract' {e}"
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return "field 'messages' must be a non-empty list of {role, content} objects"
-        turns = []
-        for i, m in enumerate(msgs):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)):
-                return f"messages[{i}] must be an object with string 'role' and 'content'"
-            turns.append((m["role"], m["content"]))
-        if not any(c.strip() for _, c in turns):
-            return "empty prompt: every message content is blank"
-        return Example(messages=tuple(turns), text=None, answer=answer, source="", extract=extract)
-    if "prompt" in obj:
-        if not isinstance(obj["prompt"], str):
-            return f"field 'prompt' must be a string, got {type(obj['prompt']).__name__}"
-        if not obj["prompt"].strip():
-            return "empty prompt"
-        return Example(messages=None, text=obj["prompt"], answer=answer, source="", extract=extract)
-    return "missing field: a line needs 'prompt' (string) or 'messages' (chat list)"
-
-
-def load_prompt_file(path: str | Path, on_bad_line: str = "error",
-                     count_tokens: Optional[Callable[[Example], int]] = None,
-                     max_prompt_tokens: Optional[int] = None,
-                     require_answer: bool = False,
-                     extract: str = "exact",
-                     fmt: Optional[FormatRule] = None) -> tuple[list[Example], LoadReport]:
-    """Read a JSONL prompt file. `count_tokens` + `max_prompt_tokens` reject prompts that
-    cannot fit the engine (`max_model_len - max_new_tokens`) instead of truncating them;
-    `fmt` runs the format checks on each line."""
-    if on_bad_line not in ON_BAD_LINE:
-        raise ValueError(f"task.on_bad_line must be one of {list(ON_BAD_LINE)}, got {on_bad_line!r}")
-    if fmt is not None and fmt.action not in ACTIONS:
-        raise ValueError(f"format.on_prompt_file must be one of {list(ACTIONS)}, got {fmt.action!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such prompt file")
-    report, out = LoadReport(str(path)), []
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            ex = _parse_line(raw, extract)  # an Example, or why the line is bad
-            why = ex if isinstance(ex, str) else _unusable(ex, require_answer, count_tokens,
-                                                           max_prompt_tokens)
-            if why is not None:
-                if on_bad_line == "error":
-                    raise DataError(f"{path}:{lineno}: {why}")
-                report.skipped.append((lineno, why))
-            elif fmt is None or _passes_format(fmt, ex, path, lineno, report):
-                out.append(replace(ex, source=f"{path.name}:{lineno}"))
-    report.loaded = len(out)
-    if not out:
-        raise DataError(f"{path}: no usable prompt ({len(report.skipped)} lines skipped)")
-    return out, report
-
-
-def _unusable(ex: Example, require_answer: bool, count_tokens: Optional[Callable[[Example], int]],
-              max_prompt_tokens: Optional[int]) -> Optional[str]:
-    """Why a well-formed line still cannot be used (no answer where one is needed, a prompt
-    too long for the engine), or None."""
-    if require_answer and ex.answer is None:
-        return "missing field 'answer' (held-out prompts need a reference answer)"
-    if count_tokens and max_prompt_tokens is not None:
-        n = count_tokens(ex)
-        if n > max_prompt_tokens:
-            return (f"prompt is {n} tokens, more than the {max_prompt_tokens} that fit "
-                    f"(rollout.max_model_len - rollout.max_new_tokens); not truncated")
-    return None
-
-
-def _passes_format(fmt: FormatRule, ex: Example, path: Path, lineno: int, report: LoadReport) -> bool:
-    """Whether a usable line is kept after the format checks: a failing line is refused
-    (DataError), skipped or kept with a warning, as `fmt.action` says; the report counts it."""
-    why = fmt.problem(ex)
-    if not why:
-        return True
-    if fmt.action == "refuse":
-        raise DataError(f"{path}:{lineno}: {why} (format.on_prompt_file=refuse)")
-    (report.skipped if fmt.action == "skip" else report.warned).append((lineno, why))
-    return fmt.action != "skip"
-
-
 # ------------------------------------------------------------------ encoding
 def encode_prompt(tokenizer: Any, ex: Example) -> list[int]:
     """Token ids of a prompt: chat turns through the chat template (with the generation
@@ -397,29 +250,6 @@ class TaskConfig:
         if self.name == "file" and not self.train_file:
             errs.append(f"{prefix}train_file must be set when {prefix}name is 'file', got null")
         return errs
-
-
-def load_splits(task_cfg: TaskConfig, tokenizer: Any = None, max_prompt_tokens: Optional[int] = None,
-                fmt: Optional[FormatRule] = None) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples for a TaskConfig; `fmt`: format checks on prompt files."""
-    if task_cfg.name != "file":
-        t = build_task(task_cfg.name, task_cfg.seed, task_cfg.train_size, task_cfg.heldout_size,
-                       task_cfg.max_digits, task_cfg.min_chars, task_cfg.max_chars,
-                       task_cfg.answer_extraction)
-        return t.train(), t.heldout()
-    count = (lambda ex: len(encode_prompt(tokenizer, ex))) if tokenizer is not None else None
-    train, rep = load_prompt_file(task_cfg.train_file, task_cfg.on_bad_line, count, max_prompt_tokens,
-                                  extract=task_cfg.answer_extraction, fmt=fmt)
-    if rep.skipped or rep.warned:
-        print(rep.summary(), flush=True)
-    held: list[Example] = []
-    if task_cfg.heldout_file:
-        held, rep = load_prompt_file(task_cfg.heldout_file, task_cfg.on_bad_line, count,
-                                     max_prompt_tokens, require_answer=True,
-                                     extract=task_cfg.answer_extraction, fmt=fmt)
-        if rep.skipped or rep.warned:
-            print(rep.summary(), flush=True)
-    return train[: task_cfg.train_size], held[: task_cfg.heldout_size]
 
 
 def sample_batch(examples: Sequence[Example], n: int, rng: random.Random) -> list[Example]:

@@ -98,7 +98,11 @@ def check_pair(student_path: str, teacher_path: str, student_trust: bool = False
 
 
 class TeacherScorer:
-    """Frozen teacher; `score` returns its log-probs of the student's completion tokens."""
+    """Frozen teacher; `score` returns its log-probs of the student's completion tokens.
+
+    Over ~150 lines because it holds both backends (transformers, vLLM) behind one `score`
+    and `generate`: each is a few short methods, and splitting them into classes would
+    duplicate the shared tokenizer checks and the scores' assembly."""
 
     def __init__(self, model_path: str, teacher_cfg: TeacherConfig, rollout_cfg: RolloutConfig, device: str = "auto"):
         self.cfg, self.path = teacher_cfg, model_path

@@ -36,7 +36,7 @@ def prepare_run(cfg: TrainConfig):
     from opd.config import as_dict
     from opd.preflight import check_start
     from opd.run_io import RunDir, resolve_resume
-    from opd.tasks import FormatRule, load_splits
+    from opd.prompt_files import FormatRule, load_splits
     from opd.teacher import check_pair
     from opd.zoo import resolve_model_paths
 

@@ -10,7 +10,7 @@ import pytest
 from opd import formatting as F
 from opd import length as L
 from opd.batch import build_pairs
-from opd.tasks import DataError, FormatRule, load_prompt_file
+from opd.prompt_files import DataError, FormatRule, load_prompt_file
 
 # (check, texts that pass, texts that fail)
 CASES = [

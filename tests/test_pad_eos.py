@@ -14,7 +14,8 @@ from opd.actors import Workers
 from opd.batch import answer_rollouts, build_pairs, build_train_batch
 from opd.config import load_config
 from opd.learner import Learner
-from opd.tasks import build_task, encode_answer, encode_prompt, load_splits, prompt_batch
+from opd.prompt_files import load_splits
+from opd.tasks import build_task, encode_answer, encode_prompt, prompt_batch
 from opd.teacher import TeacherScorer
 from opd.train import run_training
 from opd.types import SamplingSettings

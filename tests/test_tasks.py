@@ -8,9 +8,10 @@ import random
 
 import pytest
 
-from opd.tasks import (DataError, Example, answer_correct, build_task, check_extraction,
-                       encode_answer, encode_prompt, exact_match, extract_answer, load_prompt_file,
-                       load_splits, normalize_answer, sample_batch, user_example)
+from opd.prompt_files import DataError, load_prompt_file, load_splits
+from opd.tasks import (Example, answer_correct, build_task, check_extraction, encode_answer,
+                       encode_prompt, exact_match, extract_answer, normalize_answer, sample_batch,
+                       user_example)
 
 TASKS = {
     "addition": dict(max_digits=2),

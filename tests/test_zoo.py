@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from opd.config import load_config
-from opd.tasks import Example, build_task, encode_prompt, exact_match, load_splits
+from opd.prompt_files import load_splits
+from opd.tasks import Example, build_task, encode_prompt, exact_match
 from opd.zoo import (MARKER, ZooPaths, atomic_build, ensure_model, ensure_zoo,
                      greedy_exact_match, load_tokenizer, model_spec, spec_hash, weights_sha256,
                      zoo_info)

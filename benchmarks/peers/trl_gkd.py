@@ -107,7 +107,8 @@ def trl_job(cfg, steps: int) -> dict:
     """The TRL worker's inputs: opd's models, prompts (as many rows as an opd step) and loss."""
     import random
 
-    from opd.tasks import encode_prompt, load_splits, sample_batch
+    from opd.prompt_files import load_splits
+    from opd.tasks import encode_prompt, sample_batch
     from opd.zoo import load_tokenizer, resolve_model_paths
 
     student, teacher = resolve_model_paths(cfg)
