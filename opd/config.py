@@ -242,6 +242,12 @@ class ResourcesConfig:
     teacher_num_gpus: float = knob(MISSING, ge(0))
     learner_num_cpus: float = knob(MISSING, gt(0))
     learner_num_gpus: float = knob(MISSING, ge(0))
+    learner_workers: int = knob(MISSING, ge(1))  # learner ranks: one process group, the student sharded
+    #                                        over them with FSDP2 (1: one unsharded learner)
+    learner_placement: str = knob(MISSING, one_of("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    #                                        Ray placement-group strategy of the learner ranks
+    teacher_workers: int = knob(MISSING, ge(1))  # data-parallel teacher replicas; each step's scoring
+    #                                        is split across them
     ray_num_cpus: Optional[int] = knob(None, optional(ge(1)))  # CPUs of a local Ray (null = all)
     remote_timeout_s: float = knob(MISSING, gt(0))  # every remote call times out after this
     startup_timeout_s: float = knob(MISSING, gt(0))  # actor construction (engine start, model load)
