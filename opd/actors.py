@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+from opd import learner_group as group
 from opd.console import filter_benign_vllm_warnings, redirect_output
 from opd.types import (ActorDied, ActorError, CheckpointState, LearnerDied, PromptBatch, RolloutBatch,
                        SamplingSettings, TeacherScores, TrainBatch, WeightUpdate)
@@ -138,15 +139,16 @@ def _in_actor(cls: type, log_path: Optional[str]) -> type:
 
 
 def _make(cls: type, name: str, use_ray: bool, num_cpus: float, num_gpus: float,
-          env: dict, *args, log_dir: Optional[str] = None) -> _Actor:
-    """An actor `name` (or a plain object); with `log_dir` its output goes to `<log_dir>/<name>.log`."""
+          env: dict, *args, log_dir: Optional[str] = None, opts: Optional[dict] = None) -> _Actor:
+    """An actor `name` (or a plain object); with `log_dir` its output goes to `<log_dir>/<name>.log`;
+    `opts`: more Ray options (a placement group's scheduling strategy)."""
     if not use_ray:
         local = _Local(cls, name, args)
         filter_benign_vllm_warnings()
         return local
     log_path = os.path.join(log_dir, f"{name}.log") if log_dir else None
     return _Remote(_in_actor(cls, log_path), name, args, {"num_cpus": num_cpus, "num_gpus": num_gpus,
-                                                          "runtime_env": {"env_vars": env}})
+                                                          "runtime_env": {"env_vars": env}, **(opts or {})})
 
 
 def _rollout_env(ncpu: int) -> dict:
@@ -165,13 +167,16 @@ def check_resources(r: ResourcesConfig) -> None:
     import ray
 
     have = ray.cluster_resources()
-    asks = {"CPU": (r.rollout_workers * r.rollout_num_cpus + r.teacher_num_cpus + r.learner_num_cpus, "cpus"),
-            "GPU": (r.rollout_workers * r.rollout_num_gpus + r.teacher_num_gpus + r.learner_num_gpus, "gpus")}
+    asks = {"CPU": (r.rollout_workers * r.rollout_num_cpus + r.teacher_num_cpus
+                    + r.learner_workers * r.learner_num_cpus, "cpus"),
+            "GPU": (r.rollout_workers * r.rollout_num_gpus + r.teacher_num_gpus
+                    + r.learner_workers * r.learner_num_gpus, "gpus")}
     for kind, (need, unit) in asks.items():
         if need > have.get(kind, 0.0) + 1e-9:
             raise ValueError(
                 f"resources: the actors ask for {need:g} {kind} (resources.rollout_workers x "
-                f"resources.rollout_num_{unit} + resources.teacher_num_{unit} + resources.learner_num_{unit}) "
+                f"resources.rollout_num_{unit} + resources.teacher_num_{unit} + resources.learner_workers x "
+                f"resources.learner_num_{unit}) "
                 f"but the Ray cluster has {have.get(kind, 0.0):g}")
 
 
@@ -235,13 +240,15 @@ class ActorCalls:
             raise ActorDied(f"{reason}; it was restarted {actor.restarts} times already "
                             f"(resources.max_actor_restarts={self.max_restarts})")
         actor.restart(*args)
-        self.restarts += 1
-        self.events.append({"event": "restart", "actor": actor.name, "restart": actor.restarts,
-                            "reason": reason})
-        print(f"fault: {reason}; restarted {actor.name} ({actor.restarts} of at most "
-              f"{self.max_restarts})", flush=True)
+        self._count_restart(actor.name, actor.restarts, reason)
         self.gather([(actor, "ready")], self.cfg.resources.startup_timeout_s)
         self._restarted(actor)
+
+    def _count_restart(self, name: str, restart: int, reason: str) -> None:
+        """A restart, counted, kept as an event for the step's metrics, and printed."""
+        self.restarts += 1
+        self.events.append({"event": "restart", "actor": name, "restart": restart, "reason": reason})
+        print(f"fault: {reason}; restarted {name} ({restart} of at most {self.max_restarts})", flush=True)
 
     def _restarted(self, actor: _Actor) -> None:
         """What a rebuilt actor needs before it takes calls again (here: nothing)."""
@@ -272,7 +279,8 @@ class Workers(ActorCalls):
         self.start_path = start_path or student_path
         self.use_ray, self.timeout, self.max_restarts = r.use_ray, r.remote_timeout_s, r.max_actor_restarts
         self.rollouts: list[_Actor] = []
-        self.learner: Optional[_Actor] = None
+        self.learners: list[_Actor] = []  # the learner's ranks (opd.learner_group)
+        self.learner_ranks: list[dict] = []  # where each rank runs, and what it holds
         self.restarts, self.events = 0, []
         self.log_dir = (str(Path(cfg.run_dir).resolve() / "logs")
                         if r.use_ray and cfg.log_level != "debug" else None)
@@ -291,15 +299,26 @@ class Workers(ActorCalls):
         self.teacher = _make(TeacherScorer, "teacher", r.use_ray, r.teacher_num_cpus,
                              r.teacher_num_gpus, _rollout_env(int(ncpu)), teacher_path, cfg.teacher,
                              cfg.rollout, cfg.optim.device, log_dir=self.log_dir)
-        self.learner = _make(Learner, "learner", r.use_ray, r.learner_num_cpus, r.learner_num_gpus,
-                             plain, student_path, cfg, self.start_path, log_dir=self.log_dir)
+        self.placement, opts = group.placement(cfg, r.startup_timeout_s) if r.use_ray else (None, None)
+        N = r.learner_workers
+        self.learners = [_make(Learner, name, r.use_ray, r.learner_num_cpus, r.learner_num_gpus, plain,
+                               student_path, cfg, self.start_path, i, N, log_dir=self.log_dir,
+                               opts=opts and opts[i]) for i, name in enumerate(group.rank_names(N))]
         # actor construction (engine start, model load) finishes here, under its own timeout
-        self.gather([(a, "ready") for a in self.rollouts + [self.teacher, self.learner]], r.startup_timeout_s)
+        self.gather([(a, "ready") for a in self.rollouts + [self.teacher] + self.learners], r.startup_timeout_s)
+        self._join_learners()
+
+    def _join_learners(self) -> None:
+        """Form the learner ranks' process group (N > 1) and record where each one runs."""
+        if len(self.learners) > 1:
+            addr, port = self._on_ranks("address", [()], self.cfg.resources.startup_timeout_s)[0]
+            self._on_ranks("join", [(addr, port)] * len(self.learners), self.cfg.resources.startup_timeout_s)
+        self.learner_ranks = self._on_ranks("where")
 
     # ------------------------------------------------------------------ faults
     def _dead(self, actor: _Actor, reason: str, err: Exception) -> None:
         """A dead learner is the loop's to restore from a checkpoint; any other actor is rebuilt."""
-        if actor is self.learner:
+        if actor in self.learners:
             raise LearnerDied(reason) from err
         super()._dead(actor, reason, err)
 
@@ -307,17 +326,34 @@ class Workers(ActorCalls):
         """A rebuilt rollout worker takes the learner's current weights first, so its weight
         version never goes backwards."""
         if actor in self.rollouts:
-            update = self.call(self.learner, "export_weights", self.cfg.rollout.dtype)
+            update = self._on_ranks("export_weights", [(self.cfg.rollout.dtype,)] * len(self.learners))[0]
             self.call(actor, "load_weights", update)
 
     def restart_learner(self, ckpt: Optional[Path], reason: str) -> Optional[CheckpointState]:
         """A new learner from `ckpt` (or the run's starting point), synced to every rollout
         worker. Returns the loop state saved with the checkpoint (None: start of the run)."""
         path = str(ckpt or self.student_path)
-        self.restart(self.learner, f"{reason}; restoring it from {path}", path, self.cfg, self.start_path)
+        reason = f"{reason}; restoring it from {path}"
+        first, N = self.learners[0], len(self.learners)
+        if first.restarts >= self.max_restarts:
+            raise ActorDied(f"{reason}; it was restarted {first.restarts} times already "
+                            f"(resources.max_actor_restarts={self.max_restarts})")
+        for i, rank in enumerate(self.learners):  # every rank: the process group is formed anew
+            rank.restart(path, self.cfg, self.start_path, i, N)
+        self._count_restart("learner", first.restarts, reason)
+        self.gather([(a, "ready") for a in self.learners], self.cfg.resources.startup_timeout_s)
+        self._join_learners()
         extra = self.load_checkpoint(path) if (Path(path) / "learner_state.json").is_file() else None
         self.sync()
         return extra
+
+    def _on_ranks(self, method: str, args: Optional[list[tuple]] = None, timeout: Optional[float] = None) -> list:
+        """`method` on every learner rank (`args[i]` to rank i; default no arguments), waited
+        on together (`opd.learner_group.wait_ranks`); their answers in rank order."""
+        args = args or [()] * len(self.learners)
+        ranks = self.learners[: len(args)]
+        refs = self._submit([(a, method, x) for a, x in zip(ranks, args)])
+        return group.wait_ranks(ranks, method, refs, timeout or self.timeout) if self.use_ray else refs
 
     # ------------------------------------------------------------------ the loop's verbs
     def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
@@ -341,32 +377,45 @@ class Workers(ActorCalls):
         return self.call(self.teacher, "generate", prompts, sampling)
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
-        return self.call(self.learner, "train_step", batch)
+        """One step on every learner rank (a sharded learner: each on its share of `batch`)."""
+        if len(self.learners) == 1:
+            return self._on_ranks("train_step", [(batch,)])[0]
+        from opd.learner.split import split_batch
+
+        shares = split_batch(batch, len(self.learners), self.cfg.optim.micro_batch_size)
+        return {**self._on_ranks("train_step", shares)[0], **group.whole_batch_metrics(batch)}
 
     def sync(self) -> tuple[WeightUpdate, list[int]]:
         """Learner -> every rollout worker; returns the update and the workers' versions.
         With Ray the learner's arrays are stored once in the object store and every worker
         (and this driver, for the version) reads them in place: its reference is passed on,
         the weights are never fetched and put again here."""
-        dtype = self.cfg.rollout.dtype
+        args = [(self.cfg.rollout.dtype,)] * len(self.learners)
         if not self.use_ray:
-            update = self.call(self.learner, "export_weights", dtype)
+            update = self._on_ranks("export_weights", args)[0]
             return update, self.gather([(w, "load_weights", (update,)) for w in self.rollouts])
-        ref = self.learner.submit("export_weights", dtype)
-        update = self._wait((self.learner, "export_weights", (dtype,)), ref, self.timeout)
-        return update, self.gather([(w, "load_weights", (ref,)) for w in self.rollouts])
+        refs = self._submit([(a, "export_weights", x) for a, x in zip(self.learners, args)])
+        update = group.wait_ranks(self.learners, "export_weights", refs, self.timeout)[0]  # rank 0 gathered
+        return update, self.gather([(w, "load_weights", (refs[0],)) for w in self.rollouts])
 
     def save_checkpoint(self, path: str, state: CheckpointState) -> str:
         """The learner's weights and optimizer, with the loop's state, at `path`."""
-        return self.call(self.learner, "save_checkpoint", path, state.as_dict())
+        return self._on_ranks("save_checkpoint", [(path, state.as_dict())] * len(self.learners))[0]
 
     def load_checkpoint(self, path: str) -> CheckpointState:
         """The learner's state from `path` (its weights were loaded at start); the loop's."""
-        return CheckpointState.from_dict(self.call(self.learner, "load_checkpoint", path))
+        return CheckpointState.from_dict(self._on_ranks("load_checkpoint", [(path,)] * len(self.learners))[0])
 
     def student_logprobs(self, batch: TrainBatch) -> np.ndarray:
         """The learner's log-probs of a batch's target tokens [B, S] (0 off the mask)."""
-        return self.call(self.learner, "logprobs", batch)
+        if len(self.learners) == 1:
+            return self._on_ranks("logprobs", [(batch,)])[0]
+        from opd.learner.split import split_rows
+
+        shares = split_rows(batch, len(self.learners), self.cfg.optim.micro_batch_size)
+        answers = self._on_ranks("logprobs", [(b, plan) for _, b, plan in shares])
+        return group.merge_logprobs([(rows, lp) for (rows, _, _), lp in zip(shares, answers)],
+                                    batch.input_ids_BS.shape)
 
     def _teacher_eval(self, prompts: PromptBatch) -> tuple[RolloutBatch, RolloutBatch]:
         """The teacher's greedy and sampled held-out completions, from a short-lived vLLM engine."""
@@ -384,11 +433,12 @@ class Workers(ActorCalls):
             engine.kill()
 
     def shutdown(self) -> None:
-        for a in self.rollouts + [self.teacher, self.learner]:
+        for a in self.rollouts + [self.teacher] + self.learners:
             try:
                 a.kill()
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass
+        group.release(getattr(self, "placement", None))
 
 
 def merge_rollouts(outs: list[RolloutBatch], n_prompts: list[int], W: int, G: int) -> RolloutBatch:

@@ -299,6 +299,10 @@ class TrainConfig:
         if r.overlap and self.loss.on_policy_fraction < 1:
             errs.append(f"rollout.overlap needs loss.on_policy_fraction=1 (every step from student "
                         f"rollouts), got {self.loss.on_policy_fraction}; or set rollout.overlap=false")
+        rs = self.resources
+        if rs.learner_workers > 1 and not rs.use_ray:
+            errs.append(f"resources.learner_workers > 1 (a sharded learner, got {rs.learner_workers}) needs "
+                        f"resources.use_ray=true: its ranks are processes")
         return errs
 
 

@@ -78,6 +78,7 @@ def run_training(cfg: TrainConfig) -> dict:
         eval_prompts = prompt_batch(tok, heldout) if heldout else None
         start = resolve_model_paths(cfg)[0] if resume else student_path  # the anchor's reference
         workers = Workers(cfg, student_path, teacher_path, teacher_eval_prompts=eval_prompts, start_path=start)
+        _print_learner_group(workers.learner_ranks)
         state = workers.load_checkpoint(str(resume)) if resume else None
         if resume:  # the engines started on the checkpoint's weights; now they carry its step as
             workers.sync()  # their version too, so the first rollouts are not read as stale
@@ -85,7 +86,7 @@ def run_training(cfg: TrainConfig) -> dict:
         summary = loop.run(state).as_dict()
         summary.update(total_seconds=time.time() - t0, run_dir=str(run.path.resolve()), steps=cfg.steps,
                        environment=environment(), student_path=student_path,
-                       teacher_path=teacher_path)
+                       teacher_path=teacher_path, learner_ranks=workers.learner_ranks)
         run.write_json("summary.json", summary)
         _write_report(run.path)
         return summary
@@ -94,6 +95,15 @@ def run_training(cfg: TrainConfig) -> dict:
         raise
     finally:
         _shut_down(run, workers, started_ray)
+
+
+def _print_learner_group(ranks: list[dict]) -> None:
+    """One line per rank of a sharded learner: where it runs and the bytes it holds."""
+    if len(ranks) < 2:
+        return
+    for r in ranks:
+        print(f"learner rank {r['rank']} of {len(ranks)}: node {r['node_id'][:12]}, pid {r['pid']}, "
+              f"{r['param_bytes'] / 2**20:.1f} MiB of parameters", flush=True)
 
 
 def _shut_down(run: Any, workers: Any, started_ray: bool) -> None:

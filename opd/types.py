@@ -153,6 +153,15 @@ class PairBatch:
     score_gap: np.ndarray  # [M] float32 score(chosen) - score(rejected)
     skipped: int  # prompts whose best-worst gap was under the threshold
 
+    def within(self, rows: np.ndarray) -> "PairBatch":
+        """The pairs whose chosen and rejected rows are both in `rows`, as indices into `rows`."""
+        at = {int(r): i for i, r in enumerate(rows)}
+        keep = [m for m, (c, r) in enumerate(zip(self.chosen_rows, self.rejected_rows))
+                if int(c) in at and int(r) in at]
+        return PairBatch(np.array([at[int(self.chosen_rows[m])] for m in keep], np.int64),
+                         np.array([at[int(self.rejected_rows[m])] for m in keep], np.int64),
+                         self.score_gap[keep], self.skipped)
+
 
 @dataclass(frozen=True)
 class TrainBatch:
@@ -191,6 +200,14 @@ class TrainBatch:
     def on_policy(self) -> bool:
         """Whether any row is a student rollout."""
         return bool(self.on_policy_B.any())
+
+    def select(self, rows: Sequence[int]) -> "TrainBatch":
+        """These rows (every per-row array: the fields named *_B*), with the pairs whose two
+        rows are both among them, renumbered."""
+        rows = np.asarray(rows, np.int64)
+        per_row = {f.name: getattr(self, f.name)[rows] for f in fields(self)
+                   if "_B" in f.name and getattr(self, f.name) is not None}
+        return replace(self, **per_row, pairs=self.pairs and self.pairs.within(rows))
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def test_restarts_are_counted_evented_and_limited(capsys):
 
     workers = Workers.__new__(Workers)  # only the plumbing, no models
     workers.max_restarts, workers.restarts, workers.events = 1, 0, []
-    workers.use_ray, workers.rollouts, workers.learner = False, [], None
+    workers.use_ray, workers.rollouts, workers.learners = False, [], []
     workers.cfg = load_config([])
     thing = _Local(Thing, "thing", ())
     first = thing.obj

@@ -468,7 +468,7 @@ def test_smpo_matches_bruteforce(loss_type, cfg):
     loss, metrics = smpo_loss(lc, mc, lr, mr, ids, EOS, loss_type=loss_type, **cfg)
     ref = _ref_smpo(lc, mc, lr, mr, ids, loss_type=loss_type, **cfg)
     assert loss.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
-    assert metrics["smpo/loss_pref"] + cfg.get("sft_coef", 1.0) * metrics["smpo/loss_sft"] == pytest.approx(ref)
+    assert metrics["loss/smpo_pref"] + cfg.get("sft_coef", 1.0) * metrics["loss/smpo_sft"] == pytest.approx(ref)
     assert metrics["smpo/margin"] == 0.35
     assert _finite(*torch.autograd.grad(loss, (lc, lr)))
 
@@ -479,7 +479,7 @@ def test_smpo_sft_amortization_term():
     no_sft, _ = smpo_loss(lc, mc, lr, mr, ids, EOS, sft_coef=0.0)
     ce_c = (-lc * mc).sum().item() / mc.sum().item()
     ce_r = (-lr * mr).sum().item() / mr.sum().item()   # raw rejected log-probs, no stabilisers
-    assert metrics["smpo/loss_sft"] == pytest.approx(0.8 * ce_c + 0.2 * ce_r, rel=1e-12)
+    assert metrics["loss/smpo_sft"] == pytest.approx(0.8 * ce_c + 0.2 * ce_r, rel=1e-12)
     assert (with_sft - no_sft).item() == pytest.approx(0.7 * (0.8 * ce_c + 0.2 * ce_r), rel=1e-10)
 
 

@@ -86,7 +86,7 @@ def _eos_logp_change(tiny_cfg, tiny_zoo, chosen_stops: bool, **smpo) -> float:
     eos_pos = 4 + 5 - 1
     before = learner.logprobs(batch)[1, eos_pos]
     m = learner.train_step(batch)
-    assert m["smpo/loss_pref"] > 0 and m["smpo/rejected_eos_frac"] == 1.0
+    assert m["loss/smpo_pref"] > 0 and m["smpo/rejected_eos_frac"] == 1.0
     assert m["smpo/eos_logp_rejected"] == pytest.approx(float(before), abs=1e-5)
     return float(learner.logprobs(batch)[1, eos_pos] - before)
 

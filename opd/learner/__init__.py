@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from opd.device import pick_device
-from opd.learner import checkpoint, objective
+from opd.learner import checkpoint, objective, shard
 from opd.learner.forward import StudentForward, batch_shape_metrics
 from opd.types import TrainBatch, WeightUpdate
 
@@ -68,35 +68,56 @@ class BadStepsError(RuntimeError):
 
 
 class Learner:
-    """Holds the student, its optimizer and schedule; trains on TrainBatches."""
+    """Holds the student, its optimizer and schedule; trains on TrainBatches. One of
+    `world` ranks of a sharded learner when `world` > 1 (`opd.learner.shard`): it then
+    holds 1/world of the student once `join` has formed the process group."""
 
-    def __init__(self, model_path: str, cfg: TrainConfig, start_path: Optional[str] = None):
+    def __init__(self, model_path: str, cfg: TrainConfig, start_path: Optional[str] = None,
+                 rank: int = 0, world: int = 1):
         """`model_path`: the weights to train (the student, or a checkpoint when resuming);
         `start_path`: the run's starting student (the divergence anchor), default model_path."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.loss_cfg, self.optim_cfg = cfg, cfg.loss, cfg.optim
+        self.rank, self.world = rank, world
         self.device = pick_device(self.optim_cfg.device)
         torch.manual_seed(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
-        # fp32 master weights; bf16 only through autocast on GPU
+        # fp32 master weights; bf16 compute through autocast (one device) or FSDP2's policy
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch.float32, trust_remote_code=cfg.student.trust_remote_code).to(self.device)
+            model_path, dtype=torch.float32, trust_remote_code=cfg.student.trust_remote_code)
         self.model.train()
         self.vocab_size = len(self.tokenizer)
-        oc = self.optim_cfg
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
-                                     weight_decay=oc.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(oc.schedule, oc.warmup_steps, cfg.steps, oc.min_lr_ratio))
         # the only remedy setting read from the config: whether batches may ask for the anchor,
         # so the frozen copy is kept; its weight per step comes with each batch (anchor_coef)
         keeps_anchor = cfg.length.mode == "auto" and cfg.length.remedies.anchor_coef > 0
         self.anchor = self._frozen(start_path or model_path) if keeps_anchor else None
-        autocast = self.device == "cuda" and cfg.student.dtype == "bfloat16"
-        self.forward = StudentForward(self.model, self.anchor, self.device, autocast, self.vocab_size)
         self.step = 0
         self.skipped, self.bad_in_row = 0, 0  # skipped steps: in all, and the current run of them
+        if world == 1:
+            self._build()
+
+    def join(self, addr: str, port: int) -> None:
+        """Form the process group with the other ranks (rank 0 listens at addr:port), shard
+        the student (and the anchor) and build the optimizer."""
+        shard.init_group(self.rank, self.world, addr, port, self.cfg.resources.remote_timeout_s, self.device)
+        self._build()
+
+    def _build(self) -> None:
+        """The trained module, the optimizer and its schedule, on this rank's device."""
+        bf16 = self.device == "cuda" and self.cfg.student.dtype == "bfloat16"
+        if self.world > 1:
+            self.whole = shard.shard(self.model, self.device, bf16)
+            anchor = self.anchor and shard.shard(self.anchor, self.device, bf16, frozen=True)
+        else:
+            self.whole = shard.Whole(self.model.to(self.device))
+            anchor = self.anchor and shard.Whole(self.anchor.to(self.device))
+        oc = self.optim_cfg
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
+                                     weight_decay=oc.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(oc.schedule, oc.warmup_steps, self.cfg.steps, oc.min_lr_ratio))
+        self.forward = StudentForward(self.whole, anchor, self.device, bf16 and self.world == 1, self.vocab_size)
 
     def _frozen(self, path: str) -> torch.nn.Module:
         """The run's starting student, frozen: the reference of the divergence anchor (a
@@ -105,20 +126,20 @@ class Learner:
 
         anchor = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, trust_remote_code=self.cfg.student.trust_remote_code)
-        return anchor.to(self.device).eval().requires_grad_(False)
+        return anchor.eval().requires_grad_(False)
 
-    def train_step(self, b: TrainBatch) -> dict[str, float]:
+    def train_step(self, b: TrainBatch, plan: Optional[objective.RankPlan] = None) -> dict[str, float]:
         """One optimizer step. A non-finite loss or gradient norm skips the update (the grads
-        are dropped, the LR schedule still advances) and counts in `optim/skipped`."""
+        are dropped, the LR schedule still advances) and counts in `optim/skipped`. `plan`:
+        this rank's share of a sharded step; the metrics are then the whole batch's."""
         t0 = time.time()
         self.opt.zero_grad(set_to_none=True)
-        acc = objective.backward(self.forward, self.loss_cfg, b, self.optim_cfg.micro_batch_size, self.step)
+        acc = objective.backward(self.forward, self.loss_cfg, b, self.optim_cfg.micro_batch_size, self.step, plan)
         clip = self.optim_cfg.grad_clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                         clip if clip > 0 else float("inf")))
+        grad_norm = shard.clip_global_norm(list(self.model.parameters()), clip if clip > 0 else float("inf"))
         lr = self.sched.get_last_lr()[0]
         losses_ok = all(math.isfinite(v) for k, vs in acc.items() if k.endswith("_total") for v, _ in vs)
-        if losses_ok and math.isfinite(grad_norm):
+        if shard.agree(losses_ok) and math.isfinite(grad_norm):
             self.opt.step()
             self.bad_in_row = 0
         else:
@@ -127,11 +148,12 @@ class Learner:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.sched.step()
         self.step += 1
-        out = {k: objective.combine(k, vs) for k, vs in acc.items()}
+        ranks = shard.gather_objects((acc, peak_rss_mb(), time.time() - t0))  # every rank's, in rank order
+        out = {k: objective.combine(k, vs) for k, vs in objective.merge([a for a, _, _ in ranks]).items()}
         return {**out, "optim/grad_norm": grad_norm, "optim/lr": lr, "optim/skipped": float(self.skipped),
                 "learner/tokens": max(1.0, b.num_tokens), "learner/step": self.step,
-                **batch_shape_metrics(b), "learner/peak_rss_mb": peak_rss_mb(),
-                "time/learn_compute": time.time() - t0}
+                **batch_shape_metrics(b), "learner/peak_rss_mb": max(r for _, r, _ in ranks),
+                "time/learn_compute": max(t for _, _, t in ranks)}
 
     def _skip_update(self, grad_norm: float) -> None:
         """A bad step: drop the gradients; too many in a row stop the run (the learner's step
@@ -149,35 +171,65 @@ class Learner:
         """Answers once the model is loaded (start-up has its own timeout); the process id."""
         return os.getpid()
 
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the others: its node's address and a free port there."""
+        return shard.free_address()
+
+    def where(self) -> dict:
+        """This rank: its node, process, and the bytes of its parameters, gradients and
+        optimizer state (its shards of them when sharded)."""
+        node = ""
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        except ImportError:
+            pass
+        return {"rank": self.rank, "node_id": node, "pid": os.getpid(), **shard.local_bytes(self.model, self.opt)}
+
     @torch.no_grad()
-    def logprobs(self, b: TrainBatch) -> np.ndarray:
-        """The student's log-probs of every target token [B, S] (0 where masked)."""
+    def logprobs(self, b: TrainBatch, plan: Optional[objective.RankPlan] = None) -> np.ndarray:
+        """The student's log-probs of every target token [B, S] (0 where masked). `plan`: this
+        rank's share of a sharded forward (padded to its micro-batch count)."""
         out = np.zeros(b.input_ids_BS.shape, np.float32)
         mb = self.optim_cfg.micro_batch_size
-        for i in range(0, len(out), mb):
+        starts = range(0, 0 if plan and plan.padding else len(out), mb)
+        for i in starts:
             rows = np.arange(i, min(len(out), i + mb))
             f = self.forward(b, rows)
             f.win.scatter(out[rows[0]: rows[-1] + 1], f.lp_BT.cpu().numpy())
+        for _ in range((plan.row_chunks if plan else 0) - len(starts)):  # padding: join the others' gathers
+            self.forward(b, np.arange(1))
+        self.forward.release()
         return out
 
     def state_for_sync(self, dtype: str = "float32") -> dict[str, torch.Tensor]:
-        sd = self.model.state_dict()
+        """The whole weights in `dtype` under Hugging Face names (a collective when sharded); a
+        tied LM head is left out: the engine reads the embedding."""
+        sd = checkpoint.full_weights(self.model, getattr(torch, dtype))
         if getattr(self.model.config, "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)  # tied: the engine reads the embedding
-        return {k: v.detach().to(getattr(torch, dtype)).contiguous().cpu() for k, v in sd.items()}
+            sd.pop("lm_head.weight", None)
+        return sd
 
-    def export_weights(self, dtype: str = "float32") -> WeightUpdate:
+    def export_weights(self, dtype: str = "float32") -> Optional[WeightUpdate]:
+        """The weights for the rollout workers; when sharded, rank 0 gathers them (every rank
+        joins) and the others return None."""
         t0 = time.time()
-        return WeightUpdate.from_tensors(self.step, self.state_for_sync(dtype), seconds=time.time() - t0)
+        sd = self.state_for_sync(dtype)
+        return WeightUpdate.from_tensors(self.step, sd, seconds=time.time() - t0) if self.rank == 0 else None
 
     def save_checkpoint(self, ckpt_dir: str | Path, extra: dict) -> str:
         """A Hugging Face model dir + learner state (`checkpoint.save`); `extra` is JSON (data
-        cursor, monitor)."""
+        cursor, monitor). When sharded every rank gathers and rank 0 writes."""
         counters = {"step": self.step, "skipped": self.skipped, "bad_in_row": self.bad_in_row}
-        return checkpoint.save(ckpt_dir, self.model, self.tokenizer, self.opt, self.sched, counters, extra)
+        weights = checkpoint.full_weights(self.model)
+        optimizer = checkpoint.optimizer_by_name(self.model, self.opt)
+        if self.rank:
+            return str(ckpt_dir)
+        return checkpoint.save(ckpt_dir, self.model, self.tokenizer, weights, optimizer, self.sched, counters, extra)
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict:
         """Restore the learner state saved next to the model weights (loaded at start); the `extra`."""
-        counters, extra = checkpoint.load(ckpt_dir, self.opt, self.sched)
+        counters, extra = checkpoint.load(ckpt_dir, self.model, self.opt, self.sched)
         self.step, self.skipped, self.bad_in_row = counters["step"], counters["skipped"], counters["bad_in_row"]
         return extra

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from opd import losses
+from opd.learner.shard import Whole, reshard
 from opd.types import TrainBatch
 
 # Tokens per chunk of the LM head and its log_softmax: (HEAD_CHUNK, V) float32 temporaries,
@@ -108,17 +109,26 @@ class Forward:
 class StudentForward:
     """Runs rows of a TrainBatch through the student (and the frozen anchor, if any) on one device.
 
-    `model` is the student being trained; `anchor` the run's frozen starting student or None.
-    `autocast`: bf16 autocast on CUDA (the weights stay fp32). `vocab_size`: the tokenizer's,
-    to which the head's logits are cut (models may pad their embedding rows)."""
+    `student` is the student being trained, `anchor` the run's frozen starting student or None,
+    each a `Whole` (sharded or not, `opd.learner.shard`): everything computed from a model runs
+    inside its forward. `autocast`: bf16 autocast on CUDA (the weights stay fp32).
+    `vocab_size`: the tokenizer's, to which the head's logits are cut (models may pad their
+    embedding rows)."""
 
-    def __init__(self, model: torch.nn.Module, anchor: Optional[torch.nn.Module], device: str,
-                 autocast: bool, vocab_size: int):
-        self.model, self.anchor, self.device = model, anchor, device
+    def __init__(self, student: Whole, anchor: Optional[Whole], device: str, autocast: bool, vocab_size: int):
+        self.student, self.anchor, self.device = student, anchor, device
         self.autocast, self.vocab_size = autocast, vocab_size
+        model = student.model
         # the LM head on target positions only, where the model's logits are a plain head
         self.head_only_on_targets = (hasattr(model, "model") and not any(
             getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale")))
+
+    def release(self) -> None:
+        """Free what the last forward gathered and no backward will: the anchor's root (read,
+        never trained; its head is read again when the chunked head recomputes in backward),
+        and the student's after a forward without backward."""
+        reshard(self.anchor)
+        reshard(self.student)
 
     def tensor(self, a: Optional[np.ndarray], rows: np.ndarray, win: Optional[Window] = None
                ) -> Optional[torch.Tensor]:
@@ -154,14 +164,19 @@ class StudentForward:
                        divs.get("teacher"), divs["anchor"][:, 0] if anchor else None)
 
     def _hidden(self, ids_BS: torch.Tensor, win: Window, sel_N: torch.Tensor,
-                model: Optional[torch.nn.Module] = None) -> tuple[torch.Tensor, Callable]:
+                whole: Optional[Whole] = None) -> tuple[torch.Tensor, Callable]:
         """The LM head's inputs at the trained tokens (N, H) and the head, (N, H) -> float32
         logits (N, V) over the tokenizer's vocabulary, for `losses.logprobs_from_hidden` to
         apply chunk by chunk. The decoder runs over the columns the window needs. Right padding
         only: causal attention keeps pads from touching real positions. Models that
         post-process logits (soft-capping, scaling) run whole: their logits are the inputs and
-        the head only casts them. `model`: the anchor (same architecture); default the student."""
-        model = self.model if model is None else model
+        the head only casts them. `whole`: the anchor (same architecture); default the student.
+        Both run inside `whole`'s forward, which gathers a sharded model's root (embeddings,
+        head) until its backward, or its `shard.reshard`."""
+        return (self.student if whole is None else whole)(lambda model: self._head_inputs(model, ids_BS, win, sel_N))
+
+    def _head_inputs(self, model: torch.nn.Module, ids_BS: torch.Tensor, win: Window,
+                     sel_N: torch.Tensor) -> tuple[torch.Tensor, Callable]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             if self.head_only_on_targets:
                 x = model.model(input_ids=ids_BS[:, : win.columns]).last_hidden_state

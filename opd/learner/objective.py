@@ -16,7 +16,7 @@ how the batch is split into micro-batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -34,41 +34,86 @@ Term = tuple[float, torch.Tensor, losses.Metrics]  # (weight, loss, metrics)
 @dataclass(frozen=True)
 class Normalizers:
     """Whole-batch token counts that each term divides by (0: the term has nothing to train),
-    so that the gradient does not depend on how the batch is split into micro-batches."""
+    so that the gradient does not depend on how the batch is split into micro-batches or
+    across learner ranks."""
 
     on: float  # tokens of student rollouts (distillation, length remedy)
     pg: float  # the same, weighted by stop-properly (policy-gradient term)
     sft: float  # tokens of rows with an SFT weight
+    pairs: int  # SMPO pairs
+    smpo: Optional[losses.PairCounts] = None  # what SMPO's means divide by (None: no pairs)
 
     @classmethod
     def of(cls, b: TrainBatch) -> "Normalizers":
-        tok_B = b.loss_mask_BS.sum(1)
+        tok_B, p = b.loss_mask_BS.sum(1), b.pairs
         return cls(on=float((tok_B * b.on_policy_B).sum()),
                    pg=float((tok_B * b.on_policy_B * b.seq_weight_B).sum()),
-                   sft=float((tok_B * (b.sft_weight_B > 0)).sum()))
+                   sft=float((tok_B * (b.sft_weight_B > 0)).sum()),
+                   pairs=0 if p is None else len(p.chosen_rows),
+                   smpo=losses.PairCounts.of(b.loss_mask_BS[p.chosen_rows], b.loss_mask_BS[p.rejected_rows])
+                   if p is not None and len(p.chosen_rows) else None)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """A learner rank's part in a step of a sharded learner: the whole batch's normalisers,
+    and how many micro-batches every rank runs (the most any rank's share needs), so that
+    each rank joins every collective of the others; micro-batches beyond its own are padding
+    (a zero loss through the same forwards). `padding`: the share has no rows of its own."""
+
+    norm: Normalizers
+    row_chunks: int
+    pair_chunks: int
+    padding: bool = False
 
 
 def backward(fw: StudentForward, lc: LossConfig, b: TrainBatch, micro_batch_size: int,
-             step: int) -> dict[str, list[tuple[float, int]]]:
+             step: int, plan: Optional[RankPlan] = None) -> dict[str, list[tuple[float, int]]]:
     """Forward and backward over every micro-batch (gradients accumulate on the student's
     parameters); returns each metric's (value, rows) per micro-batch, for `combine`. Rows go
     into micro-batches in order of length, so that each one's padding is short; `step` sets
-    the SMPO margin's ramp."""
-    obj, mb = BatchObjective(fw, lc, b, Normalizers.of(b), step), micro_batch_size
+    the SMPO margin's ramp. `plan`: this rank's part of a sharded step (None: the whole batch)."""
+    obj = BatchObjective(fw, lc, b, plan.norm if plan else Normalizers.of(b), step, plan is not None)
     rows_on = obj.rows_train()
     acc: dict[str, list] = {} if rows_on else {"loss/rows_total": [(0.0, len(b.input_ids_BS))]}  # logged anyway
-    order = np.argsort(row_ends(b.loss_mask_BS), kind="stable") if rows_on else np.arange(0)
-    chunks = [("rows", order[i: i + mb]) for i in range(0, len(order), mb)]
-    if b.pairs is not None and len(b.pairs.chosen_rows) and lc.smpo_coef:
-        M = len(b.pairs.chosen_rows)
-        chunks += [("pairs", np.arange(i, min(M, i + mb))) for i in range(0, M, mb)]
-    for kind, idx in chunks:
+    for kind, idx in micro_batches(obj, micro_batch_size, plan):
+        if idx is None:  # padding
+            obj.padding(kind).backward()
+            fw.release()
+            continue
         loss, m = obj.row_terms(idx) if kind == "rows" else obj.pair_terms(idx)
         if loss.requires_grad:
             loss.backward()
+        fw.release()
         for k, v in {**m, f"loss/{kind}_total": float(loss.detach())}.items():
             acc.setdefault(k, []).append((v, len(idx)))
     return acc
+
+
+def micro_batches(obj: "BatchObjective", mb: int, plan: Optional[RankPlan]) -> list[tuple[str, Optional[np.ndarray]]]:
+    """(kind, rows or pairs) per micro-batch, in order: rows by length, then SMPO pairs; with a
+    `plan`, padded with (kind, None) up to its counts."""
+    b, lc = obj.b, obj.lc
+    order = np.argsort(row_ends(b.loss_mask_BS), kind="stable") if obj.rows_train() else np.arange(0)
+    M = 0 if b.pairs is None else len(b.pairs.chosen_rows)
+    if plan is not None and plan.padding:
+        order, M = order[:0], 0
+    smpo_on = bool(obj.norm.pairs and lc.smpo_coef)
+    rows = [("rows", order[i: i + mb]) for i in range(0, len(order), mb)]
+    pairs = [("pairs", np.arange(i, min(M, i + mb))) for i in range(0, M, mb)] if smpo_on else []
+    if plan is not None:
+        rows += [("rows", None)] * (plan.row_chunks - len(rows)) if obj.rows_train() else []
+        pairs += [("pairs", None)] * (plan.pair_chunks - len(pairs)) if smpo_on else []
+    return rows + pairs
+
+
+def merge(accs: list[dict[str, list]]) -> dict[str, list]:
+    """The (value, rows) lists of several ranks' `backward`, joined per metric."""
+    out: dict[str, list] = {}
+    for acc in accs:
+        for k, vs in acc.items():
+            out.setdefault(k, []).extend(vs)
+    return out
 
 
 def combine(key: str, values: list[tuple[float, int]]) -> float:
@@ -91,6 +136,7 @@ class BatchObjective:
     b: TrainBatch
     norm: Normalizers
     step: int
+    grouped: bool = False  # one rank of a sharded learner: every micro-batch runs a backward
 
     def rows_train(self) -> bool:
         """Whether any row term (distillation, length remedies, SFT) can train this batch: an
@@ -122,8 +168,16 @@ class BatchObjective:
         if norm.sft:
             sft_mask = f.mask_BT * self.fw.tensor(b.sft_weight_B, rows)[:, None]
             terms.append((1.0, *losses.sft_loss(f.lp_BT, sft_mask, normalizer=norm.sft)))
-        total = sum((c * loss for c, loss, _ in terms), torch.zeros((), device=self.fw.device))
+        start = (f.lp_BT * 0).sum() if self.grouped else torch.zeros((), device=self.fw.device)
+        total = sum((c * loss for c, loss, _ in terms), start)
         return total, {k: v for _, _, m in terms for k, v in m.items()}
+
+    def padding(self, kind: str) -> torch.Tensor:
+        """A zero loss through the forwards of a micro-batch of `kind` (rows: the student and
+        the anchor if on; pairs: the student twice), over this share's first row."""
+        row, anchor = np.arange(1), kind == "rows" and bool(self.b.anchor_coef > 0 and self.norm.on)
+        fs = [self.fw(self.b, row, anchor=anchor) for _ in range(2 if kind == "pairs" else 1)]
+        return sum((f.lp_BT * 0).sum() for f in fs)
 
     def _distill_terms(self, f: Forward, on_BT: torch.Tensor, sampler_BT: torch.Tensor,
                        jsd_on: bool) -> list[Term]:
@@ -157,7 +211,8 @@ class BatchObjective:
             tail_bucket=self.lc.tail_bucket, normalizer=self.norm.on)
 
     def pair_terms(self, idx: np.ndarray) -> tuple[torch.Tensor, losses.Metrics]:
-        """SMPO over a micro-batch of pairs, weighted by its share of the batch's pairs."""
+        """SMPO over a micro-batch of pairs: its share of the whole batch's SMPO loss (means
+        over the whole batch's pairs and tokens)."""
         s, b = self.lc.smpo, self.b
         c, r = self.fw(b, b.pairs.chosen_rows[idx]), self.fw(b, b.pairs.rejected_rows[idx])
         margin = losses.margin_schedule(self.step, s.margin, s.margin_start, s.margin_ramp_steps)
@@ -165,5 +220,5 @@ class BatchObjective:
             c.lp_BT, c.mask_BT, r.lp_BT, r.mask_BT, r.tgt_BT, b.rejected_eos_id,
             beta=s.beta, margin=margin, rho=s.rho, loss_type=s.loss_type, sft_coef=s.sft_coef,
             eos_protection=s.eos_protection, lower_percentile=s.lower_percentile,
-            min_log_prob=s.min_log_prob, chosen_upper_percentile=s.chosen_upper_percentile)
-        return self.lc.smpo_coef * loss * (len(idx) / len(b.pairs.chosen_rows)), m
+            min_log_prob=s.min_log_prob, chosen_upper_percentile=s.chosen_upper_percentile, counts=self.norm.smpo)
+        return self.lc.smpo_coef * loss, m

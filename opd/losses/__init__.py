@@ -35,8 +35,8 @@ from opd.losses.common import (LOGP_FLOOR, Metrics, masked_token_mean, prefix_im
                                sampler_mismatch_metrics, sft_loss)
 from opd.losses.jsd import topk_jsd_from_logprobs
 from opd.losses.pg import reverse_kl_pg_loss
-from opd.losses.smpo import margin_schedule, rejected_eos_metrics, smpo_loss
+from opd.losses.smpo import PairCounts, margin_schedule, rejected_eos_metrics, smpo_loss
 
 __all__ = ["LOGP_FLOOR", "Metrics", "Reference", "divergence_loss", "logprobs_from_hidden", "margin_schedule",
            "masked_token_mean", "prefix_importance_weights", "rejected_eos_metrics", "reverse_kl_pg_loss",
-           "sampler_mismatch_metrics", "sft_loss", "smpo_loss", "topk_jsd_from_logprobs"]
+           "sampler_mismatch_metrics", "sft_loss", "smpo_loss", "PairCounts", "topk_jsd_from_logprobs"]

@@ -11,6 +11,8 @@ boolean-mask copy, so they are no-ops there): they are out-of-place ops with row
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -107,13 +109,30 @@ def _smpo_metrics(z_B, pairs_B, r_chosen_B, r_rejected_B, lr_BT, mr_BT, eos_BT, 
     }
 
 
+@dataclass(frozen=True)
+class PairCounts:
+    """What SMPO's means divide by: pairs whose two sides both have tokens, and the tokens of
+    each side (floored at 1, as `masked_token_mean` does)."""
+
+    pairs: float
+    chosen_tokens: float
+    rejected_tokens: float
+
+    @classmethod
+    def of(cls, chosen_mask: Any, rejected_mask: Any) -> "PairCounts":
+        """The counts of these pairs' masks ([M, T] torch tensors or numpy arrays)."""
+        live = ((chosen_mask.sum(-1) > 0) & (rejected_mask.sum(-1) > 0)).sum()
+        return cls(max(1.0, float(live)), max(1.0, float(chosen_mask.sum())), max(1.0, float(rejected_mask.sum())))
+
+
 def smpo_loss(chosen_logprobs_BT: torch.Tensor, chosen_mask_BT: torch.Tensor,
               rejected_logprobs_BT: torch.Tensor, rejected_mask_BT: torch.Tensor,
               rejected_ids_BT: torch.Tensor, eos_id: int, beta: float = 1.2, margin: float = 0.35,
               rho: float = 0.8, loss_type: str = "smooth_lower_bound", sft_coef: float = 1.0,
               eos_protection: str = "exclude", lower_percentile: float | None = 0.02,
               min_log_prob: float | None = -2.3,
-              chosen_upper_percentile: float | None = None) -> tuple[torch.Tensor, Metrics]:
+              chosen_upper_percentile: float | None = None,
+              counts: Optional["PairCounts"] = None) -> tuple[torch.Tensor, Metrics]:
     """SMPO-style clipped preference loss (SimPO family: length-normalised implicit reward,
     no reference model). No KL term: both rewards are the policy's own log-likelihoods.
 
@@ -125,6 +144,9 @@ def smpo_loss(chosen_logprobs_BT: torch.Tensor, chosen_mask_BT: torch.Tensor,
                hinge relu(-beta z) | ipo (beta z)^2;  mean over pairs with both masks non-empty;
       loss = pref + sft_coef (rho CE(chosen) + (1-rho) CE(rejected)),
       CE = token-mean NLL over that side's mask on RAW log-probs (as ``sft_loss``).
+
+    The means divide by `counts` when given (a whole batch's live pairs and tokens, of which
+    these rows are a part: the parts' losses then sum to the whole's), else by these rows' own.
 
     Shapes: chosen_*_BT (B, Tc); rejected_*_BT (B, Tr); Tc and Tr may differ -> loss ().
     """
@@ -138,10 +160,11 @@ def smpo_loss(chosen_logprobs_BT: torch.Tensor, chosen_mask_BT: torch.Tensor,
                                                   min_log_prob, chosen_upper_percentile)
     z = r_chosen - r_rejected - margin
     pairs = ((mc.sum(-1) > 0) & (mr.sum(-1) > 0)).to(dtype)
-    pref = masked_token_mean(_preference_loss(z, beta, loss_type), pairs)
-    sft = rho * masked_token_mean(-lc, mc) + (1.0 - rho) * masked_token_mean(-lr, mr)
+    n = counts or PairCounts.of(mc, mr)
+    pref = masked_token_mean(_preference_loss(z, beta, loss_type), pairs, n.pairs)
+    sft = rho * masked_token_mean(-lc, mc, n.chosen_tokens) + (1.0 - rho) * masked_token_mean(-lr, mr, n.rejected_tokens)
     loss = pref + sft_coef * sft
-    return loss, {"loss/smpo": loss.item(), "smpo/loss_pref": pref.item(), "smpo/loss_sft": sft.item(),
+    return loss, {"loss/smpo": loss.item(), "loss/smpo_pref": pref.item(), "loss/smpo_sft": sft.item(),
                   "smpo/margin": float(margin),
                   **_smpo_metrics(z, pairs, r_chosen, r_rejected, lr, mr, eos, changed)}
 
