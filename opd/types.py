@@ -134,7 +134,10 @@ def _join(parts: list):
 @dataclass(frozen=True)
 class TeacherScores:
     """The teacher's log-probs of the exact completion tokens, at temperature `temperature`
-    (log_softmax(logits / temperature)). Padded to T = max_n L_n; entries past L_n are 0."""
+    (log_softmax(logits / temperature)). Padded to T >= max_n L_n; entries past L_n are 0
+    (top-k log-probs: -inf, as for entries past the k an engine returned).
+
+    `select` / `concat` take and join rows, as `RolloutBatch`'s do; `padded` widens the arrays."""
 
     logprobs_NT: np.ndarray  # [N, T] float32 log p_teacher(completion token)
     temperature: float
@@ -142,6 +145,38 @@ class TeacherScores:
     topk_logprobs_NTK: Optional[np.ndarray] = None  # [N, T, K] float32 their log-probs
     full_logprobs_NTV: Optional[np.ndarray] = None  # [N, T, V] float32 whole distribution
     seconds: float = 0.0
+
+    def select(self, idx: Sequence[int]) -> "TeacherScores":
+        """The rows at `idx`, in that order; T, the temperature and the time are kept."""
+        return replace(self, **{f: _take(getattr(self, f), idx) for f in self._row_fields()})
+
+    @classmethod
+    def concat(cls, *parts: "TeacherScores") -> "TeacherScores":
+        """The rows of every part, in order, padded to the widest T, joined as scores made side
+        by side: the longest of their times (max). The parts share one temperature."""
+        if len({p.temperature for p in parts}) > 1:
+            raise ValueError(f"cannot join scores at temperatures {sorted({p.temperature for p in parts})}")
+        T = max(p.logprobs_NT.shape[1] for p in parts)
+        wide = [p.padded(len(p.logprobs_NT), T) for p in parts]
+        rows = {f: _join([getattr(p, f) for p in wide]) for f in parts[0]._row_fields()}
+        return replace(parts[0], **rows, seconds=max(p.seconds for p in parts))
+
+    def padded(self, N: int, T: int) -> "TeacherScores":
+        """These scores in arrays of N rows and T positions (at least the present ones); what
+        is added holds what a scorer leaves past a row's tokens (0; top-k log-probs -inf)."""
+        def grow(name: str) -> Optional[np.ndarray]:
+            a = getattr(self, name)
+            if a is None:
+                return None
+            out = np.full((N, T, *a.shape[2:]), -np.inf if name == "topk_logprobs_NTK" else 0, a.dtype)
+            out[: a.shape[0], : a.shape[1]] = a
+            return out
+
+        return replace(self, **{f: grow(f) for f in self._row_fields()})
+
+    def _row_fields(self) -> list[str]:
+        """The per-rollout arrays: all but the temperature and the time."""
+        return [f.name for f in fields(self) if f.name not in ("temperature", "seconds")]
 
 
 @dataclass(frozen=True)
