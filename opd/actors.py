@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from opd.console import filter_benign_vllm_warnings, redirect_output
+from opd.data_parallel import generate_calls
 from opd.types import (ActorDied, ActorError, CheckpointState, LearnerDied, PromptBatch, RolloutBatch,
                        SamplingSettings, TeacherScores, TrainBatch, WeightUpdate)
 
@@ -327,12 +328,9 @@ class Workers(ActorCalls):
     def generate_async(self, prompts: PromptBatch, sampling: SamplingSettings) -> Callable[[], RolloutBatch]:
         """Start `generate` and return at once; calling the result waits for the rollouts (with
         Ray the workers generate meanwhile; in process they already have)."""
-        W = len(self.rollouts)
-        parts = [prompts.rows(slice(i, None, W)) for i in range(W)]
-        calls = [(w, "generate", (p, sampling)) for w, p in zip(self.rollouts, parts) if p.prompt_ids]
+        calls, merge = generate_calls(self.rollouts, prompts, sampling)
         refs = self._submit(calls)
-        sizes = [len(p.prompt_ids) for p in parts if p.prompt_ids]
-        return lambda: merge_rollouts(self._results(calls, refs), sizes, W, sampling.n)
+        return lambda: merge(self._results(calls, refs))
 
     def score(self, rollouts: RolloutBatch) -> TeacherScores:
         return self.call(self.teacher, "score", rollouts)
@@ -390,10 +388,3 @@ class Workers(ActorCalls):
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass
 
-
-def merge_rollouts(outs: list[RolloutBatch], n_prompts: list[int], W: int, G: int) -> RolloutBatch:
-    """Undo the strided split (prompt p went to worker p % W as its (p // W)-th, with G rollouts
-    each): rollout order follows the original prompt order."""
-    starts = [sum(len(o.completion_ids) for o in outs[:w]) for w in range(len(outs))]  # worker w's first row
-    order = [starts[p % W] + (p // W) * G + g for p in range(sum(n_prompts)) for g in range(G)]
-    return RolloutBatch.concat(*outs).select(order)
