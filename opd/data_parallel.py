@@ -64,6 +64,9 @@ def token_shares(rollouts: RolloutBatch, W: int) -> list[list[int]]:
 
 def merge_scores(outs: list[TeacherScores], shares: list[list[int]]) -> TeacherScores:
     """Undo a split into `shares` (outs[i] scored rows shares[i], in that order): the rows in
-    batch order, padded to the widest T; the time is the slowest share's."""
+    batch order, padded to the widest T; the time is the slowest share's. One share already
+    in batch order comes back as it is (a full distribution [N, T, V] is not copied)."""
     order = np.argsort(np.array([n for s in shares for n in s], np.int64), kind="stable")
+    if len(outs) == 1 and (order == np.arange(len(order))).all():
+        return outs[0]
     return TeacherScores.concat(*outs).select(order)

@@ -74,6 +74,11 @@ def test_split_scores_merge_back_into_row_order():
         TeacherScores.concat(parts[0], TeacherScores(parts[1].logprobs_NT, 2.0))
 
 
+def test_one_share_in_row_order_is_not_copied():
+    scores = _reference([_row(np.random.default_rng(1), 4)], 4)
+    assert merge_scores([scores], [[0]]) is scores
+
+
 def test_scores_without_optional_arrays_join():
     a, b = TeacherScores(np.ones((2, 3), np.float32), 1.0), TeacherScores(np.full((1, 5), 2, np.float32), 1.0)
     out = TeacherScores.concat(a, b)
