@@ -1,17 +1,18 @@
-"""Where the work runs: the rollout workers, the teacher and the learner as Ray actors, or
-as plain objects in this process (`resources.use_ray=false`, for tests and debugging).
+"""Where the work runs: the rollout workers, the teacher pool and the learner as Ray actors,
+or as plain objects in this process (`resources.use_ray=false`, for tests and debugging).
 
 `Workers` is the one handle the driver loop uses. Its methods are the loop's verbs
 (`opd.types.LoopWorkers`) and hide whether a call crosses a process: with Ray each call
 is a remote call waited on with `resources.remote_timeout_s`, so a hung actor becomes a
 clear `ActorError` naming the actor and the call, never a silent hang (`ActorCalls`).
 
-A rollout worker or the teacher whose process dies is rebuilt here, up to
-`resources.max_actor_restarts` times each, and the call that found it dead is sent again
-(every verb but `train` is a pure function of its arguments and the weights); a rebuilt
-rollout worker first takes the learner's current weights and version. A dead learner is
-rebuilt by the loop from the newest checkpoint (`restart_learner`). Each restart is printed
-and kept as an event for the step's metrics line.
+Rollout workers and the `resources.teacher_workers` teacher replicas are data parallel: a
+call's batch is shared among them and the answers joined in order (`opd.data_parallel`).
+One whose process dies is rebuilt here, up to `resources.max_actor_restarts` times each,
+and its share of the call is sent again (every verb but `train` is a pure function of its
+arguments and the weights); a rebuilt rollout worker first takes the learner's current
+weights and version. A dead learner is rebuilt by the loop from the newest checkpoint
+(`restart_learner`). Each restart is printed and kept as an event for the step's metrics line.
 
 Models and losses are *what*; this file is *where* (docs/architecture.md).
 """
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from opd import learner_group as group
 from opd.console import filter_benign_vllm_warnings, redirect_output
+from opd.data_parallel import generate_calls, score_calls
 from opd.types import (ActorDied, ActorError, CheckpointState, LearnerDied, PromptBatch, RolloutBatch,
                        SamplingSettings, TeacherScores, TrainBatch, WeightUpdate)
 
@@ -167,15 +169,16 @@ def check_resources(r: ResourcesConfig) -> None:
     import ray
 
     have = ray.cluster_resources()
-    asks = {"CPU": (r.rollout_workers * r.rollout_num_cpus + r.teacher_num_cpus
+    asks = {"CPU": (r.rollout_workers * r.rollout_num_cpus + r.teacher_workers * r.teacher_num_cpus
                     + r.learner_workers * r.learner_num_cpus, "cpus"),
-            "GPU": (r.rollout_workers * r.rollout_num_gpus + r.teacher_num_gpus
+            "GPU": (r.rollout_workers * r.rollout_num_gpus + r.teacher_workers * r.teacher_num_gpus
                     + r.learner_workers * r.learner_num_gpus, "gpus")}
     for kind, (need, unit) in asks.items():
         if need > have.get(kind, 0.0) + 1e-9:
             raise ValueError(
                 f"resources: the actors ask for {need:g} {kind} (resources.rollout_workers x "
-                f"resources.rollout_num_{unit} + resources.teacher_num_{unit} + resources.learner_workers x "
+                f"resources.rollout_num_{unit} + resources.teacher_workers x resources.teacher_num_{unit} + "
+                f"resources.learner_workers x "
                 f"resources.learner_num_{unit}) "
                 f"but the Ray cluster has {have.get(kind, 0.0):g}")
 
@@ -260,8 +263,8 @@ class ActorCalls:
 
 
 class Workers(ActorCalls):
-    """The rollout workers, the teacher and the learner, wherever they run: the loop's verbs
-    (`opd.types.LoopWorkers`) as calls to them."""
+    """The rollout workers, the teacher pool and the learner, wherever they run: the loop's
+    verbs (`opd.types.LoopWorkers`) as calls to them."""
 
     teacher_eval: Optional[tuple[RolloutBatch, RolloutBatch]]  # the teacher's greedy and sampled held-out completions
 
@@ -296,16 +299,18 @@ class Workers(ActorCalls):
                   _rollout_env(int(ncpu)), student_path, cfg.rollout, i, cfg.student.trust_remote_code,
                   log_dir=self.log_dir)
             for i in range(r.rollout_workers)]
-        self.teacher = _make(TeacherScorer, "teacher", r.use_ray, r.teacher_num_cpus,
-                             r.teacher_num_gpus, _rollout_env(int(ncpu)), teacher_path, cfg.teacher,
-                             cfg.rollout, cfg.optim.device, log_dir=self.log_dir)
+        self.teachers = [  # one replica keeps the plain name
+            _make(TeacherScorer, "teacher" if r.teacher_workers == 1 else f"teacher-{i}", r.use_ray,
+                  r.teacher_num_cpus, r.teacher_num_gpus, _rollout_env(int(ncpu)), teacher_path, cfg.teacher,
+                  cfg.rollout, cfg.optim.device, log_dir=self.log_dir)
+            for i in range(r.teacher_workers)]
         self.placement, opts = group.placement(cfg, r.startup_timeout_s) if r.use_ray else (None, None)
         N = r.learner_workers
         self.learners = [_make(Learner, name, r.use_ray, r.learner_num_cpus, r.learner_num_gpus, plain,
                                student_path, cfg, self.start_path, i, N, log_dir=self.log_dir,
                                opts=opts and opts[i]) for i, name in enumerate(group.rank_names(N))]
         # actor construction (engine start, model load) finishes here, under its own timeout
-        self.gather([(a, "ready") for a in self.rollouts + [self.teacher] + self.learners], r.startup_timeout_s)
+        self.gather([(a, "ready") for a in self.rollouts + self.teachers + self.learners], r.startup_timeout_s)
         self._join_learners()
 
     def _join_learners(self) -> None:
@@ -363,18 +368,19 @@ class Workers(ActorCalls):
     def generate_async(self, prompts: PromptBatch, sampling: SamplingSettings) -> Callable[[], RolloutBatch]:
         """Start `generate` and return at once; calling the result waits for the rollouts (with
         Ray the workers generate meanwhile; in process they already have)."""
-        W = len(self.rollouts)
-        parts = [prompts.rows(slice(i, None, W)) for i in range(W)]
-        calls = [(w, "generate", (p, sampling)) for w, p in zip(self.rollouts, parts) if p.prompt_ids]
+        calls, merge = generate_calls(self.rollouts, prompts, sampling)
         refs = self._submit(calls)
-        sizes = [len(p.prompt_ids) for p in parts if p.prompt_ids]
-        return lambda: merge_rollouts(self._results(calls, refs), sizes, W, sampling.n)
+        return lambda: merge(self._results(calls, refs))
 
     def score(self, rollouts: RolloutBatch) -> TeacherScores:
-        return self.call(self.teacher, "score", rollouts)
+        """Share the rollouts over the teacher replicas by token count and join their scores."""
+        calls, merge = score_calls(self.teachers, rollouts)
+        return merge(self.gather(calls))
 
     def teacher_generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
-        return self.call(self.teacher, "generate", prompts, sampling)
+        """Split the prompts over the teacher replicas, as `generate` does, and join the results."""
+        calls, merge = generate_calls(self.teachers, prompts, sampling)
+        return merge(self.gather(calls))
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         """One step on every learner rank (a sharded learner: each on its share of `batch`)."""
@@ -433,17 +439,9 @@ class Workers(ActorCalls):
             engine.kill()
 
     def shutdown(self) -> None:
-        for a in self.rollouts + [self.teacher] + self.learners:
+        for a in self.rollouts + self.teachers + self.learners:
             try:
                 a.kill()
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass
         group.release(getattr(self, "placement", None))
-
-
-def merge_rollouts(outs: list[RolloutBatch], n_prompts: list[int], W: int, G: int) -> RolloutBatch:
-    """Undo the strided split (prompt p went to worker p % W as its (p // W)-th, with G rollouts
-    each): rollout order follows the original prompt order."""
-    starts = [sum(len(o.completion_ids) for o in outs[:w]) for w in range(len(outs))]  # worker w's first row
-    order = [starts[p % W] + (p // W) * G + g for p in range(sum(n_prompts)) for g in range(G)]
-    return RolloutBatch.concat(*outs).select(order)

@@ -102,20 +102,9 @@ def with_extra_rows(rollouts: RolloutBatch, scores: TeacherScores,
     from dataclasses import replace
 
     T = max(scores.logprobs_NT.shape[1], max(extra.lengths, default=1))
-
-    def grow(a: Optional[np.ndarray], fill: float) -> Optional[np.ndarray]:
-        if a is None:
-            return None
-        out = np.full((a.shape[0] + len(extra.completion_ids), T, *a.shape[2:]), fill, a.dtype)
-        out[: a.shape[0], : a.shape[1]] = a
-        return out
-
     merged = replace(RolloutBatch.concat(rollouts, extra), weight_version=rollouts.weight_version,
                      seconds=rollouts.seconds)  # the step's own rollouts' weights and time
-    return merged, replace(scores, logprobs_NT=grow(scores.logprobs_NT, 0.0),
-                           topk_ids_NTK=grow(scores.topk_ids_NTK, 0),
-                           topk_logprobs_NTK=grow(scores.topk_logprobs_NTK, -np.inf),
-                           full_logprobs_NTV=grow(scores.full_logprobs_NTV, 0.0))
+    return merged, scores.padded(len(merged.completion_ids), T)
 
 
 def effective_weights(b: TrainBatch, terms: dict[str, bool]) -> dict[str, float]:

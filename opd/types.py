@@ -124,17 +124,38 @@ def _take(rows, idx: Sequence[int]):
 
 def _join(parts: list):
     """One per-rollout field of several batches end to end (None where every batch leaves it unset)."""
-    if all(p is None for p in parts):
+    if _unset(parts):
         return None
-    if any(p is None for p in parts):
-        raise ValueError("cannot join a field that is set in some batches and unset in others")
     return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [r for p in parts for r in p]
+
+
+def _paste(parts: list, N: int, T: int, fill: float) -> Optional[np.ndarray]:
+    """Arrays [n_i, T_i, ...] one under the other at the top left of a new [N, T, ...] array
+    of `fill` (None where every part is None): joined and padded in one copy."""
+    if _unset(parts):
+        return None
+    out, row = np.full((N, T, *parts[0].shape[2:]), fill, parts[0].dtype), 0
+    for p in parts:
+        out[row: row + len(p), : p.shape[1]] = p
+        row += len(p)
+    return out
+
+
+def _unset(parts: list) -> bool:
+    """Whether every part leaves a per-rollout field unset (None); only some is an error."""
+    if any(p is None for p in parts) and not all(p is None for p in parts):
+        raise ValueError("cannot join a field that is set in some batches and unset in others")
+    return parts[0] is None
+
+
+_SCORES_FILL = {"topk_logprobs_NTK": -np.inf}  # what a scorer leaves past a row's tokens (else 0)
 
 
 @dataclass(frozen=True)
 class TeacherScores:
     """The teacher's log-probs of the exact completion tokens, at temperature `temperature`
-    (log_softmax(logits / temperature)). Padded to T = max_n L_n; entries past L_n are 0."""
+    (log_softmax(logits / temperature)). Padded to T >= max_n L_n; entries past L_n are 0
+    (top-k log-probs: -inf, as past the k an engine returned). Rows join as `RolloutBatch`'s do."""
 
     logprobs_NT: np.ndarray  # [N, T] float32 log p_teacher(completion token)
     temperature: float
@@ -142,6 +163,31 @@ class TeacherScores:
     topk_logprobs_NTK: Optional[np.ndarray] = None  # [N, T, K] float32 their log-probs
     full_logprobs_NTV: Optional[np.ndarray] = None  # [N, T, V] float32 whole distribution
     seconds: float = 0.0
+
+    def select(self, idx: Sequence[int]) -> "TeacherScores":
+        """The rows at `idx`, in that order; T, the temperature and the time are kept."""
+        return replace(self, **{f: _take(getattr(self, f), idx) for f in self._row_fields()})
+
+    @classmethod
+    def concat(cls, *parts: "TeacherScores") -> "TeacherScores":
+        """The rows of every part, in order, padded to the widest T, joined as scores made side
+        by side: the longest of their times (max). The parts share one temperature."""
+        if len({p.temperature for p in parts}) > 1:
+            raise ValueError(f"cannot join scores at temperatures {sorted({p.temperature for p in parts})}")
+        N, T = sum(len(p.logprobs_NT) for p in parts), max(p.logprobs_NT.shape[1] for p in parts)
+        rows = {f: _paste([getattr(p, f) for p in parts], N, T, _SCORES_FILL.get(f, 0))
+                for f in parts[0]._row_fields()}
+        return replace(parts[0], **rows, seconds=max(p.seconds for p in parts))
+
+    def padded(self, N: int, T: int) -> "TeacherScores":
+        """These scores in arrays of N rows and T positions (at least the present ones); what
+        is added holds what a scorer leaves past a row's tokens (0; top-k log-probs -inf)."""
+        return replace(self, **{f: _paste([getattr(self, f)], N, T, _SCORES_FILL.get(f, 0))
+                                for f in self._row_fields()})
+
+    def _row_fields(self) -> list[str]:
+        """The per-rollout arrays: all but the temperature and the time."""
+        return [f.name for f in fields(self) if f.name not in ("temperature", "seconds")]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from opd.actors import merge_rollouts
+from opd.data_parallel import merge_rollouts
 from opd.batch import build_pairs, build_train_batch, rollout_scores
 from opd.types import PromptBatch, RolloutBatch, TeacherScores, WeightUpdate
 
