@@ -191,3 +191,33 @@ def test_engine_synced_from_two_ranks_decodes_and_scores_as_the_gathered_student
         assert student_engine.greedy(prompts.prompt_ids, 8) == _hf_greedy(gathered.eval(), tok, prompts.prompt_ids, 8)
     finally:
         _close(two)
+
+
+def test_seqkd_run_on_two_ranks_matches_one(tiny_overrides, tiny_zoo, tmp_path):
+    """The whole loop (Ray, engines, teacher) with loss=seqkd, whose batches are the teacher's
+    own completions and so do not depend on the student's sampling: 3 steps on two learner
+    ranks (placed, joined, summary naming both) take the steps one learner takes. The
+    teacher samples at temperature 0.05: two runs of the engines in Ray actors at temperature
+    1 do not sample the same completions (even with one learner), near-greedy ones do."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from opd.config import load_config
+    from opd.train import run_training
+
+    base = tiny_overrides + ["loss=seqkd", "steps=3", "length.reference_prompts=8", "eval_every=0",
+                             "checkpoint_every=0", "resources.use_ray=true", "resources.learner_num_cpus=0.25",
+                             "optim.micro_batch_size=4", "rollout.temperature=0.05"]
+    runs = {n: tmp_path / f"n{n}" for n in (1, 2)}
+    for n, d in runs.items():
+        summary = run_training(load_config(base + [f"run_dir={d}", f"resources.learner_workers={n}"]))
+        assert [r["rank"] for r in summary["learner_ranks"]] == list(range(n))
+    steps = {n: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+             for n, d in runs.items()}
+    assert len(steps[1]) == len(steps[2]) == 3
+    for a, b in zip(steps[1], steps[2]):
+        for key in ("loss/rows_total", "optim/grad_norm", "learner/tokens"):
+            assert b[key] == pytest.approx(a[key], rel=RTOL), (a["step"], key)
+    final = {n: load_file(next((d / "checkpoints").glob("step-*")) / "model.safetensors") for n, d in runs.items()}
+    assert _rel(final[2], final[1]) < RTOL
