@@ -221,3 +221,22 @@ def test_seqkd_run_on_two_ranks_matches_one(tiny_overrides, tiny_zoo, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=RTOL), (a["step"], key)
     final = {n: load_file(next((d / "checkpoints").glob("step-*")) / "model.safetensors") for n, d in runs.items()}
     assert _rel(final[2], final[1]) < RTOL
+
+
+def test_a_rank_that_never_joins_the_step_is_named_within_the_timeout(ray_local, tiny_cfg, tiny_zoo):
+    """Rank 1 is busy elsewhere (a 60 s call ahead of its step), so rank 0 waits for it in the
+    step's first collective: the call fails after resources.remote_timeout_s (here 5 s) with
+    an error naming both ranks and the verb, not a hang."""
+    import time
+
+    from opd.types import ActorError
+
+    two = _group(_cfg(tiny_cfg, 2, distill="jsd"), str(tiny_zoo.student))
+    two.timeout = 5.0
+    try:
+        two.learners[1].handle.__ray_call__.remote(lambda _self: time.sleep(60))
+        b = _batches(len(Learner(str(tiny_zoo.student), tiny_cfg).tokenizer), "rollouts")[0]
+        with pytest.raises(ActorError, match=r"learner-0, learner-1\.train_step did not answer within 5s"):
+            two.train(b)
+    finally:
+        _close(two)
