@@ -3,8 +3,9 @@
 # started with --node-ip-address=127.0.0.1 and the dashboard on 127.0.0.1; Ray 2.60 still
 # registers them under the machine's address, and their GCS and raylets listen on all
 # interfaces), a short default experiment submitted with `ray job submit` exactly as the
-# README's "On a Ray cluster" section says, a check that the run directory got summary.json,
-# and the two nodes stopped again whatever happened.
+# README's "On a Ray cluster" section says, with two learner ranks placed one per node
+# (STRICT_SPREAD) and two teacher replicas; a check that the run directory got summary.json
+# and that the ranks ran on different nodes; and the two nodes stopped again whatever happened.
 #
 #   bash benchmarks/ray_cluster_check.sh                       # from the repository root
 #   VENV=/path/to/.venv OPD_ZOO_DIR=/tmp/zoo bash benchmarks/ray_cluster_check.sh task.max_digits=1 ...
@@ -15,7 +16,10 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-VENV=${VENV:-$ROOT/.venv}
+# absolute: the job's driver runs in another working directory, where a relative PATH entry
+# (VENV=.venv) would not find opd-train
+VENV=$(realpath -m "${VENV:-$ROOT/.venv}")
+[ -x "$VENV/bin/opd-train" ] || { echo "FAIL: no opd-train in $VENV/bin (make setup, or set VENV)"; exit 1; }
 export PATH="$VENV/bin:$PATH"  # the nodes (and so the job's driver) find opd-train here
 # A new head node turns Ray's token authentication on by itself, but `ray start --address`
 # (the worker node) only presents the token when asked to: ask every command here.
@@ -78,7 +82,9 @@ ADDR="http://127.0.0.1:$DASH"
 submit() {
   ray job submit --address "$ADDR" --submission-id "$JOB" --no-wait --working-dir . \
     --runtime-env-json "{\"excludes\": [\".venv\", \"runs\"], \"env_vars\": {\"OPD_ZOO_DIR\": \"$ZOO\"}}" \
-    -- opd-train steps=3 eval_every=0 run_dir="$RUN_DIR" "$@"
+    -- opd-train steps=3 eval_every=0 run_dir="$RUN_DIR" \
+    resources.learner_workers=2 resources.learner_placement=STRICT_SPREAD resources.learner_num_cpus=0.25 \
+    resources.teacher_workers=2 resources.teacher_num_cpus=0.25 "$@"
 }
 wait_for 180 submit "$@"
 ray job logs --address "$ADDR" --follow "$JOB" | tee "$WORK/job.log"
@@ -86,12 +92,18 @@ ray job status --address "$ADDR" "$JOB" >"$WORK/job.status" 2>&1
 grep -qi succeeded "$WORK/job.status" || { echo "FAIL: job $JOB did not succeed"; exit 1; }
 echo "console lines of the job: $(wc -l < "$WORK/job.log")"
 
-for f in summary.json metrics.jsonl report.md logs/learner.log; do
+for f in summary.json metrics.jsonl report.md logs/learner-0.log logs/learner-1.log logs/teacher-1.log; do
   [ -s "$RUN_DIR/$f" ] || { echo "FAIL: $RUN_DIR/$f is missing"; exit 1; }
 done
 python - "$RUN_DIR" <<'EOF'
 import json, sys
 s = json.load(open(f"{sys.argv[1]}/summary.json"))
-print(f"PASS: summary.json of {s['steps']} steps, student {s['student_before']:.3f} -> "
-      f"{s['student_after']:.3f}, teacher {s['teacher']:.3f}, {s['total_seconds']:.0f}s")
+ranks = s["learner_ranks"]
+nodes = {r["node_id"] for r in ranks}
+for r in ranks:
+    print(f"learner rank {r['rank']}: node {r['node_id'][:12]}, pid {r['pid']}, {r['param_bytes']} parameter bytes")
+if len(ranks) != 2 or len(nodes) != 2:
+    sys.exit(f"FAIL: the two learner ranks should run on two nodes, got {len(ranks)} ranks on {len(nodes)}")
+print(f"PASS: summary.json of {s['steps']} steps, two learner ranks on two nodes, student "
+      f"{s['student_before']:.3f} -> {s['student_after']:.3f}, teacher {s['teacher']:.3f}, {s['total_seconds']:.0f}s")
 EOF

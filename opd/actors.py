@@ -316,8 +316,9 @@ class Workers(ActorCalls):
     def _join_learners(self) -> None:
         """Form the learner ranks' process group (N > 1) and record where each one runs."""
         if len(self.learners) > 1:
-            addr, port = self._on_ranks("address", [()], self.cfg.resources.startup_timeout_s)[0]
-            self._on_ranks("join", [(addr, port)] * len(self.learners), self.cfg.resources.startup_timeout_s)
+            local = not os.environ.get("RAY_ADDRESS")  # the Ray start_ray started here
+            meet = self._on_ranks("rendezvous", [(local,)], self.cfg.resources.startup_timeout_s)[0]
+            self._on_ranks("join", [(meet,)] * len(self.learners), self.cfg.resources.startup_timeout_s)
         self.learner_ranks = self._on_ranks("where")
 
     # ------------------------------------------------------------------ faults

@@ -4,9 +4,10 @@ meet, and how a step is shared between them.
 - **Placement.** With Ray and N > 1 the ranks are the bundles of one placement group
   (`resources.learner_placement`: PACK keeps them on as few nodes as possible, STRICT_SPREAD
   puts each on its own node), one GPU each under `resources=gpu`.
-- **Rendezvous.** Rank 0 reports its node's address (as Ray knows it; 127.0.0.1 for the
-  local Ray opd starts) and a port free there; every rank then joins the process group
-  there (`Learner.join`). No fixed port.
+- **Rendezvous.** Rank 0 names where the ranks meet (`opd.learner.shard.rendezvous`): on
+  the local Ray opd starts, a file in a new temporary directory (nothing listens, and gloo
+  stays on loopback); on a cluster, its node's address and a port free there. Every rank
+  then joins the process group there (`Learner.join`). No fixed port.
 - **A step.** The driver splits the TrainBatch by token count (`opd.learner.split`); every
   rank trains its share against the whole batch's normalisers, FSDP2 sums the gradients,
   and every rank returns the whole step's metrics (rank 0's are kept).

@@ -97,10 +97,10 @@ class Learner:
         if world == 1:
             self._build()
 
-    def join(self, addr: str, port: int) -> None:
-        """Form the process group with the other ranks (rank 0 listens at addr:port), shard
-        the student (and the anchor) and build the optimizer."""
-        shard.init_group(self.rank, self.world, addr, port, self.cfg.resources.remote_timeout_s, self.device)
+    def join(self, init_method: str) -> None:
+        """Form the process group with the other ranks (at rank 0's `rendezvous`), shard the
+        student (and the anchor) and build the optimizer."""
+        shard.init_group(self.rank, self.world, init_method, self.cfg.resources.remote_timeout_s, self.device)
         self._build()
 
     def _build(self) -> None:
@@ -171,9 +171,9 @@ class Learner:
         """Answers once the model is loaded (start-up has its own timeout); the process id."""
         return os.getpid()
 
-    def address(self) -> tuple[str, int]:
-        """Where rank 0 listens for the others: its node's address and a free port there."""
-        return shard.free_address()
+    def rendezvous(self, local: bool) -> str:
+        """Where the ranks meet (`shard.rendezvous`), asked of rank 0."""
+        return shard.rendezvous(local)
 
     def where(self) -> dict:
         """This rank: its node, process, and the bytes of its parameters, gradients and

@@ -42,31 +42,37 @@ class Whole(torch.nn.Module):
         return fn(self.model)
 
 
-def init_group(rank: int, world: int, addr: str, port: int, timeout_s: float, device: str) -> None:
-    """Join the learner group's process group at rank 0's `addr:port`. A collective that a
-    peer never joins fails after `timeout_s` instead of hanging. On one machine (a loopback
-    address) gloo's sockets stay on loopback too."""
+def init_group(rank: int, world: int, init_method: str, timeout_s: float, device: str) -> None:
+    """Join the learner group's process group at `init_method` (`rendezvous`). A collective
+    that a peer never joins fails after `timeout_s` instead of hanging. On one machine (a
+    file rendezvous) gloo's sockets stay on loopback."""
     import torch.distributed as dist
 
-    if addr.startswith("127."):
+    if init_method.startswith("file://"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(0)  # each rank's actor sees its own GPU
-    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def free_address() -> tuple[str, int]:
-    """This node's address (as Ray knows it) and a port free on it: where rank 0 listens."""
+def rendezvous(local: bool) -> str:
+    """Where the ranks meet, as rank 0 sees it. `local` (the Ray that opd started on this
+    machine): a file in a new temporary directory, so that nothing listens for it. On a
+    cluster: this node's address (as Ray knows it) and a port free there; torch's TCP store
+    listens on it on every interface of that node, for as long as the group is formed."""
     import socket
+    import tempfile
 
+    if local:
+        return f"file://{tempfile.mkdtemp(prefix='opd-learners-')}/store"
     import ray
 
     ip = ray.util.get_node_ip_address()
     with socket.socket() as s:
         s.bind((ip, 0))
-        return ip, s.getsockname()[1]
+        return f"tcp://{ip}:{s.getsockname()[1]}"
 
 
 def decoder_layers(model: torch.nn.Module) -> Iterable[torch.nn.Module]:
