@@ -193,12 +193,12 @@ def test_engine_synced_from_two_ranks_decodes_and_scores_as_the_gathered_student
         _close(two)
 
 
-def test_seqkd_run_on_two_ranks_matches_one(tiny_overrides, tiny_zoo, tmp_path):
-    """The whole loop (Ray, engines, teacher) with loss=seqkd, whose batches are the teacher's
-    own completions and so do not depend on the student's sampling: 3 steps on two learner
-    ranks (placed, joined, summary naming both) take the steps one learner takes. The
-    teacher samples at temperature 0.05: two runs of the engines in Ray actors at temperature
-    1 do not sample the same completions (even with one learner), near-greedy ones do."""
+def test_seqkd_run_on_two_ranks_matches_one(ray_local, tiny_overrides, tiny_zoo, tmp_path):
+    """The whole loop (engines, teacher) with loss=seqkd, whose batches are the teacher's own
+    completions and so do not depend on the student's sampling: 3 steps on two learner ranks
+    (placed, joined, the summary naming both) take the steps one learner takes. The teacher
+    samples at temperature 0.05: two runs of the CPU engines at temperature 1 do not sample the
+    same completions (even with one learner), near-greedy ones do."""
     import json
 
     from safetensors.torch import load_file
