@@ -11,9 +11,10 @@ group of two Ray actors (FSDP2 over gloo). Reported:
   final weights (the largest over tensors, the attention key biases aside: their gradient is
   zero in exact arithmetic, so AdamW steps on rounding noise in either run);
 - each rank's bytes of parameters, gradients and AdamW state, against one learner's;
-- `Workers.sync` (gather on rank 0 when sharded, numpy arrays through Ray's object store,
-  in-place reload in a vLLM rollout-worker actor), `--repeats` times for each N, median and
-  spread, and the gather alone (`export_weights`).
+- `Workers.sync` (each rank's shards as numpy arrays through Ray's object store, joined by
+  a vLLM rollout-worker actor before its in-place reload), `--repeats` times for each N,
+  median and spread; and the alternative of rank 0 gathering the whole weights first
+  (`sync_gathered`, checked to give the engine the same weights), and the gather alone.
 All on this machine's CPUs; JSON with the config and the environment.
 """
 
@@ -36,7 +37,7 @@ from opd.learner import Learner, shard
 from opd.learner_group import placement, rank_names
 from opd.rollout import RolloutWorker, cpu_engine_env
 from opd.run_io import environment
-from opd.types import RolloutBatch, TeacherScores
+from opd.types import RolloutBatch, TeacherScores, WeightUpdate
 from opd.zoo.smollm2 import ensure_smollm2
 
 
@@ -68,6 +69,25 @@ def group(cfg, path: str, n: int, rollout: bool) -> Workers:
     w.gather([(a, "ready") for a in w.rollouts + w.learners], 1800)
     w._join_learners()
     return w
+
+
+def sync_gathered(w: Workers) -> list[int]:
+    """The alternative to `Workers.sync` (each rank sends its own shards, each rollout
+    worker joins them): rank 0 gathers the whole weights and sends them."""
+    dtype = w.cfg.rollout.dtype
+    refs = w._submit([(a, "export_weights", (dtype,)) for a in w.learners])
+    return w.gather([(r, "load_weights", (refs[0],)) for r in w.rollouts])
+
+
+def assert_same_engine_weights(w: Workers) -> None:
+    """Both ways give the engines the same weights: the joined shards equal rank 0's gather."""
+    import ray
+
+    whole = w._on_ranks("export_weights")[0]
+    parts = ray.get([a.submit("export_shards", w.cfg.rollout.dtype) for a in w.learners])
+    joined = WeightUpdate.join(parts)
+    assert joined.arrays.keys() == whole.arrays.keys()
+    assert all(np.array_equal(joined.arrays[k], whole.arrays[k]) for k in whole.arrays)
 
 
 def rel(a: dict, b: dict) -> float:
@@ -121,8 +141,10 @@ def main() -> None:
             "final_weights_rel": rel(weights(two._on_ranks("export_weights")[0]), ref_w)}
         result["bytes"]["per_rank_of_two"] = [{k: r[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes")}
                                               for r in two._on_ranks("where")]
-        result["sync"] = {"two_ranks": timed(two.sync, a.repeats),
+        result["sync"] = {"two_ranks_shards": timed(two.sync, a.repeats),
+                          "two_ranks_gathered": timed(lambda: sync_gathered(two), a.repeats),
                           "two_ranks_gather_only": timed(lambda: two._on_ranks("export_weights"), a.repeats)}
+        assert_same_engine_weights(two)
     finally:
         two.shutdown()
     one_w = group(cfg1, student, 1, rollout=True)

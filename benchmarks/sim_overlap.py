@@ -66,7 +66,7 @@ class SleepWorkers:
 
         time.sleep(self.p["sync"])
         self.version += 1
-        return WeightUpdate(self.version, {"w": np.zeros(1, np.float32)}), [self.version]
+        return [WeightUpdate(self.version, {"w": np.zeros(1, np.float32)})], [self.version]
 
     def student_logprobs(self, batch):  # no held-out prompts: never called
         raise NotImplementedError("the simulation has no held-out prompts")

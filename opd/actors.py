@@ -332,8 +332,8 @@ class Workers(ActorCalls):
         """A rebuilt rollout worker takes the learner's current weights first, so its weight
         version never goes backwards."""
         if actor in self.rollouts:
-            update = self._on_ranks("export_weights", [(self.cfg.rollout.dtype,)] * len(self.learners))[0]
-            self.call(actor, "load_weights", update)
+            parts = self._on_ranks("export_shards", [(self.cfg.rollout.dtype,)] * len(self.learners))
+            self.call(actor, "load_weights", *parts)
 
     def restart_learner(self, ckpt: Optional[Path], reason: str) -> Optional[CheckpointState]:
         """A new learner from `ckpt` (or the run's starting point), synced to every rollout
@@ -392,18 +392,20 @@ class Workers(ActorCalls):
         shares = split_batch(batch, len(self.learners), self.cfg.optim.micro_batch_size)
         return {**self._on_ranks("train_step", shares)[0], **group.whole_batch_metrics(batch)}
 
-    def sync(self) -> tuple[WeightUpdate, list[int]]:
-        """Learner -> every rollout worker; returns the update and the workers' versions.
-        With Ray the learner's arrays are stored once in the object store and every worker
-        (and this driver, for the version) reads them in place: its reference is passed on,
-        the weights are never fetched and put again here."""
+    def sync(self) -> tuple[list[WeightUpdate], list[int]]:
+        """Learner -> every rollout worker; returns the update's parts (one per learner rank)
+        and the workers' versions. With Ray each rank's arrays are stored once in the object
+        store and every worker (and this driver, for the version) reads them in place: their
+        references are passed on, never fetched and put again here. A sharded learner's
+        ranks each send their own shards, which every worker joins (`WeightUpdate.join`):
+        faster than gathering on rank 0 (docs/results.md §10)."""
         args = [(self.cfg.rollout.dtype,)] * len(self.learners)
         if not self.use_ray:
-            update = self._on_ranks("export_weights", args)[0]
-            return update, self.gather([(w, "load_weights", (update,)) for w in self.rollouts])
-        refs = self._submit([(a, "export_weights", x) for a, x in zip(self.learners, args)])
-        update = group.wait_ranks(self.learners, "export_weights", refs, self.timeout)[0]  # rank 0 gathered
-        return update, self.gather([(w, "load_weights", (refs[0],)) for w in self.rollouts])
+            parts = self._on_ranks("export_shards", args)
+            return parts, self.gather([(w, "load_weights", tuple(parts)) for w in self.rollouts])
+        refs = self._submit([(a, "export_shards", x) for a, x in zip(self.learners, args)])
+        parts = group.wait_ranks(self.learners, "export_shards", refs, self.timeout)
+        return parts, self.gather([(w, "load_weights", tuple(refs)) for w in self.rollouts])
 
     def save_checkpoint(self, path: str, state: CheckpointState) -> str:
         """The learner's weights and optimizer, with the loop's state, at `path`."""

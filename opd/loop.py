@@ -120,8 +120,8 @@ class Distillation:
         with timer("generate_wait"):
             self.pending = self.in_flight() if self.in_flight else None
         with timer("sync"):
-            update, versions = self.workers.sync()
-        result.metrics.update({"sync/version": float(min(versions)), "sync/mb": update.nbytes / 2**20,
+            parts, versions = self.workers.sync()
+        result.metrics.update({"sync/version": float(min(versions)), "sync/mb": sum(p.nbytes for p in parts) / 2**20,
                                "fault/restarts": float(self.workers.restarts)})
 
     def periodic(self, step: int) -> None:

@@ -150,8 +150,10 @@ class RolloutWorker:
                                  use_tqdm=False)
         return [o.outputs[0].text for o in outs]
 
-    def load_weights(self, update: WeightUpdate) -> int:
-        """Replace the engine's weights in place and drop every cached prefix."""
+    def load_weights(self, *parts: WeightUpdate) -> int:
+        """Replace the engine's weights in place and drop every cached prefix. Several parts:
+        a sharded learner's ranks' shards, joined here (`WeightUpdate.join`)."""
+        update = WeightUpdate.join(parts)
         self.llm.collective_rpc("opd_load_weights", args=(self._wire(update),))
         self.llm.reset_prefix_cache()
         self.version = update.version

@@ -297,6 +297,15 @@ class WeightUpdate:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
 
+    @classmethod
+    def join(cls, parts: Sequence["WeightUpdate"]) -> "WeightUpdate":
+        """The whole update from the dim-0 shards of a sharded learner's ranks, in rank order
+        (one part: itself, no copy)."""
+        if len(parts) == 1:
+            return parts[0]
+        arrays = {k: np.concatenate([p.arrays[k] for p in parts], 0) for k in parts[0].arrays}
+        return cls(parts[0].version, arrays, parts[0].dtype, max(p.seconds for p in parts))
+
 
 @dataclass(frozen=True)
 class StepMetrics:
@@ -397,8 +406,9 @@ class LoopWorkers(Protocol):
     def train(self, batch: TrainBatch) -> dict[str, float]:
         """One learner step on `batch`; its metrics."""
 
-    def sync(self) -> tuple[WeightUpdate, list[int]]:
-        """The learner's weights into every rollout worker; the update and the workers' versions."""
+    def sync(self) -> tuple[list[WeightUpdate], list[int]]:
+        """The learner's weights into every rollout worker; the update's parts (one per
+        learner rank) and the workers' versions."""
 
     def student_logprobs(self, batch: TrainBatch) -> np.ndarray:
         """The learner's log-probs of a batch's target tokens [B, S] (0 off the mask)."""

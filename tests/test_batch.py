@@ -135,3 +135,16 @@ def test_weight_update_round_trip_shares_memory(dtype):
         assert back[k].data_ptr() == up.arrays[k].ctypes.data  # no copy on the way back
     with pytest.raises(ValueError, match="one dtype"):
         WeightUpdate.from_tensors(0, {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float16)})
+
+
+def test_weight_update_joins_dim0_shards_in_rank_order():
+    """A sharded learner's ranks' parts (torch.chunk along dim 0, as FSDP2 lays them out, an
+    empty last part included) join into the whole update, bf16 bits too."""
+    g = torch.Generator().manual_seed(0)
+    whole = {"w": torch.randn(5, 3, generator=g).to(torch.bfloat16), "b": torch.randn(2, generator=g).to(torch.bfloat16)}
+    parts = [WeightUpdate.from_tensors(4, {k: v.chunk(3)[r] if r < len(v.chunk(3)) else v[:0] for k, v in whole.items()})
+             for r in range(3)]
+    joined = WeightUpdate.join(parts)
+    assert joined.version == 4 and joined.dtype == "bfloat16"
+    assert {k: torch.equal(t, whole[k]) for k, t in joined.tensors()} == {"w": True, "b": True}
+    assert WeightUpdate.join(parts[:1]) is parts[0]

@@ -112,8 +112,7 @@ def test_two_ranks_take_the_step_one_rank_takes(ray_local, tiny_cfg, tiny_zoo, k
             for key in ("loss/rows_total", "loss/pairs_total", "optim/grad_norm", "learner/tokens"):
                 if key in a:
                     assert m[key] == pytest.approx(a[key], rel=RTOL, abs=1e-7), (step, key)
-        assert _rel(_weights(two.sync()[0] if two.rollouts else two._on_ranks("export_weights")[0]),
-                    _weights(one.export_weights())) < RTOL
+        assert _rel(_weights(two._on_ranks("export_weights")[0]), _weights(one.export_weights())) < RTOL
         ranks = two.learner_ranks
         assert [r["rank"] for r in ranks] == [0, 1]
     finally:
@@ -166,9 +165,9 @@ def test_each_rank_holds_half_and_checkpoints_resume_across_sizes(ray_local, tin
 
 def test_engine_synced_from_two_ranks_decodes_and_scores_as_the_gathered_student(
         ray_local, tiny_cfg, tiny_zoo, student_engine):
-    """After a step on two ranks, the engine loaded with rank 0's gathered weights decodes
-    greedily what the gathered student decodes, and its log-probs equal the two ranks'
-    sharded recomputation of them (within 1e-3)."""
+    """After a step on two ranks, the engine loaded with the two ranks' shards decodes
+    greedily what the student gathered on rank 0 decodes, and its log-probs equal the two
+    ranks' sharded recomputation of them (within 1e-3)."""
     from transformers import AutoModelForCausalLM
 
     from opd.batch import build_train_batch
@@ -179,8 +178,9 @@ def test_engine_synced_from_two_ranks_decodes_and_scores_as_the_gathered_student
     try:
         tok = Learner(str(tiny_zoo.student), tiny_cfg).tokenizer
         two.train(_batches(len(tok), "rollouts")[0])
-        update = two._on_ranks("export_weights")[0]
-        assert update.version == 1 and student_engine.load_weights(update) == 1
+        parts = two._on_ranks("export_shards")  # what Workers.sync sends: each rank's own shards
+        assert student_engine.load_weights(*parts) == 1
+        update = two._on_ranks("export_weights")[0]  # gathered on rank 0
         prompts = _prompts(tiny_cfg, tok)
         out = student_engine.generate(prompts, _settings(n=1))
         batch = build_train_batch(out, None, tok.pad_token_id, tok.eos_token_id, True, 1.0)

@@ -64,7 +64,7 @@ class FakeWorkers:
 
     def sync(self):
         self.version += 1
-        return WeightUpdate(self.version, {"w": np.zeros(2, np.float32)}), [self.version]
+        return [WeightUpdate(self.version, {"w": np.zeros(2, np.float32)})], [self.version]
 
     def student_logprobs(self, batch):
         return np.full(batch.input_ids_BS.shape, -1.0, np.float32)

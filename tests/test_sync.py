@@ -179,7 +179,7 @@ def test_ray_sync_reloads_numpy_weights_by_reference(tiny_overrides, tiny_zoo, t
         m = batch.loss_mask_BS > 0
         assert np.abs(workers.student_logprobs(batch) - batch.sampler_logprobs_BS)[m].max() > 1e-2
 
-        update, versions = workers.sync()
+        (update,), versions = workers.sync()
         assert versions == [1] and update.version == 1
         # read in place from the object store: the arrays are Ray's shared, read-only memory
         assert update.arrays and not any(a.flags.writeable for a in update.arrays.values())

@@ -218,6 +218,16 @@ class Learner:
         sd = self.state_for_sync(dtype)
         return WeightUpdate.from_tensors(self.step, sd, seconds=time.time() - t0) if self.rank == 0 else None
 
+    def export_shards(self, dtype: str = "float32") -> WeightUpdate:
+        """This rank's dim-0 shards of the weights in `dtype` (no communication; the rollout
+        workers join the ranks' parts); a tied LM head is left out."""
+        t0 = time.time()
+        sd = {k: shard.local(v.detach()).to(getattr(torch, dtype)).contiguous().cpu()
+              for k, v in self.model.state_dict().items()}
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        return WeightUpdate.from_tensors(self.step, sd, seconds=time.time() - t0)
+
     def save_checkpoint(self, ckpt_dir: str | Path, extra: dict) -> str:
         """A Hugging Face model dir + learner state (`checkpoint.save`); `extra` is JSON (data
         cursor, monitor). When sharded every rank gathers and rank 0 writes."""

@@ -122,6 +122,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's dim-0 slice of `t` if sharded, else `t`."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `param` is: this rank's shard of it if `param` is sharded (no
     communication: every rank holds `full`), else `full` on the param's device."""
