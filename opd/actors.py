@@ -11,8 +11,8 @@ call's batch is shared among them and the answers joined in order (`opd.data_par
 One whose process dies is rebuilt here, up to `resources.max_actor_restarts` times each,
 and its share of the call is sent again (every verb but `train` is a pure function of its
 arguments and the weights); a rebuilt rollout worker first takes the learner's current
-weights and version. A dead learner is rebuilt by the loop from the newest checkpoint
-(`restart_learner`). Each restart is printed and kept as an event for the step's metrics line.
+weights and version. A dead learner (any rank of a sharded one, `opd.learner_group`) is
+rebuilt, every rank of it, by the loop from the newest checkpoint (`restart_learner`). Each restart is printed and kept as an event for the step's metrics line.
 
 Models and losses are *what*; this file is *where* (docs/architecture.md).
 """

@@ -87,6 +87,12 @@ BAD = [
     (["rollout.top_p=1.01"], "rollout.top_p must be in (0, 1], got 1.01"),
     (["rollout.overlap_tis_cap=0.5"], "rollout.overlap_tis_cap must be >= 1, got 0.5"),
     (["rollout.overlap=true", "loss=seqkd"], "rollout.overlap needs loss.on_policy_fraction=1"),
+    (["resources.learner_workers=2", "resources.use_ray=false"],
+     "resources.learner_workers > 1 (a sharded learner, got 2) needs resources.use_ray=true"),
+    (["resources.learner_workers=0"], "resources.learner_workers must be >= 1, got 0"),
+    (["resources.teacher_workers=0"], "resources.teacher_workers must be >= 1, got 0"),
+    (["resources.learner_placement=RANDOM"],
+     "resources.learner_placement must be one of ['PACK', 'SPREAD', 'STRICT_PACK', 'STRICT_SPREAD'], got 'RANDOM'"),
     (["loss.jsd_beta=1.5"], "loss.jsd_beta must be in [0, 1], got 1.5"),  # _range, closed
     (["loss.jsd_beta=-0.1"], "loss.jsd_beta must be in [0, 1], got -0.1"),
     (["optim.beta2=1.0"], "optim.beta2 must be in [0, 1), got 1.0"),  # open high end
