@@ -97,17 +97,17 @@ def _rel(a, b):
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in b if not k.endswith("k_proj.bias"))
 
 
-@pytest.mark.parametrize("kind,loss", [
-    ("sft", dict(distill="jsd")),  # loss=seqkd's rows
-    ("rollouts", dict(distill="jsd")),  # loss=gkd, with the top-k KL remedy and the anchor
-    ("rollouts", dict(distill="reverse_kl_pg")),  # loss=opd, the same
-    ("pairs", dict(distill="reverse_kl_pg", smpo_coef=1.0)),  # SMPO pairs, never split
+@pytest.mark.parametrize("kinds,loss", [
+    (("sft", "rollouts"), dict(distill="jsd")),  # loss=seqkd's rows, then loss=gkd's with the
+    #                                              top-k KL remedy and the anchor
+    (("rollouts",), dict(distill="reverse_kl_pg")),  # loss=opd, the same
+    (("pairs",), dict(distill="reverse_kl_pg", smpo_coef=1.0)),  # SMPO pairs, never split
 ])
-def test_two_ranks_take_the_step_one_rank_takes(ray_local, tiny_cfg, tiny_zoo, kind, loss):
+def test_two_ranks_take_the_step_one_rank_takes(ray_local, tiny_cfg, tiny_zoo, kinds, loss):
     one = Learner(str(tiny_zoo.student), _cfg(tiny_cfg, 1, **loss))
     two = _group(_cfg(tiny_cfg, 2, **loss), str(tiny_zoo.student))
     try:
-        for step, b in enumerate(_batches(len(one.tokenizer), kind)):
+        for step, b in enumerate(b for kind in kinds for b in _batches(len(one.tokenizer), kind)):
             a, m = one.train_step(b), two.train(b)
             for key in ("loss/rows_total", "loss/pairs_total", "optim/grad_norm", "learner/tokens"):
                 if key in a:
@@ -206,7 +206,8 @@ def test_seqkd_run_on_two_ranks_matches_one(ray_local, tiny_overrides, tiny_zoo,
     from opd.config import load_config
     from opd.train import run_training
 
-    base = tiny_overrides + ["loss=seqkd", "steps=3", "length.reference_prompts=8", "eval_every=0",
+    base = tiny_overrides + ["loss=seqkd", "steps=3", "length.reference_prompts=4", "eval_every=0",
+                             "rollout.prompts_per_step=6", "rollout.samples_per_prompt=1",
                              "checkpoint_every=0", "resources.use_ray=true", "resources.learner_num_cpus=0.25",
                              "optim.micro_batch_size=4", "rollout.temperature=0.05"]
     runs = {n: tmp_path / f"n{n}" for n in (1, 2)}
@@ -232,11 +233,11 @@ def test_a_rank_that_never_joins_the_step_is_named_within_the_timeout(ray_local,
     from opd.types import ActorError
 
     two = _group(_cfg(tiny_cfg, 2, distill="jsd"), str(tiny_zoo.student))
-    two.timeout = 5.0
+    two.timeout = 2.0
     try:
         two.learners[1].handle.__ray_call__.remote(lambda _self: time.sleep(60))
         b = _batches(len(Learner(str(tiny_zoo.student), tiny_cfg).tokenizer), "rollouts")[0]
-        with pytest.raises(ActorError, match=r"learner-0, learner-1\.train_step did not answer within 5s"):
+        with pytest.raises(ActorError, match=r"learner-0, learner-1\.train_step did not answer within 2s"):
             two.train(b)
     finally:
         _close(two)
