@@ -62,6 +62,8 @@ def test_resume_continues_exactly(tiny_overrides, tiny_zoo, tmp_path):
     run_training(load_config(base + [f"run_dir={tmp_path / 'b'}", f"resume={ckpt}"]))
     full, resumed = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert [m["step"] for m in resumed] == [2, 3]
+    # the student's tokenizer file itself (a re-save turns the toy's WordLevel model into BPE)
+    assert (ckpt / "tokenizer.json").read_bytes() == (tiny_zoo.student / "tokenizer.json").read_bytes()
     # the checkpoints each step left: the state after the resumed run's first step, and its last
     for step in (2, 3):
         a, b = (tmp_path / run / "checkpoints" / f"step-{step:06d}" for run in ("a", "b"))

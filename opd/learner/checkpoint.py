@@ -72,6 +72,9 @@ def save(ckpt_dir: str | Path, model: Any, tokenizer: Any, weights: dict[str, to
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    source = Path(getattr(tokenizer, "name_or_path", "")) / "tokenizer.json"
+    if source.is_file():  # the student's own file: a re-save may change the tokenizer's model type
+        shutil.copyfile(source, tmp / "tokenizer.json")
     torch.save({"optimizer": optimizer, "scheduler": sched.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "learner_state.pt")
     state = {**counters, "python_rng": rng_state_to_json(random.getstate()),
