@@ -12,7 +12,8 @@ One whose process dies is rebuilt here, up to `resources.max_actor_restarts` tim
 and its share of the call is sent again (every verb but `train` is a pure function of its
 arguments and the weights); a rebuilt rollout worker first takes the learner's current
 weights and version. A dead learner (any rank of a sharded one, `opd.learner_group`) is
-rebuilt, every rank of it, by the loop from the newest checkpoint (`restart_learner`). Each restart is printed and kept as an event for the step's metrics line.
+rebuilt, every rank of it, by the loop from the newest checkpoint (`restart_learner`). Each
+restart is printed and kept as an event for the step's metrics line.
 
 Models and losses are *what*; this file is *where* (docs/architecture.md).
 """
@@ -239,13 +240,17 @@ class ActorCalls:
     def restart(self, actor: _Actor, reason: str, *args) -> None:
         """Rebuild a dead actor (with new constructor arguments, if given); an event on the
         console and in the metrics."""
-        if actor.restarts >= self.max_restarts:
-            raise ActorDied(f"{reason}; it was restarted {actor.restarts} times already "
-                            f"(resources.max_actor_restarts={self.max_restarts})")
+        self._check_budget(actor, reason)
         actor.restart(*args)
         self._count_restart(actor.name, actor.restarts, reason)
         self.gather([(actor, "ready")], self.cfg.resources.startup_timeout_s)
         self._restarted(actor)
+
+    def _check_budget(self, actor: _Actor, reason: str) -> None:
+        """Refuse a restart past resources.max_actor_restarts (`ActorDied`, with `reason`)."""
+        if actor.restarts >= self.max_restarts:
+            raise ActorDied(f"{reason}; it was restarted {actor.restarts} times already "
+                            f"(resources.max_actor_restarts={self.max_restarts})")
 
     def _count_restart(self, name: str, restart: int, reason: str) -> None:
         """A restart, counted, kept as an event for the step's metrics, and printed."""

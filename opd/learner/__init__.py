@@ -203,10 +203,13 @@ class Learner:
         self.forward.release()
         return out
 
-    def state_for_sync(self, dtype: str = "float32") -> dict[str, torch.Tensor]:
-        """The whole weights in `dtype` under Hugging Face names (a collective when sharded); a
-        tied LM head is left out: the engine reads the embedding."""
-        sd = checkpoint.full_weights(self.model, getattr(torch, dtype))
+    def state_for_sync(self, dtype: str = "float32", gather: bool = True) -> dict[str, torch.Tensor]:
+        """The weights in `dtype` under Hugging Face names: whole (`gather`; a collective when
+        sharded) or this rank's dim-0 shards (no communication); a tied LM head is left out:
+        the engine reads the embedding."""
+        t = getattr(torch, dtype)
+        sd = (checkpoint.full_weights(self.model, t) if gather else
+              {k: shard.local(v.detach()).to(t).contiguous().cpu() for k, v in self.model.state_dict().items()})
         if getattr(self.model.config, "tie_word_embeddings", False):
             sd.pop("lm_head.weight", None)
         return sd
@@ -219,14 +222,10 @@ class Learner:
         return WeightUpdate.from_tensors(self.step, sd, seconds=time.time() - t0) if self.rank == 0 else None
 
     def export_shards(self, dtype: str = "float32") -> WeightUpdate:
-        """This rank's dim-0 shards of the weights in `dtype` (no communication; the rollout
-        workers join the ranks' parts); a tied LM head is left out."""
+        """This rank's dim-0 shards of the weights in `dtype` (the rollout workers join the
+        ranks' parts, `WeightUpdate.join`); one learner's are the whole weights."""
         t0 = time.time()
-        sd = {k: shard.local(v.detach()).to(getattr(torch, dtype)).contiguous().cpu()
-              for k, v in self.model.state_dict().items()}
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)
-        return WeightUpdate.from_tensors(self.step, sd, seconds=time.time() - t0)
+        return WeightUpdate.from_tensors(self.step, self.state_for_sync(dtype, gather=False), seconds=time.time() - t0)
 
     def save_checkpoint(self, ckpt_dir: str | Path, extra: dict) -> str:
         """A Hugging Face model dir + learner state (`checkpoint.save`); `extra` is JSON (data
