@@ -40,7 +40,6 @@ class Normalizers:
     on: float  # tokens of student rollouts (distillation, length remedy)
     pg: float  # the same, weighted by stop-properly (policy-gradient term)
     sft: float  # tokens of rows with an SFT weight
-    pairs: int  # SMPO pairs
     smpo: Optional[losses.PairCounts] = None  # what SMPO's means divide by (None: no pairs)
 
     @classmethod
@@ -49,7 +48,6 @@ class Normalizers:
         return cls(on=float((tok_B * b.on_policy_B).sum()),
                    pg=float((tok_B * b.on_policy_B * b.seq_weight_B).sum()),
                    sft=float((tok_B * (b.sft_weight_B > 0)).sum()),
-                   pairs=0 if p is None else len(p.chosen_rows),
                    smpo=losses.PairCounts.of(b.loss_mask_BS[p.chosen_rows], b.loss_mask_BS[p.rejected_rows])
                    if p is not None and len(p.chosen_rows) else None)
 
@@ -98,7 +96,7 @@ def micro_batches(obj: "BatchObjective", mb: int, plan: Optional[RankPlan]) -> l
     M = 0 if b.pairs is None else len(b.pairs.chosen_rows)
     if plan is not None and plan.padding:
         order, M = order[:0], 0
-    smpo_on = bool(obj.norm.pairs and lc.smpo_coef)
+    smpo_on = bool(obj.norm.smpo is not None and lc.smpo_coef)
     rows = [("rows", order[i: i + mb]) for i in range(0, len(order), mb)]
     pairs = [("pairs", np.arange(i, min(M, i + mb))) for i in range(0, M, mb)] if smpo_on else []
     if plan is not None:
