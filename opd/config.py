@@ -80,6 +80,26 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on a frozen student, trained through peft (opd/learner/lora.py)."""
+
+    enabled: bool = knob(MISSING)  # false: every weight of the student trains
+    r: int = knob(MISSING, ge(1))  # the adapters' rank
+    alpha: float = knob(MISSING, gt(0))  # the adapters' output is scaled by alpha / r
+    dropout: float = knob(MISSING, between(0, 1, hi_open=True))  # on the adapters' input
+    target_modules: list[str] = knob(rule=Rule(lambda v: len(v) > 0, "must name at least one module"),
+                                     factory=list)  # module names (the last part: q_proj) that get adapters
+    trainable_modules: list[str] = knob(factory=list)  # modules trained in full beside them (e.g. lm_head)
+    sync: str = knob(MISSING, one_of("merged", "adapter"))  # what reaches the engines: the merged
+    #   weights in rollout.dtype | the adapters alone (vLLM's enable_lora and a LoRARequest per version)
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class TeacherConfig(ModelConfig):
     backend: str = knob(MISSING, one_of("transformers", "vllm"))
     logprobs: str = knob(MISSING, one_of(*TeacherLogprobs))  # what the teacher returns per token:
@@ -259,7 +279,7 @@ class ResourcesConfig:
 @dataclass
 class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -33,7 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def prepare_run(cfg: TrainConfig):
     """Everything before the actors: paths (checked), models, tokenizers (checked), prompts,
     run dir."""
-    from opd.config import as_dict
+    from opd.config import ConfigError, as_dict
+    from opd.learner.lora import check_targets
     from opd.preflight import check_start
     from opd.run_io import RunDir, resolve_resume
     from opd.prompt_files import FormatRule, load_splits
@@ -48,6 +49,8 @@ def prepare_run(cfg: TrainConfig):
         student_path = str(resume)  # the checkpoint is a Hugging Face model dir
     tok, note = check_pair(student_path, teacher_path, cfg.student.trust_remote_code,
                            cfg.teacher.trust_remote_code)
+    if why := check_targets(student_path, cfg.student):
+        raise ConfigError(f"cannot start:\n  {why}")
     print(f"student: {student_path}\nteacher: {teacher_path}\n{note}", flush=True)
     max_prompt = cfg.rollout.max_model_len - cfg.rollout.max_new_tokens
     f = cfg.format
@@ -79,6 +82,8 @@ def run_training(cfg: TrainConfig) -> dict:
         start = resolve_model_paths(cfg)[0] if resume else student_path  # the anchor's reference
         workers = Workers(cfg, student_path, teacher_path, teacher_eval_prompts=eval_prompts, start_path=start)
         _print_learner_group(workers.learner_ranks)
+        params = {k: workers.learner_ranks[0][k] for k in ("trainable_params", "total_params")}
+        _print_trained_params(cfg, **params)
         state = workers.load_checkpoint(str(resume)) if resume else None
         if resume:  # the engines started on the checkpoint's weights; now they carry its step as
             workers.sync()  # their version too, so the first rollouts are not read as stale
@@ -86,7 +91,7 @@ def run_training(cfg: TrainConfig) -> dict:
         summary = loop.run(state).as_dict()
         summary.update(total_seconds=time.time() - t0, run_dir=str(run.path.resolve()), steps=cfg.steps,
                        environment=environment(), student_path=student_path,
-                       teacher_path=teacher_path, learner_ranks=workers.learner_ranks)
+                       teacher_path=teacher_path, learner_ranks=workers.learner_ranks, **params)
         run.write_json("summary.json", summary)
         _write_report(run.path)
         return summary
@@ -104,6 +109,15 @@ def _print_learner_group(ranks: list[dict]) -> None:
     for r in ranks:
         print(f"learner rank {r['rank']} of {len(ranks)}: node {r['node_id'][:12]}, pid {r['pid']}, "
               f"{r['param_bytes'] / 2**20:.1f} MiB of parameters", flush=True)
+
+
+def _print_trained_params(cfg: TrainConfig, trainable_params: int, total_params: int) -> None:
+    """How much of the student trains: every weight, or LoRA's adapters."""
+    lo = cfg.student.lora
+    what = (f"LoRA r={lo.r} alpha={lo.alpha:g} on {', '.join(lo.target_modules)}" if lo.enabled
+            else "every weight")
+    print(f"learner: {what}: {trainable_params / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters train "
+          f"({100 * trainable_params / total_params:.1f}%)", flush=True)
 
 
 def _shut_down(run: Any, workers: Any, started_ray: bool) -> None:

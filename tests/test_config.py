@@ -93,6 +93,10 @@ BAD = [
     (["resources.teacher_workers=0"], "resources.teacher_workers must be >= 1, got 0"),
     (["resources.learner_placement=RANDOM"],
      "resources.learner_placement must be one of ['PACK', 'SPREAD', 'STRICT_PACK', 'STRICT_SPREAD'], got 'RANDOM'"),
+    (["student.lora.r=0"], "student.lora.r must be >= 1, got 0"),
+    (["student.lora.dropout=1"], "student.lora.dropout must be in [0, 1), got 1.0"),
+    (["student.lora.target_modules=[]"], "student.lora.target_modules must name at least one module, got []"),
+    (["student.lora.sync=lazy"], "student.lora.sync must be one of ['merged', 'adapter'], got 'lazy'"),
     (["loss.jsd_beta=1.5"], "loss.jsd_beta must be in [0, 1], got 1.5"),  # _range, closed
     (["loss.jsd_beta=-0.1"], "loss.jsd_beta must be in [0, 1], got -0.1"),
     (["optim.beta2=1.0"], "optim.beta2 must be in [0, 1), got 1.0"),  # open high end

@@ -15,7 +15,7 @@ import torch
 
 from opd.actors import Workers, _make, start_ray
 from opd.learner import Learner
-from opd.types import PairBatch
+from opd.types import PairBatch, WeightUpdate
 from tests.test_batch import _random_batch
 
 pytestmark = pytest.mark.slow
@@ -33,10 +33,12 @@ def ray_local(tiny_cfg):
         ray.shutdown()
 
 
-def _cfg(tiny_cfg, n, **loss):
-    """The tiny config with `n` learner ranks and these loss settings (the anchor kept)."""
+def _cfg(tiny_cfg, n, lora=False, **loss):
+    """The tiny config with `n` learner ranks and these loss settings (the anchor kept);
+    `lora`: a rank-4 LoRA student."""
     length = replace(tiny_cfg.length, mode="auto", remedies=replace(tiny_cfg.length.remedies, anchor_coef=0.1))
-    return replace(tiny_cfg, loss=replace(tiny_cfg.loss, **loss), length=length,
+    student = replace(tiny_cfg.student, lora=replace(tiny_cfg.student.lora, enabled=lora, r=4, alpha=8))
+    return replace(tiny_cfg, loss=replace(tiny_cfg.loss, **loss), length=length, student=student,
                    optim=replace(tiny_cfg.optim, micro_batch_size=2, lr=3e-3),
                    resources=replace(tiny_cfg.resources, learner_workers=n, use_ray=True, learner_num_cpus=0.5))
 
@@ -102,6 +104,7 @@ def _rel(a, b):
     #                                              top-k KL remedy and the anchor
     (("rollouts",), dict(distill="reverse_kl_pg")),  # loss=opd, the same
     (("pairs",), dict(distill="reverse_kl_pg", smpo_coef=1.0)),  # SMPO pairs, never split
+    (("rollouts",), dict(distill="jsd", lora=True)),  # a LoRA student; its anchor: the adapters off
 ])
 def test_two_ranks_take_the_step_one_rank_takes(ray_local, tiny_cfg, tiny_zoo, kinds, loss):
     one = Learner(str(tiny_zoo.student), _cfg(tiny_cfg, 1, **loss))
@@ -112,11 +115,30 @@ def test_two_ranks_take_the_step_one_rank_takes(ray_local, tiny_cfg, tiny_zoo, k
             for key in ("loss/rows_total", "loss/pairs_total", "optim/grad_norm", "learner/tokens"):
                 if key in a:
                     assert m[key] == pytest.approx(a[key], rel=RTOL, abs=1e-7), (step, key)
-        assert _rel(_weights(two._on_ranks("export_weights")[0]), _weights(one.export_weights())) < RTOL
+        gathered = _weights(two._on_ranks("export_weights")[0])
+        assert _rel(gathered, _weights(one.export_weights())) < RTOL
+        joined = _weights(WeightUpdate.join(two._on_ranks("export_shards")))  # merged from shards, for LoRA
+        assert joined.keys() == gathered.keys() and all(torch.equal(joined[k], gathered[k]) for k in joined)
+        if one.peft:  # the adapters themselves: merged weights hide their differences in W's norm
+            assert _rel(_adapters(two), _adapters(one)) < RTOL
         ranks = two.learner_ranks
         assert [r["rank"] for r in ranks] == [0, 1]
     finally:
         _close(two)
+
+
+def _adapters(learner):
+    """The LoRA tensors of a learner, or of a group's ranks (gathered: a collective on each)."""
+    import ray
+
+    from opd.learner.checkpoint import full_weights
+
+    def get(self):
+        return {k: v for k, v in full_weights(self.model).items() if ".lora_" in k}
+
+    if isinstance(learner, Learner):
+        return get(learner)
+    return ray.get([a.handle.__ray_call__.remote(get) for a in learner.learners])[0]
 
 
 def _total_bytes(where):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from opd.device import pick_device
-from opd.learner import checkpoint, objective, shard
+from opd.learner import checkpoint, lora, objective, shard
 from opd.learner.forward import StudentForward, batch_shape_metrics
 from opd.types import TrainBatch, WeightUpdate
 
@@ -83,15 +83,22 @@ class Learner:
         self.device = pick_device(self.optim_cfg.device)
         torch.manual_seed(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.student.trust_remote_code)
-        # fp32 master weights; bf16 compute through autocast (one device) or FSDP2's policy
+        start_path = start_path or model_path
+        adapter = lora.saved_adapter(model_path, start_path) if cfg.student.lora.enabled else None
+        # fp32 master weights; bf16 compute through autocast (one device) or FSDP2's policy. A
+        # LoRA student resuming from a checkpoint: its base is the start, its adapter the checkpoint's
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch.float32, trust_remote_code=cfg.student.trust_remote_code)
+            start_path if adapter else model_path, dtype=torch.float32,
+            trust_remote_code=cfg.student.trust_remote_code)
+        self.peft = lora.wrap(self.model, cfg.student.lora, adapter) if cfg.student.lora.enabled else None
         self.model.train()
         self.vocab_size = len(self.tokenizer)
         # the only remedy setting read from the config: whether batches may ask for the anchor,
-        # so the frozen copy is kept; its weight per step comes with each batch (anchor_coef)
+        # so the frozen copy is kept (a LoRA student's is its base); its weight per step comes
+        # with each batch (anchor_coef)
         keeps_anchor = cfg.length.mode == "auto" and cfg.length.remedies.anchor_coef > 0
-        self.anchor = self._frozen(start_path or model_path) if keeps_anchor else None
+        self.anchor = self._frozen(start_path) if keeps_anchor and not self.peft else None
+        self.keeps_anchor = keeps_anchor
         self.step = 0
         self.skipped, self.bad_in_row = 0, 0  # skipped steps: in all, and the current run of them
         if world == 1:
@@ -112,9 +119,11 @@ class Learner:
         else:
             self.whole = shard.Whole(self.model.to(self.device))
             anchor = self.anchor and shard.Whole(self.anchor.to(self.device))
+        if self.peft and self.keeps_anchor:
+            anchor = lora.Base(self.whole, self.peft)
         oc = self.optim_cfg
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
-                                     weight_decay=oc.weight_decay)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=oc.lr,
+                                     betas=(oc.beta1, oc.beta2), weight_decay=oc.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(oc.schedule, oc.warmup_steps, self.cfg.steps, oc.min_lr_ratio))
         self.forward = StudentForward(self.whole, anchor, self.device, bf16 and self.world == 1, self.vocab_size)
@@ -185,7 +194,8 @@ class Learner:
             node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         except ImportError:
             pass
-        return {"rank": self.rank, "node_id": node, "pid": os.getpid(), **shard.local_bytes(self.model, self.opt)}
+        return {"rank": self.rank, "node_id": node, "pid": os.getpid(), **lora.counts(self.model),
+                **shard.local_bytes(self.model, self.opt)}
 
     @torch.no_grad()
     def logprobs(self, b: TrainBatch, plan: Optional[objective.RankPlan] = None) -> np.ndarray:
@@ -208,11 +218,18 @@ class Learner:
         sharded) or this rank's dim-0 shards (no communication); a tied LM head is left out:
         the engine reads the embedding."""
         t = getattr(torch, dtype)
-        sd = (checkpoint.full_weights(self.model, t) if gather else
-              {k: shard.local(v.detach()).to(t).contiguous().cpu() for k, v in self.model.state_dict().items()})
+        sd = checkpoint.full_weights(self.model) if gather else self._local_weights()
+        if self.peft:
+            sd = lora.merged(sd, lora.scale(self.cfg.student.lora))
         if getattr(self.model.config, "tie_word_embeddings", False):
             sd.pop("lm_head.weight", None)
-        return sd
+        return {k: v.to(t).contiguous() for k, v in sd.items()}
+
+    def _local_weights(self) -> dict[str, torch.Tensor]:
+        """This rank's dim-0 shards of the state dict on the CPU; a LoRA adapter's A whole (a
+        collective when sharded): the merge multiplies a shard of B's rows by all of A."""
+        return {k: (shard.full_tensor if lora.is_adapter_a(k) else shard.local)(v.detach()).cpu()
+                for k, v in self.model.state_dict().items()}
 
     def export_weights(self, dtype: str = "float32") -> Optional[WeightUpdate]:
         """The weights for the rollout workers; when sharded, rank 0 gathers them (every rank
@@ -235,7 +252,13 @@ class Learner:
         optimizer = checkpoint.optimizer_by_name(self.model, self.opt)
         if self.rank:
             return str(ckpt_dir)
-        return checkpoint.save(ckpt_dir, self.model, self.tokenizer, weights, optimizer, self.sched, counters, extra)
+        if not self.peft:
+            return checkpoint.save(ckpt_dir, self.model, self.tokenizer, weights, optimizer, self.sched, counters,
+                                   extra)
+        return checkpoint.save(  # the merged model, and the adapter in peft's format beside it
+            ckpt_dir, self.model, self.tokenizer, lora.merged(weights, lora.scale(self.cfg.student.lora)),
+            optimizer, self.sched, counters, extra,
+            also=lambda d: lora.save_adapter(self.peft, d / lora.ADAPTER_DIR, weights))
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> dict:
         """Restore the learner state saved next to the model weights (loaded at start); the `extra`."""

@@ -3,6 +3,7 @@
     <ckpt>/model.safetensors, config.json, tokenizer files   the weights (transformers, vLLM)
     <ckpt>/learner_state.pt    optimizer, LR scheduler, torch RNG (read with weights_only=True)
     <ckpt>/learner_state.json  step, skipped-step counters, Python/numpy RNG, the loop's `extra`
+    <ckpt>/adapter/            a LoRA student's adapter in peft's format (the weights above: merged)
 
 The weights and the AdamW moments are whole tensors under the model's parameter names, so a
 checkpoint does not depend on how many ranks wrote it: a run saved by N learner ranks resumes
@@ -21,7 +22,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -61,10 +62,12 @@ def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, saved: di
 
 
 def save(ckpt_dir: str | Path, model: Any, tokenizer: Any, weights: dict[str, torch.Tensor], optimizer: dict,
-         sched: Any, counters: dict[str, int], extra: dict) -> str:
+         sched: Any, counters: dict[str, int], extra: dict,
+         also: Optional[Callable[[Path], None]] = None) -> str:
     """Write a checkpoint: the model's config, `weights` and the tokenizer (`save_pretrained`),
     the optimizer (`optimizer_by_name`) and scheduler, this process's RNG states, `counters`
-    (step, skipped, bad_in_row) and `extra` (JSON: the loop's state). Atomic: a crash mid-save
+    (step, skipped, bad_in_row) and `extra` (JSON: the loop's state); `also` writes more
+    files into the directory (a LoRA student's adapter). Atomic: a crash mid-save
     leaves only a hidden `.step-*.tmp` directory behind."""
     d = Path(ckpt_dir)
     tmp = d.parent / f".{d.name}.tmp"
@@ -80,6 +83,8 @@ def save(ckpt_dir: str | Path, model: Any, tokenizer: Any, weights: dict[str, to
     state = {**counters, "python_rng": rng_state_to_json(random.getstate()),
              "numpy_rng": rng_state_to_json(np.random.get_state()), "extra": extra}
     (tmp / "learner_state.json").write_text(json.dumps(state))
+    if also is not None:
+        also(tmp)
     if d.exists():  # the same step saved again (e.g. the final save after an error)
         old = d.parent / f".{d.name}.old"
         shutil.rmtree(old, ignore_errors=True)
