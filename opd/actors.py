@@ -299,10 +299,12 @@ class Workers(ActorCalls):
         self.teacher_eval = self._teacher_eval(teacher_eval_prompts) if teacher_eval_prompts else None
         ncpu = str(os.cpu_count() or 1)
         plain = {"OMP_NUM_THREADS": ncpu, "TOKENIZERS_PARALLELISM": "false"}
+        lo = cfg.student.lora
+        adapter_rank = lo.r if lo.enabled and lo.sync == "adapter" else 0  # engines: the base + adapters
         self.rollouts = [
             _make(RolloutWorker, f"rollout-{i}", r.use_ray, r.rollout_num_cpus, r.rollout_num_gpus,
-                  _rollout_env(int(ncpu)), student_path, cfg.rollout, i, cfg.student.trust_remote_code,
-                  log_dir=self.log_dir)
+                  _rollout_env(int(ncpu)), self.start_path if adapter_rank else student_path, cfg.rollout, i,
+                  cfg.student.trust_remote_code, adapter_rank, log_dir=self.log_dir)
             for i in range(r.rollout_workers)]
         self.teachers = [  # one replica keeps the plain name
             _make(TeacherScorer, "teacher" if r.teacher_workers == 1 else f"teacher-{i}", r.use_ray,

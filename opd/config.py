@@ -33,6 +33,7 @@ from opd.types import EOS_PROTECTIONS, SMPO_LOSS_TYPES, TeacherLogprobs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DTYPES = ("float32", "bfloat16", "float16")
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the adapter ranks a vLLM engine can be built for
 
 
 @dataclass
@@ -97,6 +98,19 @@ class LoraConfig:
 @dataclass
 class StudentConfig(ModelConfig):
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def cross_checks(self, prefix: str = "") -> list[str]:
+        """What vLLM's LoRA takes, when the engines get the adapters alone."""
+        lo, errs = self.lora, []
+        if not (lo.enabled and lo.sync == "adapter"):
+            return errs
+        if lo.trainable_modules:
+            errs.append(f"{prefix}lora.sync=adapter sends the adapters alone, so {prefix}lora.trainable_modules "
+                        f"must be empty, got {lo.trainable_modules}; or set {prefix}lora.sync=merged")
+        if lo.r > VLLM_LORA_RANKS[-1]:
+            errs.append(f"{prefix}lora.r must be <= {VLLM_LORA_RANKS[-1]} with {prefix}lora.sync=adapter (vLLM's "
+                        f"largest adapter rank), got {lo.r}; or set {prefix}lora.sync=merged")
+        return errs
 
 
 @dataclass

@@ -81,14 +81,19 @@ def cpu_engine_env() -> None:
 
 def engine_kwargs(model_path: str, rollout_cfg: RolloutConfig, *, seed: int, dtype: str,
                   trust_remote_code: bool, max_logprobs: int = 20,
-                  logprobs_mode: str = "processed_logprobs") -> dict:
-    """Arguments of `vllm.LLM` for our engines, the same on CPU and GPU except memory."""
+                  logprobs_mode: str = "processed_logprobs", lora_rank: int = 0) -> dict:
+    """Arguments of `vllm.LLM` for our engines, the same on CPU and GPU except memory;
+    `lora_rank` > 0: LoRA adapters of up to that rank, one at a time."""
     import torch
 
     kw = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
               max_model_len=rollout_cfg.max_model_len, trust_remote_code=trust_remote_code,
               logprobs_mode=logprobs_mode, max_logprobs=max_logprobs,
               worker_extension_cls=EXTENSION, enforce_eager=True)
+    if lora_rank:
+        from opd.config import VLLM_LORA_RANKS
+
+        kw.update(enable_lora=True, max_loras=1, max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= lora_rank))
     if torch.cuda.is_available():
         kw["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
     else:
@@ -111,18 +116,58 @@ def greedy_settings(max_new_tokens: int) -> SamplingSettings:
                             repetition_penalty=1.0, stop=(), stop_token_ids=(), seed=None, n=1)
 
 
+class EngineAdapter:
+    """The LoRA adapter an engine applies (student.lora.sync=adapter). Each update is
+    written in peft's format to a directory of its own under a private temporary directory,
+    requested under a new id, and the previous one is dropped from the engine and the disk."""
+
+    def __init__(self):
+        import tempfile
+
+        self.root = tempfile.mkdtemp(prefix="opd-adapter-")
+        self.request: Any = None
+        self.loaded = 0
+
+    def load(self, llm: Any, update: WeightUpdate) -> None:
+        import json
+        import shutil
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        self.loaded += 1
+        d = os.path.join(self.root, str(self.loaded))
+        os.mkdir(d)
+        with open(os.path.join(d, "adapter_config.json"), "w") as f:
+            json.dump(update.adapter, f)
+        save_file({k: t.clone() for k, t in update.tensors()}, os.path.join(d, "adapter_model.safetensors"))
+        old, self.request = self.request, LoRARequest(f"opd-{self.loaded}", self.loaded, d)
+        if old is not None:
+            llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
+
 class RolloutWorker:
     """The student in a vLLM engine: sample, score greedily, take new weights."""
 
     def __init__(self, model_path: str, rollout_cfg: RolloutConfig, worker_index: int = 0,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, lora_rank: int = 0):
+        """`lora_rank` > 0: the engine takes LoRA adapters of up to that rank as its weight
+        updates (student.lora.sync=adapter), on the base at `model_path`."""
         cpu_engine_env()
         from vllm import LLM
 
         self.index = worker_index
         self.llm = LLM(**engine_kwargs(model_path, rollout_cfg, seed=rollout_cfg.seed + worker_index,
-                                       dtype=rollout_cfg.dtype, trust_remote_code=trust_remote_code))
+                                       dtype=rollout_cfg.dtype, trust_remote_code=trust_remote_code,
+                                       lora_rank=lora_rank))
+        self.adapter = EngineAdapter() if lora_rank else None
         self.version = 0
+
+    @property
+    def lora(self) -> Any:
+        """The LoRARequest every generation applies (None: the engine's own weights)."""
+        return self.adapter and self.adapter.request
 
     def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
         t0 = time.time()
@@ -132,7 +177,8 @@ class RolloutWorker:
                                              sampling.seed + PROMPT_SEED_STRIDE * i
                                              + WORKER_SEED_STRIDE * self.index))
                   for i in range(len(prompts.prompt_ids))]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts.prompt_ids], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts.prompt_ids], params, use_tqdm=False,
+                                 lora_request=self.lora)
         prompt_ids, comp, lps, reasons, texts = [], [], [], [], []
         for p, out in zip(prompts.prompt_ids, outs):
             for o in out.outputs:
@@ -147,14 +193,17 @@ class RolloutWorker:
         """Greedy completions' texts (the tests compare them with transformers' greedy decoding)."""
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids],
                                  to_sampling_params(greedy_settings(max_new_tokens), logprobs=None),
-                                 use_tqdm=False)
+                                 use_tqdm=False, lora_request=self.lora)
         return [o.outputs[0].text for o in outs]
 
     def load_weights(self, *parts: WeightUpdate) -> int:
         """Replace the engine's weights in place and drop every cached prefix. Several parts:
         a sharded learner's ranks' shards, joined here (`WeightUpdate.join`)."""
         update = WeightUpdate.join(parts)
-        self.llm.collective_rpc("opd_load_weights", args=(self._wire(update),))
+        if update.adapter is not None:
+            self.adapter.load(self.llm, update)
+        else:
+            self.llm.collective_rpc("opd_load_weights", args=(self._wire(update),))
         self.llm.reset_prefix_cache()
         self.version = update.version
         return self.version

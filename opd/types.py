@@ -266,9 +266,12 @@ class WeightUpdate:
     arrays: dict  # {hf_name: np.ndarray}, every one in `dtype`
     dtype: str = "float32"  # torch dtype of the tensors: "float32" | "bfloat16" | "float16"
     seconds: float = 0.0  # export time on the learner
+    adapter: Optional[dict] = None  # a LoRA adapter's peft config: the arrays are that adapter's
+    #                                 tensors (student.lora.sync=adapter), not the model's weights
 
     @classmethod
-    def from_tensors(cls, version: int, tensors: dict, seconds: float = 0.0) -> "WeightUpdate":
+    def from_tensors(cls, version: int, tensors: dict, seconds: float = 0.0,
+                     adapter: Optional[dict] = None) -> "WeightUpdate":
         """From {name: CPU torch tensor} of one dtype (no copy for contiguous tensors)."""
         import torch
 
@@ -278,7 +281,7 @@ class WeightUpdate:
         dtype = dtypes.pop() if dtypes else "float32"
         view = (lambda t: t.view(torch.int16)) if dtype == "bfloat16" else (lambda t: t)  # noqa: E731
         return cls(version, {k: view(t.detach().contiguous()).numpy() for k, t in tensors.items()},
-                   dtype, seconds)
+                   dtype, seconds, adapter)
 
     def tensors(self) -> list:
         """[(hf_name, torch tensor)] sharing the arrays' memory (read-only: load by copying)."""
@@ -300,8 +303,8 @@ class WeightUpdate:
     @classmethod
     def join(cls, parts: Sequence["WeightUpdate"]) -> "WeightUpdate":
         """The whole update from the dim-0 shards of a sharded learner's ranks, in rank order
-        (one part: itself, no copy)."""
-        if len(parts) == 1:
+        (one part: itself, no copy). An adapter comes whole from rank 0."""
+        if len(parts) == 1 or parts[0].adapter is not None:
             return parts[0]
         arrays = {k: np.concatenate([p.arrays[k] for p in parts], 0) for k in parts[0].arrays}
         return cls(parts[0].version, arrays, parts[0].dtype, max(p.seconds for p in parts))

@@ -106,7 +106,7 @@ class EnginePool:
     def __init__(self):
         self.engines: dict = {}
 
-    def acquire(self, model_path, rollout_cfg, index=0, trust_remote_code=False):
+    def acquire(self, model_path, rollout_cfg, index=0, trust_remote_code=False, lora_rank=0):
         from pathlib import Path
 
         from opd.rollout import RolloutWorker, engine_kwargs
@@ -114,16 +114,18 @@ class EnginePool:
 
         p = Path(model_path)
         kw = engine_kwargs(str(p), rollout_cfg, seed=rollout_cfg.seed + index, dtype=rollout_cfg.dtype,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, lora_rank=lora_rank)
         tok = json.loads((p / "tokenizer.json").read_text())  # its vocabulary: a save adds a normalizer
         key = ((p / "config.json").read_text(), json.dumps([tok["model"], tok["added_tokens"]]), index,
                tuple(sorted((k, repr(v)) for k, v in kw.items() if k not in ("model", "tokenizer"))))
         if key not in self.engines:
-            self.engines[key] = RolloutWorker(str(model_path), rollout_cfg, index, trust_remote_code)
+            self.engines[key] = RolloutWorker(str(model_path), rollout_cfg, index, trust_remote_code, lora_rank)
         else:
             from safetensors.torch import load_file
 
             self.engines[key].load_weights(WeightUpdate.from_tensors(0, load_file(p / "model.safetensors")))
+            if self.engines[key].adapter is not None:
+                self.engines[key].adapter.request = None  # a fresh engine applies no adapter yet
         return self.engines[key]
 
     def close(self) -> None:

@@ -97,6 +97,10 @@ BAD = [
     (["student.lora.dropout=1"], "student.lora.dropout must be in [0, 1), got 1.0"),
     (["student.lora.target_modules=[]"], "student.lora.target_modules must name at least one module, got []"),
     (["student.lora.sync=lazy"], "student.lora.sync must be one of ['merged', 'adapter'], got 'lazy'"),
+    (["student.lora.enabled=true", "student.lora.sync=adapter", "student.lora.trainable_modules=[lm_head]"],
+     "student.lora.sync=adapter sends the adapters alone, so student.lora.trainable_modules must be empty"),
+    (["student.lora.enabled=true", "student.lora.sync=adapter", "student.lora.r=1024"],
+     "student.lora.r must be <= 512 with student.lora.sync=adapter"),
     (["loss.jsd_beta=1.5"], "loss.jsd_beta must be in [0, 1], got 1.5"),  # _range, closed
     (["loss.jsd_beta=-0.1"], "loss.jsd_beta must be in [0, 1], got -0.1"),
     (["optim.beta2=1.0"], "optim.beta2 must be in [0, 1), got 1.0"),  # open high end

@@ -119,7 +119,7 @@ def test_two_ranks_take_the_step_one_rank_takes(ray_local, tiny_cfg, tiny_zoo, k
         assert _rel(gathered, _weights(one.export_weights())) < RTOL
         joined = _weights(WeightUpdate.join(two._on_ranks("export_shards")))  # merged from shards, for LoRA
         assert joined.keys() == gathered.keys() and all(torch.equal(joined[k], gathered[k]) for k in joined)
-        if one.peft:  # the adapters themselves: merged weights hide their differences in W's norm
+        if one.peft:  # the adapters themselves (merged weights hide their differences in W's norm)
             assert _rel(_adapters(two), _adapters(one)) < RTOL
         ranks = two.learner_ranks
         assert [r["rank"] for r in ranks] == [0, 1]
@@ -128,13 +128,12 @@ def test_two_ranks_take_the_step_one_rank_takes(ray_local, tiny_cfg, tiny_zoo, k
 
 
 def _adapters(learner):
-    """The LoRA tensors of a learner, or of a group's ranks (gathered: a collective on each)."""
+    """A LoRA learner's adapter as student.lora.sync=adapter sends it, or a group's (each
+    rank joins the gather, rank 0 sends it)."""
     import ray
 
-    from opd.learner.checkpoint import full_weights
-
     def get(self):
-        return {k: v for k, v in full_weights(self.model).items() if ".lora_" in k}
+        return self._adapter_for_sync("float32")
 
     if isinstance(learner, Learner):
         return get(learner)

@@ -1,5 +1,5 @@
 """LoRA students (student.lora.enabled): only the adapters train, the engines get the merged
-weights and then sample what the learner computes, the anchor is the base with the adapters
+weights or the adapter alone and then sample what the learner computes, the anchor is the base with the adapters
 off, and checkpoints hold a peft adapter and a merged model that resume exactly and load in
 peft, transformers and vLLM.
 
@@ -76,10 +76,13 @@ def test_anchor_is_the_base_with_adapters_off(tiny_cfg, tiny_zoo):
     torch.testing.assert_close(via_base, via_copy, rtol=1e-5, atol=1e-7)
 
 
-def test_engine_samples_what_the_lora_learner_computes(tiny_cfg, tiny_zoo, student_engine):
-    """Merged sync: after one and after three steps, the engine's sampled log-probs equal
-    the LoRA learner's recomputed ones; before the sync they differ."""
-    learner = Learner(str(tiny_zoo.student), _cfg(tiny_cfg))
+@pytest.mark.parametrize("sync", ["merged", "adapter"])
+def test_engine_samples_what_the_lora_learner_computes(tiny_cfg, tiny_zoo, engine_pool, sync):
+    """Either sync (the merged weights, or the adapter alone on the engine's base): after
+    one and after three steps, the engine's sampled log-probs equal the LoRA learner's
+    recomputed ones; before the sync they differ."""
+    learner = Learner(str(tiny_zoo.student), _cfg(tiny_cfg, sync=sync))
+    student_engine = engine_pool.acquire(tiny_zoo.student, tiny_cfg.rollout, lora_rank=4 if sync == "adapter" else 0)
     tok = learner.tokenizer
     prompts = _prompts(tiny_cfg, tok)
     batches = iter(_batches(learner, 3))

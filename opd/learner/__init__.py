@@ -26,7 +26,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -232,17 +232,35 @@ class Learner:
                 for k, v in self.model.state_dict().items()}
 
     def export_weights(self, dtype: str = "float32") -> Optional[WeightUpdate]:
-        """The weights for the rollout workers; when sharded, rank 0 gathers them (every rank
-        joins) and the others return None."""
-        t0 = time.time()
-        sd = self.state_for_sync(dtype)
-        return WeightUpdate.from_tensors(self.step, sd, seconds=time.time() - t0) if self.rank == 0 else None
+        """The weights for the rollout workers (a LoRA student's adapter with
+        student.lora.sync=adapter); when sharded, rank 0 gathers them (every rank joins) and
+        the others return None."""
+        update = self.export_shards(dtype) if self._syncs_adapter else self._timed(lambda: self.state_for_sync(dtype))
+        return update if self.rank == 0 else None
 
     def export_shards(self, dtype: str = "float32") -> WeightUpdate:
         """This rank's dim-0 shards of the weights in `dtype` (the rollout workers join the
-        ranks' parts, `WeightUpdate.join`); one learner's are the whole weights."""
+        ranks' parts, `WeightUpdate.join`); one learner's are the whole weights. A synced
+        adapter is small: rank 0 sends it whole, the others nothing."""
+        if self._syncs_adapter:
+            return self._timed(lambda: self._adapter_for_sync(dtype), lora.adapter_config(self.peft))
+        return self._timed(lambda: self.state_for_sync(dtype, gather=False))
+
+    @property
+    def _syncs_adapter(self) -> bool:
+        return self.peft is not None and self.cfg.student.lora.sync == "adapter"
+
+    def _adapter_for_sync(self, dtype: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors in `dtype` under peft's names, gathered (a collective when
+        sharded): rank 0's; {} on the others."""
+        sd = checkpoint.full_weights(self.model, getattr(torch, dtype), keep=lora.is_adapter)
+        return lora.adapter_state(self.peft, sd) if self.rank == 0 else {}
+
+    def _timed(self, weights: Callable[[], dict[str, torch.Tensor]], adapter: Optional[dict] = None) -> WeightUpdate:
+        """A WeightUpdate of `weights()` at this step, with the seconds they took."""
         t0 = time.time()
-        return WeightUpdate.from_tensors(self.step, self.state_for_sync(dtype, gather=False), seconds=time.time() - t0)
+        sd = weights()
+        return WeightUpdate.from_tensors(self.step, sd, seconds=time.time() - t0, adapter=adapter)
 
     def save_checkpoint(self, ckpt_dir: str | Path, extra: dict) -> str:
         """A Hugging Face model dir + learner state (`checkpoint.save`); `extra` is JSON (data

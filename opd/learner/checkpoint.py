@@ -31,11 +31,14 @@ from opd.learner.shard import full_tensor, like
 from opd.run_io import rng_state_from_json, rng_state_to_json
 
 
-def full_weights(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """{name: whole CPU tensor in `dtype`} of the model's state dict; a tied weight is one
-    tensor under both names (a collective when sharded)."""
+def full_weights(model: torch.nn.Module, dtype: torch.dtype = torch.float32,
+                 keep: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
+    """{name: whole CPU tensor in `dtype`} of the model's state dict (the names `keep`s); a
+    tied weight is one tensor under both names (a collective when sharded)."""
     out, seen = {}, {}
     for name, t in model.state_dict(keep_vars=True).items():
+        if not keep(name):
+            continue
         if id(t) not in seen:
             seen[id(t)] = full_tensor(t.detach()).to(dtype).contiguous().cpu()
         out[name] = seen[id(t)]

@@ -113,6 +113,25 @@ def merged(sd: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tenso
     return out
 
 
+def is_adapter(name: str) -> bool:
+    return ".lora_" in name
+
+
+def adapter_state(peft_model: Any, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter's tensors of the Hugging Face model's state dict `sd`, under the names
+    peft saves them by (what vLLM's LoRA loader reads)."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model, state_dict={f"base_model.model.{k}": v for k, v in sd.items()})
+
+
+def adapter_config(peft_model: Any) -> dict:
+    """The adapter's config as peft writes it (adapter_config.json)."""
+    import json
+
+    return json.loads(json.dumps(peft_model.peft_config[ADAPTER].to_dict(), default=sorted))
+
+
 def is_adapter_a(name: str) -> bool:
     """An adapter's A: the merge needs it whole on every rank."""
     return f".lora_A.{ADAPTER}." in name
