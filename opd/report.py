@@ -25,7 +25,7 @@ from typing import Any, Optional
 # the measured parts of a step (time/other is the rest of time/step; a generation that
 # overlapped the step before, time/generate_overlapped, is not part of it)
 STEP_PHASES = ("time/generate", "time/teacher", "time/teacher_generate", "time/learn", "time/generate_wait",
-               "time/sync")
+               "time/sync", "time/probe")
 PHASES = (*STEP_PHASES, "time/other", "time/step")
 # summary.json leaves that are settings or counts, not outcomes: never paired
 NOT_METRICS = {"n", "max_new_tokens"}
