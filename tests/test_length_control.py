@@ -188,3 +188,28 @@ def test_controller_config_is_checked_and_settable_from_yaml():
         load_config(["length.controller.integral_limit=2"])
     with pytest.raises(ValueError, match="controller.ema_decay"):
         L.LengthMonitor({EOS}, CAP, L.LengthConfig(controller=L.ControllerConfig(ema_decay=1.0)))
+
+
+@pytest.mark.slow
+def test_toy_run_logs_strengths_errors_and_the_probe(tiny_overrides, tiny_zoo, tmp_path):
+    from opd.config import load_config
+    from opd.train import run_training
+
+    cfg = load_config(tiny_overrides + [
+        f"run_dir={tmp_path}", "resources.use_ray=false", "steps=4", "loss=opd", "eval_every=0",
+        "checkpoint_every=0", "log_every=1", "length=auto", "length.control=pi", "length.reference_prompts=8",
+        "length.probe_every=2", "length.probe_prompts=4"])
+    run_training(cfg)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss/rows_total" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        for name in L.ACTUATORS:
+            assert 0.0 <= r[f"length/strength/{name}"] <= 1.0
+        for key in ("err_trunc", "err_len", "err_total", "integral", "output"):
+            assert f"length/ctrl/{key}" in r
+        assert "length/reference/truncated_frac" in r
+    assert ["time/probe" in r for r in steps] == [False, True, False, True]
+    for r in steps[1:]:
+        assert {"length/probe/truncated", "length/probe/repetitive", "length/probe/mean_len"} <= r.keys()
+    assert (tmp_path / "length.png").stat().st_size > 5000

@@ -136,10 +136,14 @@ class LengthController:
         return max(0.0, p["truncated_frac"] - t_ref), max(0.0, p["repetition_frac"] - r_ref)
 
     def metrics(self, prefix: str = "length/") -> dict[str, float]:
-        """The error terms (``ctrl/err_<term>``, ``ctrl/integral``, ``ctrl/output``) and the last
-        probe's figures (``probe/truncated``, ``probe/repetitive``, ``probe/mean_len``)."""
+        """The error terms (``ctrl/err_<term>``, ``ctrl/integral``, ``ctrl/output``), the
+        teacher's reference (``reference/<field>``) and the last probe's figures
+        (``probe/truncated``, ``probe/repetitive``, ``probe/mean_len``)."""
         out = {f"{prefix}ctrl/{k if k in ('integral', 'output') else 'err_' + k}": float(v)
                for k, v in self.errors.items()}
+        ref = self.reference
+        if ref is not None:
+            out.update({f"{prefix}reference/{k}": float(v) for k, v in asdict(ref).items()})
         return {**out, **self.probe_metrics(prefix)}
 
     def probe_metrics(self, prefix: str = "length/") -> dict[str, float]:
