@@ -13,6 +13,9 @@ every evaluation reports, on the held-out prompts:
 - `accuracy/greedy`, `accuracy/sampled`: the share of completions whose *extracted* answer
   is right (opd/tasks.py: exact, last_number, regex).
 
+`Evaluator.probe` is the length controller's greedy probe: the same greedy generation on a
+few held-out prompts, under the rollouts' cap, as length statistics.
+
 The teacher gets the same view (its own greedy and sampled completions) once, at start.
 Pure functions over typed batches: no Ray, no I/O.
 """
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Collection, Optional
 import numpy as np
 
 from opd.batch import build_train_batch, teacher_kl_metrics
-from opd.length import StatsConfig, rollout_stats
+from opd.length import LengthStats, StatsConfig, rollout_stats
 from opd.tasks import answer_correct
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
 
@@ -115,6 +118,13 @@ class Evaluator:
         nll = mean_nll(self.workers.student_logprobs(batch), batch.loss_mask_BS)
         return {**student_view(self.heldout, sampled, greedy, self.workers.score(sampled), nll, self.eos_ids,
                                self.n, self.stats_cfg), **self._configured()}
+
+    def probe(self, n_prompts: int, max_new_tokens: int) -> LengthStats:
+        """Length statistics of the student's greedy completions of the first `n_prompts`
+        held-out prompts (the length controller's greedy probe)."""
+        prompts = self.heldout.rows(slice(0, n_prompts))
+        greedy = self.workers.generate(prompts, eval_settings(max_new_tokens, greedy=True))
+        return rollout_stats(greedy.completion_ids, greedy.finish_reasons, self.eos_ids, max_new_tokens, self.stats_cfg)
 
     def _configured(self) -> dict[str, float]:
         """Lengths of one sample per held-out prompt under the rollouts' sampling settings

@@ -8,6 +8,7 @@
         batch     <- rollouts + scores + penalties (+ SMPO pairs)
         metrics   <- one learner step (distillation + SMPO + SFT)
         sync      <- the learner's new weights into every rollout worker
+        probe     <- every length.probe_every steps: the student's greedy view, for the controller
         log; eval every N steps; checkpoint every M steps
 
 With `loss.on_policy_fraction < 1` (GKD's lambda), the other steps train on off-policy
@@ -20,6 +21,7 @@ nothing here knows whether the workers are Ray actors, plain objects or a test's
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -83,6 +85,7 @@ class Distillation:
                 self.recover_learner(e)  # back to the newest checkpoint: its later steps are redone
                 continue
             self.step = step
+            self.greedy_probe(step, result, timer)
             self.record.log_step(step, result, timer, self.workers.take_events())
             if self.record.early_stop(step):
                 break
@@ -95,7 +98,7 @@ class Distillation:
         rollouts = self.student_rollouts(prompts, step)
         scores = self.workers.score(rollouts)
         stats, events, plan = self.monitor.observe(rollouts.completion_ids, rollouts.finish_reasons, step)
-        observed = {**stats.as_metrics(), **plan.as_metrics(), **self.monitor.detector.metrics()}
+        observed = {**stats.as_metrics(), **plan.as_metrics(), **self.monitor.metrics()}
         batch, metrics = self.batches.on_policy(prompts, rollouts, scores, stats, plan, step)
         return StepResult(batch, {**observed, **metrics}, events)
 
@@ -124,6 +127,18 @@ class Distillation:
         result.metrics.update({"sync/version": float(min(versions)), "sync/mb": sum(p.nbytes for p in parts) / 2**20,
                                "fault/restarts": float(self.workers.restarts)})
 
+    def greedy_probe(self, step: int, result: StepResult, timer: PhaseTimer) -> None:
+        """Every length.probe_every steps, the student's greedy completions of a few held-out
+        prompts (time/probe): a signal of the length controller's own, and the step's
+        length/probe/* metrics."""
+        every = self.cfg.length.probe_every
+        if not every or step % every or self.heldout is None:
+            return
+        with timer("probe"):
+            greedy = self.evaluator.probe(self.cfg.length.probe_prompts, self.cfg.rollout.max_new_tokens)
+        self.monitor.observe_probe(greedy)
+        result.metrics.update(self.monitor.controller.probe_metrics())
+
     def periodic(self, step: int) -> None:
         """Evaluation and checkpoint cadence (the last step's are done after the loop)."""
         if step >= self.cfg.steps:
@@ -149,6 +164,8 @@ class Distillation:
             self.record.begin(teacher=self.evaluator.teacher(), before=before)
             self.monitor = make_monitor(self.cfg, self.eos, self.reference)
         self.record.open_console(self.step, heldout=self.heldout is not None)
+        if self.cfg.length.probe_every and self.heldout is None:
+            self.record.console.note("length.probe_every: no held-out prompts, so no greedy probe")
         self.start_state = self.loop_state()  # for a learner lost before the first checkpoint
 
     def finish(self, t_start: float) -> Summary:
@@ -159,12 +176,14 @@ class Distillation:
         return summary
 
     def reference_lengths(self) -> Optional[length.ReferenceLengths]:
-        """Teacher greedy generations on a sample of train prompts (or the dataset's answers)."""
+        """Teacher greedy generations on a sample of train prompts (or the dataset's answers):
+        lengths, truncation, EOS and repetition rates."""
         n = self.cfg.length.reference_prompts
         if n > 0:
             exs = random.Random(self.cfg.seed + 1).sample(self.train_set, min(n, len(self.train_set)))
             out = self.workers.teacher_generate(prompt_batch(self.tok, exs), greedy_settings(self.cfg.rollout.max_new_tokens))
-            return length.reference_lengths(out.completion_ids)
+            return length.reference_lengths(out.completion_ids, out.finish_reasons, self.evaluator.eos_ids,
+                                            self.cfg.length.stats)
         answers = [encode_answer(self.tok, e.answer) for e in self.train_set[:256] if e.answer]
         return length.reference_lengths(answers) if answers else None
 
@@ -181,7 +200,7 @@ class Distillation:
             step=self.step, rng_state=rng_state_to_json(self.rng.getstate()),
             summary=copy.deepcopy(self.record.summary),
             monitor=self.monitor.state_dict() if self.monitor else None, starved=self.record.starved,
-            reference=None if self.reference is None else [self.reference.mean, self.reference.p95],
+            reference=None if self.reference is None else list(dataclasses.astuple(self.reference)),
             pending=self.pending)
 
     def recover_learner(self, err: Exception) -> None:

@@ -6,7 +6,8 @@
 Reads metrics.jsonl, summary.json and config.json (any of them may be missing: an old or
 interrupted run still gets what can be drawn) and writes into the run directory:
     training.png   teacher KL and loss per step
-    length.png     length mean / p95, truncation and EOS rate, length-monitor events
+    length.png     length mean / p95, truncation and EOS rate, the length controller's
+                   strengths and error, length-monitor events
     heldout.png    every numeric before/after pair of summary.json (exact match, sampled
                    length statistics, anything under `eval`), with the teacher for reference
     report.md      config summary, before/after table, mean seconds per phase, the plots
@@ -25,7 +26,7 @@ from typing import Any, Optional
 # the measured parts of a step (time/other is the rest of time/step; a generation that
 # overlapped the step before, time/generate_overlapped, is not part of it)
 STEP_PHASES = ("time/generate", "time/teacher", "time/teacher_generate", "time/learn", "time/generate_wait",
-               "time/sync")
+               "time/sync", "time/probe")
 PHASES = (*STEP_PHASES, "time/other", "time/step")
 # summary.json leaves that are settings or counts, not outcomes: never paired
 NOT_METRICS = {"n", "max_new_tokens"}
@@ -176,19 +177,30 @@ def plot_training(rec: RunRecord, out: Path) -> Optional[Path]:
 
 
 def plot_length(rec: RunRecord, out: Path) -> Optional[Path]:
-    """Length mean / p95 (tokens) above, truncation and EOS rate below, events on both."""
+    """Length mean / p95 (tokens) on top, truncation and EOS rate (with the teacher's and the
+    greedy probe's truncation) below it, and under those the length controller: each
+    remedy's strength and the error it acts on; events on every panel."""
     plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(8, 8.5), sharex=True)
     drawn = _line(ax1, rec.rows, "length/mean", "mean length", color="tab:blue")
     _line(ax1, rec.rows, "length/p95", "p95 length", color="tab:cyan")
     _line(ax1, rec.rows, "length/penalty/max_new_tokens", "max_new_tokens (cap)", color="gray", linestyle="--")
     _line(ax2, rec.rows, "length/truncated_frac", "truncated (hit max_new_tokens)", color="tab:red")
     _line(ax2, rec.rows, "length/eos_frac", "ended with EOS", color="tab:green")
-    for ax in (ax1, ax2):
+    _line(ax2, rec.rows, "length/probe/truncated", "truncated, greedy probe", color="tab:red", linestyle=":")
+    _line(ax2, rec.rows, "length/probe/repetitive", "repetitive, greedy probe", color="tab:purple", linestyle=":")
+    _line(ax2, rec.rows, "length/reference/truncated_frac", "truncated, teacher (reference)", color="tab:red",
+          linestyle="--", alpha=0.5)
+    strengths = sorted({k for r in rec.rows for k in r if k.startswith("length/strength/")})
+    for key in strengths:
+        _line(ax3, rec.rows, key, f"strength: {key.rsplit('/', 1)[-1]}", linewidth=1)
+    _line(ax3, rec.rows, "length/ctrl/err_total", "controller error (+: too long)", color="black", linewidth=2)
+    for ax in (ax1, ax2, ax3):
         _mark_events(ax, events(rec.rows))
         _style(ax)
     ax1.set(title="Completion length per step", ylabel="tokens")
-    ax2.set(title="Truncation and EOS rate", xlabel="step", ylabel="fraction of rollouts", ylim=(-0.05, 1.05))
+    ax2.set(title="Truncation and EOS rate", ylabel="fraction of rollouts", ylim=(-0.05, 1.05))
+    ax3.set(title="Length control: remedy strengths and error", xlabel="step", ylabel="strength / error")
     return _save(plt, fig, out / "length.png", drawn)
 
 

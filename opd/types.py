@@ -356,7 +356,8 @@ class CheckpointState:
     summary: Summary  # the summary so far (the "before" view is never recomputed)
     monitor: Optional[dict] = None  # LengthMonitor.state_dict()
     starved: int = 0
-    reference: Optional[list[float]] = None  # the reference lengths' [mean, p95]
+    reference: Optional[list[float]] = None  # the reference's fields in order (ReferenceLengths:
+    #                                          mean, p95, truncated_frac, eos_frac, repetition_frac)
     pending: Optional[Pending] = None  # rollout.overlap: the next step's prompts and rollouts
 
     def as_dict(self) -> dict:

@@ -360,9 +360,10 @@ def inflation_stream(monitor, seed=0, healthy=5, inflated=6, recovered=8):
 
 
 def monitor(mode="auto", **penalties):
-    """A monitor under MAX_NEW with a reference and the adaptive cap on."""
+    """A monitor under MAX_NEW with a reference and the adaptive cap on, with the switching
+    rule (the controller's own tests: tests/test_length_control.py)."""
     ref = reference_lengths(np.random.default_rng(0).normal(REF, 10, 500).round().astype(int))
-    cfg = LengthConfig(mode=mode, penalties=PenaltyConfig(adaptive_max_new_tokens=True, **penalties))
+    cfg = LengthConfig(mode=mode, control="switch", penalties=PenaltyConfig(adaptive_max_new_tokens=True, **penalties))
     return LengthMonitor({EOS}, MAX_NEW, cfg, reference=ref)
 
 

@@ -2,6 +2,7 @@
 itself decides, checked exactly.
 
 - `length=auto` penalties and remedies reach the TrainBatch the learner gets;
+- the greedy probe runs every `length.probe_every` steps, is timed, and feeds the controller;
 - `loss.on_policy_fraction` picks on- or off-policy steps;
 - a batch that trains on nothing is counted and said, even with the floor at 0;
 - the loop's RNG and the monitor's state survive a checkpoint and restore;
@@ -108,8 +109,8 @@ def _loop(tiny_overrides, tok, tmp_path, overrides, workers=None, heldout=True):
 
 
 def test_auto_penalties_and_remedies_reach_the_train_batch(tiny_overrides, tok, tmp_path):
-    loop, w = _loop(tiny_overrides, tok, tmp_path, ["length=auto", "loss=opd", "teacher.logprobs=topk",
-                                                   "length.remedies.mixture_fraction=0.5"])
+    loop, w = _loop(tiny_overrides, tok, tmp_path, ["length=auto", "length.control=switch", "loss=opd",
+                                                   "teacher.logprobs=topk", "length.remedies.mixture_fraction=0.5"])
     loop.run()
     first, later = w.batches[0], w.batches[-1]
     # step 1: every rollout truncated -> inflation on at once (k_on=1): the guard down-weights
@@ -140,7 +141,7 @@ def test_on_policy_fraction_picks_the_step_kind(tiny_overrides, tok, tmp_path, f
 
 def test_a_batch_with_no_gradient_is_counted_even_with_the_floor_at_zero(tiny_overrides, tok, tmp_path, capsys):
     loop, w = _loop(tiny_overrides, tok, tmp_path, [
-        "length=auto", "loss=opd", "length.penalties.min_effective_weight=0",
+        "length=auto", "length.control=switch", "loss=opd", "length.penalties.min_effective_weight=0",
         "length.remedies.topk_kl_coef=0", "length.remedies.mixture_fraction=0", "length.remedies.anchor_coef=0",
         "length.penalties.overlong_buffer=1"])
     summary = loop.run()
@@ -148,6 +149,19 @@ def test_a_batch_with_no_gradient_is_counted_even_with_the_floor_at_zero(tiny_ov
     assert all(b.seq_weight_B.sum() == 0 for b in w.batches)
     assert summary.starved_steps == 4
     assert "trains on 0.0% of its tokens" in capsys.readouterr().out
+
+
+def test_greedy_probe_feeds_the_controller_and_is_timed(tiny_overrides, tok, tmp_path):
+    loop, w = _loop(tiny_overrides, tok, tmp_path, ["length=auto", "loss=opd", "teacher.logprobs=topk",
+                                                   "length.probe_every=2", "length.probe_prompts=3"])
+    loop.run()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss/' in l]
+    assert [("time/probe" in r) for r in rows] == [False, True, False, True]
+    assert "length/probe/repetitive" not in rows[0]
+    assert all(rows[i]["length/probe/repetitive"] == 1.0 and rows[i]["length/probe/truncated"] == 1.0
+               for i in (1, 2, 3))  # the fake student loops to the cap; held until the next probe
+    assert loop.monitor.controller.state.probe["truncated_frac"] == 1.0
+    assert all(r["length/strength/topk_kl"] > 0 and "length/ctrl/err_trunc" in r for r in rows)
 
 
 def test_rng_and_monitor_state_survive_checkpoint_and_restore(tiny_overrides, tok, tmp_path):

@@ -69,7 +69,7 @@ def test_extra_rows_pad_scores_and_train_by_sft_only():
 
 # ----------------------------------------------------------------- the monitor's guard
 def _monitor(max_new_tokens=4, **remedies):
-    cfg = L.LengthConfig(mode="auto", stats=L.StatsConfig(tail_window=8), detector=L.DetectorConfig(k_on=1, k_off=1),
+    cfg = L.LengthConfig(mode="auto", control="switch", stats=L.StatsConfig(tail_window=8), detector=L.DetectorConfig(k_on=1, k_off=1),
                          penalties=L.PenaltyConfig(overlong_buffer=1, stop_properly_mode="mask"),
                          remedies=L.RemedyConfig(**{"topk_kl_coef": 1.0, "mixture_fraction": 0.25,
                                                     "loop_tail_rule": True, "anchor_coef": 0.0, **remedies}))

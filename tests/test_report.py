@@ -77,3 +77,17 @@ def test_heldout_views_pair_with_the_teachers_own_value():
     pairs = {p.label: (p.before, p.after, p.teacher) for p in before_after_pairs(summary)}
     assert pairs == {"eval/kl": (4.0, 1.5, 0.0), "eval/accuracy/greedy": (0.0, 0.25, 0.5),
                      "eval/sampled/eos_frac": (0.0, 0.5, 0.75)}
+
+
+def test_length_png_draws_the_controller_under_the_truncation(tmp_path):
+    from opd.report import load_run, plot_length
+
+    run = _fake_run(tmp_path / "run")
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows[:-1]:
+        r.update({"length/strength/topk_kl": 0.2 * r["step"], "length/strength/length_ratio": 0.0,
+                  "length/ctrl/err_total": 0.5 - 0.1 * r["step"], "length/reference/truncated_frac": 0.25,
+                  "length/probe/truncated": 0.5})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = plot_length(load_run(run), run)
+    assert png == run / "length.png" and png.stat().st_size > 5000

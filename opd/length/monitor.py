@@ -1,8 +1,11 @@
-"""The length monitor: statistics, detector and penalty policy, called once per rollout batch.
+"""The length monitor: statistics, detector, controller and penalty policy, called once per
+rollout batch.
 
-Mode 'off' computes statistics only, 'monitor' adds the detector's events, 'auto' turns the
-active conditions into a :class:`PenaltyPlan` (see :class:`LengthMonitor`). Its settings are
-one :class:`LengthConfig` (``length.*``), which nests the settings of each part.
+Mode 'off' computes statistics only, 'monitor' adds the detector's events and the
+controller's errors, 'auto' turns the remedies' strengths into a :class:`PenaltyPlan` (see
+:class:`LengthMonitor`): set by the PI controller (``length.control=pi``,
+opd/length/controller.py) or switched on and off by the detector (``switch``). Its settings
+are one :class:`LengthConfig` (``length.*``), which nests the settings of each part.
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ from typing import Collection, Optional, Sequence
 import numpy as np
 
 from opd.constraints import ge, knob, one_of, require
+from opd.length.controller import CONTROLS, ControllerConfig, LengthController, pi_strengths, switch_strengths
 from opd.length.detector import DetectorConfig, LengthDetector, LengthEvent
-from opd.length.penalties import PenaltyConfig, PenaltyPlan, RemedyConfig, adaptive_max_new_tokens
+from opd.length.penalties import (PenaltyConfig, PenaltyPlan, RemedyConfig, adaptive_max_new_tokens,
+                                  stop_properly_at)
 from opd.length.stats import LengthStats, ReferenceLengths, StatsConfig, rollout_stats
 
 MODES = ("off", "monitor", "auto")
@@ -27,7 +32,13 @@ class LengthConfig:
     mode: str = knob("auto", one_of(*MODES))  # "off": statistics only | "monitor": + the detector's
     #                                           events | "auto": + penalties and remedies
     reference_prompts: int = knob(64, ge(0))  # teacher greedy generations at start for the reference
-    #                                           lengths (0: the dataset's answers, when it has some)
+    #                                           lengths and rates (0: the dataset's answers, when it has some)
+    control: str = knob("pi", one_of(*CONTROLS))  # 'auto' sets the remedies' strengths by "pi": the
+    #                                 controller | "switch": on/off with the detector's conditions
+    probe_every: int = knob(0, ge(0))  # greedy probe of the student every N steps, a signal of the
+    #                                    controller's own (0: never)
+    probe_prompts: int = knob(8, ge(1))  # held-out prompts the probe decodes greedily
+    controller: ControllerConfig = field(default_factory=ControllerConfig)  # the PI rule's gains
     stats: StatsConfig = field(default_factory=StatsConfig)  # what counts as short and as a loop
     detector: DetectorConfig = field(default_factory=DetectorConfig)  # when a condition is on
     penalties: PenaltyConfig = field(default_factory=PenaltyConfig)  # what 'auto' applies then
@@ -35,11 +46,17 @@ class LengthConfig:
 
 
 class LengthMonitor:
-    """Stats + detector + penalty policy, called once per rollout batch.
+    """Stats + detector + controller + penalty policy, called once per rollout batch.
 
     mode 'off': stats only (always computed and logged), no events, all-off plan.
-    mode 'monitor': stats and events, all-off plan (watch before you act).
-    mode 'auto': penalties follow the active conditions:
+    mode 'monitor': stats, events and the controller's errors, all-off plan (watch before you act).
+    mode 'auto', control 'pi': every remedy gets a strength in [0, 1] from the controller
+    (opd/length/controller.py), which scales its configured coefficient: the top-k KL remedy,
+    the mixture fraction, the overlong penalty, stop-properly (a truncated rollout's weight goes
+    from 1 down to the mode's), the anchor, the loop-tail window and the adaptive cap (from the
+    ceiling down to the reference p95) follow the 'stop' and 'loop' strengths; the length-ratio
+    penalty follows 'short'. The detector's events are then reports only.
+    mode 'auto', control 'switch': penalties follow the active conditions (strengths 0 or 1):
         inflation      -> overlong + stop_properly + adaptive max_new_tokens (if on, with a reference)
                           + top-k KL remedy + teacher mixture
         repetition     -> stop_properly + prefer_bad_rejected + top-k KL remedy + loop-tail rule
@@ -77,6 +94,8 @@ class LengthMonitor:
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.reference, self.ceiling = reference, max_new_tokens
         self.detector = LengthDetector(self.config.detector)
+        self.controller = LengthController(self.config.controller, reference)
+        self.strengths: dict[str, float] = {}  # each actuator's strength in the last plan
         self.buffer = self.config.penalties.buffer(max_new_tokens)  # the overlong penalty's, in tokens
         p95 = reference.p95 if reference else max_new_tokens
         self.floor_tokens = max(1, min(max_new_tokens, math.ceil(p95)))  # the lowest adaptive cap
@@ -95,9 +114,12 @@ class LengthMonitor:
         if self.config.mode == "off":
             return stats, [], PenaltyPlan.off(self.max_new_tokens)
         events = self.detector.update(stats, step)
+        drives = self.controller.update(stats)
         if self.config.mode == "monitor":
             return stats, events, PenaltyPlan.off(self.max_new_tokens)
-        plan = self._auto_plan(stats)
+        self.strengths = (pi_strengths(drives) if self.config.control == "pi"
+                          else switch_strengths(self.detector.active(), self.reference is not None))
+        plan = self._auto_plan(stats, self.strengths)
         plan, starving = self._keep_gradient(plan, token_ids, finish_reasons, step)
         return stats, events + starving, plan
 
@@ -108,7 +130,8 @@ class LengthMonitor:
         lengths = np.array([len(t) for t in token_ids], np.float64)
         kept = float(lengths[np.array(finish_reasons) == "stop"].sum() / max(1.0, lengths.sum()))
         floor = self.min_effective_weight
-        starving = plan.stop_properly == "mask" and kept < floor
+        cut = 0.0 if plan.stop_properly == "mask" else plan.stop_properly_weight  # a truncated row's weight
+        starving = plan.stop_properly is not None and cut < floor and kept < floor
         events = []
         if starving != self._starving:
             self._starving = starving
@@ -121,37 +144,59 @@ class LengthMonitor:
                            stop_properly_weight=max(floor, plan.stop_properly_weight))
         return plan, events
 
-    def _auto_plan(self, stats: LengthStats) -> PenaltyPlan:
-        p, r, active = self.config.penalties, self.config.remedies, self.detector.active()
-        inflation = "inflation" in active
+    def _auto_plan(self, stats: LengthStats, s: dict[str, float]) -> PenaltyPlan:
+        """The plan of strengths `s` (controller.ACTUATORS): each remedy's configured
+        coefficient times its strength; the next batch's cap from the adaptive rule."""
+        p, r = self.config.penalties, self.config.remedies
         batch_cap = self.max_new_tokens
         if p.adaptive_max_new_tokens and self.reference is not None:
-            self.max_new_tokens = adaptive_max_new_tokens(
-                batch_cap, stats, inflation, self.floor_tokens, self.ceiling, p.adaptive_shrink, p.adaptive_grow)
-        stop = bool(active & {"inflation", "repetition", "eos_collapse"})
-        ratio_on = "short_collapse" in active and self.reference is not None
-        cut_short = bool(active & {"inflation", "eos_collapse"})
+            self.max_new_tokens = self._next_cap(stats, s["max_new_tokens"])
+        stop_mode, stop_weight = stop_properly_at(p.stop_properly_mode, p.stop_properly_weight, s["stop_properly"])
+        tail = round(s["loop_tail"] * self.config.stats.tail_window) if r.loop_tail_rule else 0
         return PenaltyPlan(
-            overlong=cut_short and self.buffer > 0,
+            overlong=s["overlong"] > 0 and self.buffer > 0, overlong_coef=s["overlong"],
             overlong_buffer=max(1, min(self.buffer, batch_cap)), overlong_max_tokens=batch_cap,
-            stop_properly=p.stop_properly_mode if stop else None, stop_properly_weight=p.stop_properly_weight,
-            length_ratio_coef=p.length_ratio_coef if ratio_on else 0.0,
+            stop_properly=stop_mode, stop_properly_weight=stop_weight,
+            length_ratio_coef=s["length_ratio"] * p.length_ratio_coef if self.reference else 0.0,
             length_ratio_tolerance=p.length_ratio_tolerance,
             reference_mean=self.reference.mean if self.reference else None,
-            prefer_bad_rejected="repetition" in active, max_new_tokens=self.max_new_tokens,
-            topk_kl_coef=r.topk_kl_coef if stop else 0.0,
-            mixture_fraction=r.mixture_fraction if cut_short else 0.0, mixture_sft_coef=r.mixture_sft_coef,
-            anchor_coef=r.anchor_coef if "repetition" in active else 0.0,
-            loop_tail_tokens=self.config.stats.tail_window if r.loop_tail_rule and "repetition" in active else 0,
+            prefer_bad_rejected=s["loop_tail"] > 0, max_new_tokens=self.max_new_tokens,
+            topk_kl_coef=s["topk_kl"] * r.topk_kl_coef,
+            mixture_fraction=s["mixture"] * r.mixture_fraction, mixture_sft_coef=r.mixture_sft_coef,
+            anchor_coef=s["anchor"] * r.anchor_coef, loop_tail_tokens=tail,
             malformed_weight=self.malformed_weight, prefer_malformed_rejected=self.prefer_malformed_rejected)
 
+    def _next_cap(self, stats: LengthStats, strength: float) -> int:
+        """switch: shrink while inflating, grow back after (adaptive_max_new_tokens); pi: from the
+        ceiling (strength 0) down to the reference p95 (strength 1)."""
+        p = self.config.penalties
+        if self.config.control == "switch":
+            return adaptive_max_new_tokens(self.max_new_tokens, stats, strength > 0, self.floor_tokens, self.ceiling,
+                                           p.adaptive_shrink, p.adaptive_grow)
+        return self.ceiling - round(strength * (self.ceiling - self.floor_tokens))
+
+    def observe_probe(self, greedy: LengthStats) -> None:
+        """The greedy probe's statistics, a signal of the controller's own."""
+        self.controller.observe_probe(greedy)
+
+    def metrics(self, prefix: str = "length/") -> dict[str, float]:
+        """The detector's flags and baselines, the controller's errors and probe figures, and
+        each actuator's strength (``strength/<name>``) in the last plan."""
+        return {**self.detector.metrics(prefix), **self.controller.metrics(prefix),
+                **{f"{prefix}strength/{k}": v for k, v in self.strengths.items()}}
+
     def state_dict(self) -> dict:
-        """Plain JSON-serialisable state (the cap in force and the detector)."""
+        """Plain JSON-serialisable state (the cap in force, the detector and the controller)."""
         return {"mode": self.config.mode, "max_new_tokens": self.max_new_tokens,
-                "detector": self.detector.state_dict(), "starving": self._starving}
+                "detector": self.detector.state_dict(), "controller": self.controller.state_dict(),
+                "strengths": dict(self.strengths), "starving": self._starving}
 
     def load_state_dict(self, d: dict) -> None:
-        """Restore the cap and the detector; the mode stays the one this monitor was built with."""
+        """Restore the cap, the detector and the controller; the mode stays the one this monitor
+        was built with."""
         self.max_new_tokens = min(self.ceiling, int(d["max_new_tokens"]))
         self.detector.load_state_dict(d["detector"])
+        if "controller" in d:  # absent from checkpoints of runs without a controller
+            self.controller.load_state_dict(d["controller"])
+        self.strengths = dict(d.get("strengths", {}))
         self._starving = bool(d.get("starving", False))

@@ -63,6 +63,17 @@ def length_ratio_penalty(lengths: Sequence[int], reference_mean: float, coef: fl
     return -coef * np.maximum(0.0, dev - tolerance)
 
 
+def stop_properly_at(mode: Optional[str], weight: float, strength: float) -> tuple[Optional[str], float]:
+    """Stop-properly at a strength in [0, 1] -> (mode, weight) of a plan: off at 0, the
+    configured mode and weight at 1, and in between 'downweight' with a truncated rollout's
+    weight w = 1 - strength * (1 - w_mode), w_mode = 0 ('mask') or ``weight``."""
+    if mode is None or strength <= 0:
+        return None, weight
+    if strength >= 1:
+        return mode, weight
+    return "downweight", 1.0 - strength * (1.0 - (0.0 if mode == "mask" else weight))
+
+
 def rejection_badness(finish_reasons: Sequence[str], repetitive_flags: Sequence[bool],
                       malformed_flags: Optional[Sequence[bool]] = None) -> np.ndarray:
     """Badness for picking an SMPO pair's rejected completion among a prompt's samples:
@@ -107,8 +118,7 @@ def adaptive_max_new_tokens(current: int, stats: LengthStats, inflation_active: 
 
 @dataclass
 class PenaltyConfig:
-    """How strong each penalty is when the monitor switches it on in mode 'auto'
-    (``length.penalties.*``)."""
+    """How strong each penalty is at full strength in mode 'auto' (``length.penalties.*``)."""
 
     overlong_buffer: Optional[int] = knob(4, optional(ge(0)))  # DAPO buffer B in tokens (at most
     #                                    rollout.max_new_tokens); null: max_new_tokens // 5; 0: never
@@ -135,8 +145,8 @@ class PenaltyConfig:
 
 @dataclass
 class RemedyConfig:
-    """The remedies that teach stopping, switched on by the detector in mode 'auto'
-    (``length.remedies.*``; see LengthMonitor)."""
+    """The remedies that teach stopping, at the strength the controller sets (or switched on
+    by the detector) in mode 'auto' (``length.remedies.*``; see LengthMonitor)."""
 
     topk_kl_coef: float = knob(1.0, ge(0))  # (a) forward KL over the teacher's top-k on truncated /
     #                                         repetitive rollouts (needs teacher.logprobs=topk or full); 0: off
@@ -154,6 +164,7 @@ class PenaltyPlan:
     """Which penalties apply to the batch just observed, and the cap for the next batch."""
 
     overlong: bool = False
+    overlong_coef: float = 1.0            # scale of the overlong penalty when on
     overlong_buffer: int = 1
     overlong_max_tokens: int = 1          # cap the observed batch was generated under
     stop_properly: Optional[str] = None   # None | 'mask' | 'downweight'
@@ -184,7 +195,7 @@ class PenaltyPlan:
                     or self.prefer_malformed_rejected)
 
     def as_metrics(self, prefix: str = "length/penalty/") -> dict[str, float]:
-        return {prefix + "overlong": float(self.overlong),
+        return {prefix + "overlong": float(self.overlong), prefix + "overlong_coef": float(self.overlong_coef),
                 prefix + "stop_properly": float(self.stop_properly is not None),
                 prefix + "stop_properly_weight": float(self.stop_properly_weight),
                 prefix + "length_ratio_coef": float(self.length_ratio_coef),
@@ -230,15 +241,15 @@ def apply_sequence_penalty(plan: PenaltyPlan, lengths: Sequence[int],
                            finish_reasons: Sequence[str]) -> np.ndarray:
     """Per-rollout scalar to add to the rollout's advantage::
 
-        a_i = [overlong] * R_overlong(L_i; overlong_max_tokens, overlong_buffer)
-              (= -1 whenever finish_i == 'length')
+        a_i = [overlong] * overlong_coef * R_overlong(L_i; overlong_max_tokens, overlong_buffer)
+              (R = -1 whenever finish_i == 'length')
             + [coef > 0] * P_ratio(L_i; reference_mean, coef, tolerance)
     """
     check_batch(len(lengths), finish_reasons)
     out = np.zeros(len(lengths))
     if plan.overlong:
         term = overlong_penalty(lengths, plan.overlong_max_tokens, plan.overlong_buffer)
-        out += np.where(np.array(finish_reasons) == "length", -1.0, term)
+        out += plan.overlong_coef * np.where(np.array(finish_reasons) == "length", -1.0, term)
     if plan.length_ratio_coef > 0 and plan.reference_mean:
         out += length_ratio_penalty(lengths, plan.reference_mean, plan.length_ratio_coef,
                                     plan.length_ratio_tolerance)

@@ -142,16 +142,26 @@ def check_batch(n: int, finish_reasons: Sequence[str]) -> None:
 
 @dataclass(frozen=True)
 class ReferenceLengths:
-    """The teacher's reference lengths: mean and p95 (np.percentile, linear) in tokens."""
+    """The teacher's reference: mean and p95 (np.percentile, linear) length in tokens, and
+    the share of its completions truncated, ending in EOS and looping (what the length
+    controller tracks; 0, 1 and 0 for answers that are never cut, e.g. a dataset's)."""
 
     mean: float
     p95: float
+    truncated_frac: float = 0.0
+    eos_frac: float = 1.0
+    repetition_frac: float = 0.0
 
 
-def reference_lengths(token_ids_or_lengths: Sequence) -> ReferenceLengths:
+def reference_lengths(token_ids_or_lengths: Sequence, finish_reasons: Optional[Sequence[str]] = None,
+                      eos_ids: Optional[Collection[int]] = None,
+                      stats: Optional[StatsConfig] = None) -> ReferenceLengths:
     """Reference lengths from teacher generations (token lists) or from plain lengths (ints),
     e.g. the teacher's answers on a sample of prompts at start, or a dataset's answers
-    tokenised with the student's tokenizer. Count EOS the same way as the rollouts do."""
+    tokenised with the student's tokenizer. Count EOS the same way as the rollouts do.
+
+    With token lists, ``finish_reasons`` give the truncation rate, ``eos_ids`` the EOS rate
+    (else 1 - truncation) and ``stats`` the repetition rate (else 0)."""
     items = list(token_ids_or_lengths)
     if not items:
         raise ValueError("reference_lengths needs at least one item")
@@ -159,4 +169,13 @@ def reference_lengths(token_ids_or_lengths: Sequence) -> ReferenceLengths:
     lengths = np.array([x if flag else len(x) for x, flag in zip(items, is_len)], dtype=np.float64)
     if lengths.mean() <= 0:
         raise ValueError("reference lengths must have a positive mean")
-    return ReferenceLengths(mean=float(lengths.mean()), p95=float(np.percentile(lengths, 95)))
+    trunc = 0.0
+    if finish_reasons is not None:
+        check_batch(len(items), finish_reasons)
+        trunc = float(np.mean([r == "length" for r in finish_reasons]))
+    seqs = [] if any(is_len) else [np.asarray(x).tolist() for x in items]
+    eos = set(int(e) for e in eos_ids or ())
+    return ReferenceLengths(
+        mean=float(lengths.mean()), p95=float(np.percentile(lengths, 95)), truncated_frac=trunc,
+        eos_frac=float(np.mean([bool(s) and s[-1] in eos for s in seqs])) if eos and seqs else 1.0 - trunc,
+        repetition_frac=float(np.mean(repetitive_flags(seqs, stats))) if stats and seqs else 0.0)
