@@ -160,3 +160,5 @@ def test_bad_target_modules_are_refused_by_key(tiny_cfg, tiny_zoo):
     with pytest.raises(ValueError, match="student.lora.target_modules"):
         Learner(str(tiny_zoo.student), cfg)
     assert lora.check_targets(str(tiny_zoo.student), _cfg(tiny_cfg).student) is None
+    tied = lora.check_targets(str(tiny_zoo.student), _cfg(tiny_cfg, trainable_modules=["lm_head"]).student)
+    assert tied.startswith("student.lora.trainable_modules: ['lm_head'] share one matrix")

@@ -48,15 +48,20 @@ def _differing(a: dict, b: dict) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
 
 
-def test_resume_continues_exactly(tiny_overrides, tiny_zoo, tmp_path):
+LORA_ADAPTER = ["student.lora.enabled=true", "student.lora.r=4", "student.lora.alpha=8", "student.lora.sync=adapter"]
+
+
+@pytest.mark.parametrize("student", [[], LORA_ADAPTER], ids=["full", "lora-adapter"])
+def test_resume_continues_exactly(tiny_overrides, tiny_zoo, tmp_path, student):
     """Checkpoint every step, then resume from step 1: after the resumed run's first step and
     after its last, its weights, AdamW moments and LR schedule equal the uninterrupted run's
     bit for bit (a step's loss and gradient norm come before its update, so they alone would
-    not show lost optimizer state)."""
+    not show lost optimizer state). Also for a LoRA student whose engines run the base and
+    take the adapter: the resumed run rebuilds the base and continues the adapter."""
     from safetensors.torch import load_file
 
-    base = tiny_overrides + FAST + ["resources.use_ray=false", "steps=3", "checkpoint_every=1",
-                                    "keep_checkpoints=5", "optim.lr=0.003"]
+    base = tiny_overrides + FAST + student + ["resources.use_ray=false", "steps=3", "checkpoint_every=1",
+                                              "keep_checkpoints=5", "optim.lr=0.003"]
     run_training(load_config(base + [f"run_dir={tmp_path / 'a'}"]))
     ckpt = tmp_path / "a" / "checkpoints" / "step-000001"
     run_training(load_config(base + [f"run_dir={tmp_path / 'b'}", f"resume={ckpt}"]))
@@ -67,10 +72,12 @@ def test_resume_continues_exactly(tiny_overrides, tiny_zoo, tmp_path):
     # the checkpoints each step left: the state after the resumed run's first step, and its last
     for step in (2, 3):
         a, b = (tmp_path / run / "checkpoints" / f"step-{step:06d}" for run in ("a", "b"))
-        assert _differing(load_file(a / "model.safetensors"), load_file(b / "model.safetensors")) == [], step
+        trained = "adapter/adapter_model.safetensors" if student else "model.safetensors"
+        for weights in {"model.safetensors", trained}:
+            assert _differing(load_file(a / weights), load_file(b / weights)) == [], (step, weights)
         sa, sb = (torch.load(d / "learner_state.pt", weights_only=True) for d in (a, b))
         moments_a, moments_b = sa["optimizer"]["state"], sb["optimizer"]["state"]
-        assert moments_a.keys() == moments_b.keys() and len(moments_a) == len(load_file(a / "model.safetensors"))
+        assert moments_a.keys() == moments_b.keys() and len(moments_a) == len(load_file(a / trained))
         for i in moments_a:
             assert {"exp_avg", "exp_avg_sq", "step"} <= moments_a[i].keys()
             assert _differing(moments_a[i], moments_b[i]) == [], (step, i)

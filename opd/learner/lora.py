@@ -34,17 +34,20 @@ ADAPTER_DIR = "adapter"  # a checkpoint's adapter, in peft's format
 TARGETS_KEY = "student.lora.target_modules"
 
 
-def module_names(model: torch.nn.Module) -> list[str]:
-    """The names (last part) of the model's linear layers: what `target_modules` may name."""
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+def module_names(model: torch.nn.Module, kind: type = torch.nn.Linear) -> list[str]:
+    """The names (last part) of the model's modules of a kind: its linear layers are what
+    `target_modules` may name."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, kind)})
 
 
-def target_problem(model: torch.nn.Module, targets: list[str], key: str = TARGETS_KEY) -> Optional[str]:
-    """Why `targets` do not fit the model (a name that matches no linear layer), or None."""
-    names = module_names(model)
+def target_problem(model: torch.nn.Module, targets: list[str], key: str = TARGETS_KEY,
+                   kind: type = torch.nn.Linear) -> Optional[str]:
+    """Why `targets` do not fit the model (a name that matches no module of the kind), or None."""
+    names = module_names(model, kind)
     missing = [t for t in targets if t not in names]
     if missing:
-        return f"{key}: {missing} match no linear layer of the student; it has {names}"
+        what = "linear layer" if kind is torch.nn.Linear else "module"
+        return f"{key}: {missing} match no {what} of the student; it has {names}"
     return None
 
 
@@ -58,8 +61,13 @@ def check_targets(model_path: str, cfg: Any) -> Optional[str]:
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    tied = [m for m in cfg.lora.trainable_modules if m in ("lm_head", "embed_tokens")]
+    if tied and getattr(config, "tie_word_embeddings", False):
+        return (f"student.lora.trainable_modules: {tied} share one matrix in this student (tie_word_embeddings), "
+                f"which a copy trained beside the adapters would split; leave them out, or train in full "
+                f"(student.lora.enabled=false)")
     return (target_problem(model, cfg.lora.target_modules)
-            or target_problem(model, cfg.lora.trainable_modules, "student.lora.trainable_modules"))
+            or target_problem(model, cfg.lora.trainable_modules, "student.lora.trainable_modules", torch.nn.Module))
 
 
 def peft_config(cfg: LoraConfig) -> Any:
