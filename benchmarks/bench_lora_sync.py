@@ -5,7 +5,8 @@
 
 For each sync, in this process (no Ray: the loop's object-store transport adds the same
 put for both, see bench_sync.py), a LoRA learner on `experiment=smollm2_cpu`'s student and
-a vLLM engine built as the loop builds it. Each repeat changes every adapter weight (small
+a vLLM engine built as the loop builds it, running in this process as in a rollout actor
+(VLLM_ENABLE_V1_MULTIPROCESSING=0: weights reach it without serialisation). Each repeat changes every adapter weight (small
 random steps), then times:
 - export: the learner's `export_weights` (merging, or the adapter under peft's names);
 - load: the engine's `load_weights` (in-place reload, or writing the adapter and a new
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args, overrides = ap.parse_known_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, as in a rollout actor
     from opd.config import as_dict, load_config
     from opd.rollout import cpu_engine_env
     from opd.run_io import environment

@@ -92,7 +92,7 @@ def test_too_short_turns_stop_remedies_down_and_the_length_ratio_up():
 
 
 def test_strengths_scale_every_remedy_continuously():
-    cfg = L.LengthConfig(penalties=L.PenaltyConfig(adaptive_max_new_tokens=True, overlong_buffer=4))
+    cfg = L.LengthConfig(control="pi", penalties=L.PenaltyConfig(adaptive_max_new_tokens=True, overlong_buffer=4))
     mon = L.LengthMonitor({EOS}, CAP, cfg, reference=L.ReferenceLengths(13.0, 20.0, 0.1, 0.9))  # p95: the cap's floor
     mon.observe(*batch(0.3), 0)  # a little too long: part strength
     s, cfg = mon.strengths["topk_kl"], mon.config
@@ -178,10 +178,10 @@ def test_reference_carries_the_teachers_rates():
 def test_controller_config_is_checked_and_settable_from_yaml():
     from opd.config import load_config
 
-    cfg = load_config(["length.control=switch", "length.controller.kp=2", "length.controller.dead_band=0.1",
+    cfg = load_config(["length.control=pi", "length.controller.kp=2", "length.controller.dead_band=0.1",
                        "length.probe_every=5"])
-    assert (cfg.length.control, cfg.length.controller.kp, cfg.length.probe_every) == ("switch", 2.0, 5)
-    assert load_config([]).length.control == "pi"
+    assert (cfg.length.control, cfg.length.controller.kp, cfg.length.probe_every) == ("pi", 2.0, 5)
+    assert load_config([]).length.control == "switch"
     with pytest.raises(Exception, match="length.control must be one of"):
         load_config(["length.control=bang"])
     with pytest.raises(Exception, match="length.controller.integral_limit must be in"):

@@ -56,12 +56,13 @@ def test_resume_continues_exactly(tiny_overrides, tiny_zoo, tmp_path, student):
     """Checkpoint every step, then resume from step 1: after the resumed run's first step and
     after its last, its weights, AdamW moments and LR schedule equal the uninterrupted run's
     bit for bit (a step's loss and gradient norm come before its update, so they alone would
-    not show lost optimizer state). Also for a LoRA student whose engines run the base and
-    take the adapter: the resumed run rebuilds the base and continues the adapter."""
+    not show lost optimizer state), under the length controller (its state resumes too). Also
+    for a LoRA student whose engines run the base and take the adapter: the resumed run
+    rebuilds the base and continues the adapter."""
     from safetensors.torch import load_file
 
     base = tiny_overrides + FAST + student + ["resources.use_ray=false", "steps=3", "checkpoint_every=1",
-                                              "keep_checkpoints=5", "optim.lr=0.003"]
+                                              "keep_checkpoints=5", "optim.lr=0.003", "length.control=pi"]
     run_training(load_config(base + [f"run_dir={tmp_path / 'a'}"]))
     ckpt = tmp_path / "a" / "checkpoints" / "step-000001"
     run_training(load_config(base + [f"run_dir={tmp_path / 'b'}", f"resume={ckpt}"]))

@@ -33,8 +33,8 @@ class LengthConfig:
     #                                           events | "auto": + penalties and remedies
     reference_prompts: int = knob(64, ge(0))  # teacher greedy generations at start for the reference
     #                                           lengths and rates (0: the dataset's answers, when it has some)
-    control: str = knob("pi", one_of(*CONTROLS))  # 'auto' sets the remedies' strengths by "pi": the
-    #                                 controller | "switch": on/off with the detector's conditions
+    control: str = knob("switch", one_of(*CONTROLS))  # 'auto' sets the remedies' strengths by "switch":
+    #                                 on/off with the detector's conditions | "pi": the controller
     probe_every: int = knob(0, ge(0))  # greedy probe of the student every N steps, a signal of the
     #                                    controller's own (0: never)
     probe_prompts: int = knob(8, ge(1))  # held-out prompts the probe decodes greedily
