@@ -1,0 +1,433 @@
+"""A served teacher (`teacher.backend=server`, opd/teacher_server.py, opd/teacher_http.py).
+
+Without vLLM: its config keys, the requests it builds, the answers it parses (vLLM's JSON, in
+`RECORDED`) into `TeacherScores` checked against a brute-force reference, the tokenizer check,
+and every failure (no server, a 500, a 400, a timeout, bad JSON, wrong lengths) as an error
+that names the URL. A tiny `http.server` plays the server in those unit tests.
+
+With a real `vllm serve` on the tiny zoo's teacher (slow, one server for the module): scores
+equal the in-process vLLM teacher's, a short run trains against it, and a server killed
+mid-run leaves a checkpoint that `resume=auto` continues from once it is back.
+"""
+
+import json
+import math
+import socket
+import threading
+import time
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from opd import teacher_http
+from opd.config import ConfigError, load_config
+from opd.teacher import TokenizerMismatch, put_prompt_logprobs
+from opd.teacher_http import ServerClient, ServerError
+from opd.teacher_server import (ServedTeacher, check_served_tokenizer, generate_body,
+                                parse_prompt_logprobs, score_body, served_model)
+from opd.types import PromptBatch, RolloutBatch, SamplingSettings
+
+V = 7  # the fake server's vocabulary
+SERVED = ["teacher.backend=server", "teacher.url=http://127.0.0.1:8000", "teacher.logprobs=topk"]
+
+
+# ------------------------------------------------------------------ config
+@pytest.mark.parametrize("overrides,message", [
+    (["teacher.backend=server"], "teacher.backend=server needs teacher.url (the server's address"),
+    (SERVED[:2] + ["teacher.logprobs=full"], "teacher.logprobs=full needs teacher.backend=transformers"),
+    (SERVED + ["teacher.temperature=2"], "teacher.temperature must be 1.0 with teacher.backend=server"),
+    (SERVED + ["teacher.url=ftp://host"], "teacher.url must be an http:// or https:// URL"),
+    (SERVED + ["teacher.url='http://me:secret@host'"], "no credentials (a key: teacher.api_key_env)"),
+    (SERVED + ["teacher.api_key_env='MY KEY'"], "teacher.api_key_env must be an environment variable's name"),
+    (SERVED + ["teacher.request_timeout_s=0"], "teacher.request_timeout_s must be > 0, got 0.0"),
+    (SERVED + ["teacher.retries=-1"], "teacher.retries must be >= 0, got -1"),
+    (SERVED + ["teacher.concurrency=0"], "teacher.concurrency must be >= 1, got 0"),
+    (SERVED + ["resources=gpu"], "teacher.backend=server runs no model in this run (the server holds it): "
+                                 "resources.teacher_num_gpus must be 0, got 1"),
+])
+def test_bad_server_config_is_refused_by_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides)
+    assert message in str(e.value)
+
+
+def test_server_config_defaults():
+    t = load_config(SERVED).teacher
+    assert (t.url, t.api_key_env, t.request_timeout_s, t.retries, t.concurrency, t.batch_size) == (
+        "http://127.0.0.1:8000", None, 120.0, 3, 4, 64)
+
+
+# ------------------------------------------------------------------ a tiny server for unit tests
+class FakeServer:
+    """127.0.0.1 on a free port; `route(method, path, body, headers)` -> (status, JSON or
+    bytes). Records every request."""
+
+    def __init__(self, route):
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(n)) if n else None
+                outer.requests.append((self.command, self.path, body, dict(self.headers)))
+                status, answer = route(self.command, self.path, body, self.headers)
+                raw = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+                self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            do_GET = do_POST = _serve
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake_server():
+    servers = []
+
+    def start(route):
+        servers.append(FakeServer(route))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff(monkeypatch):
+    monkeypatch.setattr(teacher_http, "BACKOFF_S", 0.01)
+
+
+def _teacher_cfg(url, **kw):
+    base = load_config(SERVED + [f"teacher.url={url}", "teacher.topk=3", "teacher.retries=2"]).teacher
+    return replace(base, **kw)
+
+
+def _client(url, retries=2, timeout_s=5.0, key=None):
+    return ServerClient(url, timeout_s, retries, 2, key)
+
+
+# ------------------------------------------------------------------ vLLM's answers
+def _logprobs(seq, j):
+    """The fake teacher's log-probs at position j of `seq` (a function of the previous token)."""
+    x = np.array([math.sin(3 * seq[j - 1] + 1.3 * v + 0.1 * j) for v in range(V)]) * 3
+    return x - np.log(np.exp(x).sum())
+
+
+def _position(seq, j, k):
+    """vLLM's prompt_logprobs entry of position j: the top k and the token itself, by id."""
+    lp = _logprobs(seq, j)
+    rank = {int(v): r + 1 for r, v in enumerate(np.argsort(-lp, kind="stable"))}
+    keep = {v for v in range(V) if rank[v] <= k} | {seq[j]}
+    return {str(v): {"logprob": float(lp[v]), "rank": rank[v], "decoded_token": str(v)} for v in sorted(keep)}
+
+
+def _completion_answer(body):
+    """What vLLM's /v1/completions answers: prompt log-probs or sampled completions."""
+    prompts = body["prompt"]
+    if body.get("prompt_logprobs") is not None:
+        k = body["prompt_logprobs"]
+        choices = [{"index": i, "text": "", "finish_reason": "length",
+                    "prompt_logprobs": [None] + [_position(s, j, k) for j in range(1, len(s))]}
+                   for i, s in enumerate(prompts)]
+    else:
+        n = body["n"]
+        choices = [{"index": i * n + g, "text": f"p{i}s{g}", "finish_reason": "stop" if g else "length",
+                    "token_ids": [(p[-1] + g + t) % V for t in range(g + 1)]}
+                   for i, p in enumerate(prompts) for g in range(n)]
+    return {"id": "cmpl-1", "object": "text_completion", "model": body["model"], "choices": choices[::-1]}
+
+
+def _route(method, path, body, headers):
+    if path == "/v1/models":
+        return 200, {"object": "list", "data": [{"id": "toy-teacher", "max_model_len": 64}]}
+    if path == "/health":
+        return 200, b""
+    return 200, _completion_answer(body)
+
+
+# A real answer of `vllm serve` (0.32, CPU) to score_body("m", [[1, 5, 3]], k=2), cut to
+# what the parser reads (one of its dicts shortened by hand).
+RECORDED = {"id": "cmpl-8", "object": "text_completion", "created": 1, "model": "m", "choices": [
+    {"index": 0, "text": "4", "logprobs": None, "finish_reason": "length", "stop_reason": None,
+     "token_ids": None, "prompt_logprobs": [
+         None,
+         {"5": {"logprob": -0.0213, "rank": 1, "decoded_token": "5"},
+          "9": {"logprob": -4.1, "rank": 2, "decoded_token": "9"}},
+         {"3": {"logprob": -2.5, "rank": 3, "decoded_token": "3"},
+          "7": {"logprob": -0.2, "rank": 1, "decoded_token": "7"},
+          "2": {"logprob": -1.9, "rank": 2, "decoded_token": "2"}}],
+     "prompt_token_ids": None}], "usage": {"prompt_tokens": 3, "total_tokens": 4, "completion_tokens": 1}}
+
+
+def test_recorded_answer_is_parsed_into_sampled_and_topk():
+    by_id = parse_prompt_logprobs(RECORDED, [[1, 5, 3]], [1], "URL")[0]
+    assert by_id == [{5: (-0.0213, 1), 9: (-4.1, 2)}, {3: (-2.5, 3), 7: (-0.2, 1), 2: (-1.9, 2)}]
+    from opd.teacher import empty_scores
+
+    out = empty_scores(_teacher_cfg("http://x", topk=2), 1, 2, 0)
+    put_prompt_logprobs(out, 0, [5, 3], by_id, 2)
+    np.testing.assert_allclose(out.logprobs_NT, [[-0.0213, -2.5]], rtol=1e-6)
+    np.testing.assert_array_equal(out.topk_ids_NTK, [[[5, 9], [7, 2]]])  # by rank; the token itself is 3rd
+    np.testing.assert_allclose(out.topk_logprobs_NTK, [[[-0.0213, -4.1], [-0.2, -1.9]]], rtol=1e-6)
+
+
+def test_request_bodies():
+    assert score_body("m", [(1, 2), [3]], 4) == {"model": "m", "prompt": [[1, 2], [3]], "max_tokens": 1,
+                                                  "temperature": 1.0, "prompt_logprobs": 4}
+    s = SamplingSettings(max_new_tokens=9, temperature=0.7, top_p=0.9, top_k=-1, repetition_penalty=1.1,
+                         stop=("\n",), stop_token_ids=(2,), seed=5, n=3)
+    body = generate_body("m", [[1, 2]], s)
+    assert body == {"model": "m", "prompt": [[1, 2]], "n": 3, "max_tokens": 9, "temperature": 0.7, "top_p": 0.9,
+                    "top_k": 0, "repetition_penalty": 1.1, "stop": ["\n"], "stop_token_ids": [2], "seed": 5,
+                    "skip_special_tokens": True, "return_token_ids": True}
+
+
+def _rollouts(prompt_lens, completion_lens, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [list(rng.integers(0, V, p).tolist()) for p in prompt_lens]
+    comps = [list(rng.integers(0, V, c).tolist()) for c in completion_lens]
+    return RolloutBatch(prompts, comps, [[0.0] * len(c) for c in comps], ["stop"] * len(comps),
+                        [""] * len(comps), 0)
+
+
+@pytest.mark.parametrize("mode", ["sampled", "topk"])
+def test_scores_equal_a_brute_force_reference_in_batches_and_order(fake_server, mode):
+    """5 rollouts in requests of 2, two at a time: every row's sampled-token log-prob and
+    top-k (by rank, -inf past its tokens) as the teacher's distribution says."""
+    server = fake_server(_route)
+    teacher = ServedTeacher(None, _teacher_cfg(server.url, logprobs=mode, batch_size=2, concurrency=2),
+                            None)
+    assert teacher.model == "toy-teacher" and teacher.ready() == "toy-teacher"
+    ro = _rollouts([3, 1, 4, 2, 5], [4, 2, 6, 1, 3])
+    scores = teacher.score(ro)
+    posts = [b for m, p, b, _ in server.requests if p == "/v1/completions"]
+    assert [len(b["prompt"]) for b in posts] == [2, 2, 1]
+    assert all(b["prompt_logprobs"] == (3 if mode == "topk" else 0) and b["max_tokens"] == 1 for b in posts)
+    T = 6
+    assert scores.logprobs_NT.shape == (5, T) and scores.temperature == 1.0
+    for n, (p, c) in enumerate(zip(ro.prompt_ids, ro.completion_ids)):
+        seq = p + c
+        for t in range(T):
+            if t >= len(c):
+                assert scores.logprobs_NT[n, t] == 0
+                continue
+            lp = _logprobs(seq, len(p) + t)
+            assert scores.logprobs_NT[n, t] == pytest.approx(lp[c[t]], abs=1e-6)
+            if mode == "topk":
+                top = np.argsort(-lp, kind="stable")[:3]
+                np.testing.assert_array_equal(scores.topk_ids_NTK[n, t], top)
+                np.testing.assert_allclose(scores.topk_logprobs_NTK[n, t], lp[top], atol=1e-6)
+        if mode == "topk":
+            assert np.isneginf(scores.topk_logprobs_NTK[n, len(c):]).all()
+    assert (scores.topk_ids_NTK is None) == (mode == "sampled")
+
+
+def test_generate_returns_token_ids_and_finish_reasons_in_prompt_order(fake_server):
+    server = fake_server(_route)
+    teacher = ServedTeacher(None, _teacher_cfg(server.url, batch_size=2), None)
+    s = SamplingSettings(max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0,
+                         stop=(), stop_token_ids=(), seed=0, n=2)
+    out = teacher.generate(PromptBatch([[1], [2, 3], [4]], [None] * 3, ["t:0", "t:1", "t:2"]), s)
+    assert out.prompt_ids == [[1], [1], [2, 3], [2, 3], [4], [4]]
+    assert out.completion_ids == [[1], [2, 3], [3], [4, 5], [4], [5, 6]]
+    assert out.texts == ["p0s0", "p0s1", "p1s0", "p1s1", "p0s0", "p0s1"]  # each request numbers its prompts
+    assert out.finish_reasons == ["length", "stop"] * 3 and out.sampler_logprobs[1] == [0.0, 0.0]
+    assert out.weight_version == -1
+
+
+def test_served_model_is_named_or_the_only_one(fake_server):
+    two = {"data": [{"id": "a"}, {"id": "b"}]}
+    server = fake_server(lambda *a: (200, two))
+    c = _client(server.url)
+    assert served_model(c, "b")["id"] == "b"
+    with pytest.raises(ValueError, match=r"serves 2 models \['a', 'b'\]: name one with teacher.path"):
+        served_model(c, None)
+    with pytest.raises(ValueError, match=rf"teacher.path=c is not served at {server.url} \(teacher.url\)"):
+        served_model(c, "c")
+
+
+# ------------------------------------------------------------------ failures name the URL
+def _refusing_port():
+    """A local port where nothing listens: a connection is refused at once."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_no_server_is_named_after_the_retries():
+    url = f"http://127.0.0.1:{_refusing_port()}"
+    with pytest.raises(ServerError) as e:
+        _client(url, retries=2).post("/v1/completions", {})
+    msg = str(e.value)
+    assert f"POST {url}/v1/completions" in msg and "cannot connect" in msg
+    assert "after 3 attempts (teacher.retries=2)" in msg
+
+
+def test_a_500_is_retried_then_named_with_its_status(fake_server):
+    server = fake_server(lambda *a: (500, {"error": {"message": "engine dead"}}))
+    with pytest.raises(ServerError) as e:
+        _client(server.url, retries=1).post("/v1/completions", {})
+    assert f"{server.url}/v1/completions: HTTP 500" in str(e.value) and "engine dead" in str(e.value)
+    assert e.value.status == 500 and len(server.requests) == 2
+
+
+def test_a_500_that_passes_is_retried_to_success(fake_server):
+    answers = iter([(503, {}), (200, {"ok": 1})])
+    server = fake_server(lambda *a: next(answers))
+    assert _client(server.url, retries=2).get("/v1/models") == {"ok": 1}
+
+
+def test_a_400_is_not_retried(fake_server):
+    msg = "prompt_logprobs 30 > max_logprobs 20"
+    server = fake_server(lambda *a: (400, {"error": {"message": msg}}))
+    with pytest.raises(ServerError, match=f"{server.url}/v1/completions answered HTTP 400 Bad Request: {msg}"):
+        _client(server.url, retries=3).post("/v1/completions", {})
+    assert len(server.requests) == 1
+
+
+def test_a_slow_server_is_a_named_timeout(fake_server):
+    def slow(*a):
+        time.sleep(1.0)
+        return 200, {}
+
+    server = fake_server(slow)
+    t0 = time.time()
+    with pytest.raises(ServerError, match=r"no answer within 0.2s \(teacher.request_timeout_s\); after 2 attempts"):
+        _client(server.url, retries=1, timeout_s=0.2).post("/v1/completions", {})
+    assert time.time() - t0 < 1.5
+
+
+def test_a_redirect_is_not_followed(fake_server):
+    server = fake_server(lambda *a: (302, b""))
+    with pytest.raises(ServerError, match="HTTP 302"):
+        _client(server.url, key="sekret").get("/v1/models")
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("answer,message", [
+    (b"<html>oops</html>", "answered with something that is not JSON"),
+    ({"choices": []}, "answered wrongly: 0 choices for 2 prompts"),
+    ({"choices": [{"index": i, "prompt_logprobs": [None]} for i in range(2)]},
+     "answered wrongly: 1 prompt_logprobs for a sequence of 3 tokens"),
+    ({"choices": [{"index": i, "prompt_logprobs": [None] + [{"9": {"logprob": -1.0, "rank": 1}}] * 2}
+                  for i in range(2)]}, "answered wrongly: a position's prompt_logprobs lack the token"),
+    ({"choices": [{"index": i, "prompt_logprobs": [None, {}, {"1": {"rank": 1}}]} for i in range(2)]},
+     "answered wrongly: a prompt_logprobs entry without logprob and rank"),
+])
+def test_a_wrong_answer_is_named(fake_server, answer, message):
+    def route(method, path, body, headers):
+        return _route(method, path, body, headers) if path == "/v1/models" else (200, answer)
+
+    server = fake_server(route)
+    teacher = ServedTeacher(None, _teacher_cfg(server.url, batch_size=2), None)
+    with pytest.raises(ServerError) as e:
+        teacher.score(_rollouts([2, 2], [1, 1]))
+    assert message in str(e.value) and server.url in str(e.value)
+
+
+def test_api_key_is_sent_as_bearer_and_never_shown(fake_server, monkeypatch):
+    server = fake_server(lambda m, p, b, h: (200, {"auth": h.get("Authorization")}) if p != "/v1/models"
+                         else (401, {"error": {"message": "Unauthorized"}}))
+    monkeypatch.setenv("OPD_TEST_TEACHER_KEY", "sekret-123")
+    from opd.teacher_server import client_for
+
+    c = client_for(_teacher_cfg(server.url, api_key_env="OPD_TEST_TEACHER_KEY"))
+    assert c.get("/x") == {"auth": "Bearer sekret-123"}
+    with pytest.raises(ServerError) as e:
+        c.get("/v1/models")
+    assert "HTTP 401" in str(e.value) and "sekret" not in str(e.value)
+    monkeypatch.delenv("OPD_TEST_TEACHER_KEY")
+    with pytest.raises(ValueError, match="teacher.api_key_env=OPD_TEST_TEACHER_KEY: no such environment variable"):
+        client_for(_teacher_cfg(server.url, api_key_env="OPD_TEST_TEACHER_KEY"))
+
+
+def test_environment_proxies_are_not_used(fake_server, monkeypatch):
+    server = fake_server(lambda *a: (200, {"ok": 1}))
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{_refusing_port()}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert _client(server.url, retries=0).get("/v1/models") == {"ok": 1}
+
+
+# ------------------------------------------------------------------ the tokenizer check
+@pytest.fixture(scope="module")
+def toy_tokenizers(tmp_path_factory):
+    """The toy tokenizer, and one of the same size over another alphabet (other ids)."""
+    from opd.tasks import TASK_ALPHABET
+    from opd.zoo import build_tokenizer, load_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    build_tokenizer(root / "a")
+    build_tokenizer(root / "b", TASK_ALPHABET.replace("0", "") + "~")
+    return load_tokenizer(root / "a"), load_tokenizer(root / "b")
+
+
+def _tokenizer_route(tok, extra_token=False):
+    """/tokenize and /detokenize as vLLM answers them, with `tok` as the served tokenizer."""
+    def route(method, path, body, headers):
+        if path == "/tokenize":
+            return 200, {"tokens": tok.encode(body["prompt"], add_special_tokens=body["add_special_tokens"]),
+                         "count": 0, "max_model_len": 64}
+        if path == "/detokenize":
+            past = extra_token and body["tokens"] == [len(tok)]
+            return 200, {"prompt": "x" if past else tok.decode(body["tokens"])}
+        return 404, {}
+    return route
+
+
+def test_the_same_tokenizer_passes(fake_server, toy_tokenizers):
+    tok = toy_tokenizers[0]
+    server = fake_server(_tokenizer_route(tok))
+    note = check_served_tokenizer(_client(server.url), "m", tok)
+    assert note.startswith(f"tokenizers match ({len(tok)} tokens")
+
+
+def test_another_tokenizer_is_refused_naming_the_url(fake_server, toy_tokenizers):
+    a, b = toy_tokenizers
+    server = fake_server(_tokenizer_route(b))
+    with pytest.raises(TokenizerMismatch) as e:
+        check_served_tokenizer(_client(server.url), "m", a)
+    assert f"the model served at {server.url} (teacher.url) does not have the student's tokenizer" in str(e.value)
+    assert "first different at token" in str(e.value)
+
+
+def test_a_larger_vocabulary_is_refused(fake_server, toy_tokenizers):
+    tok = toy_tokenizers[0]
+    server = fake_server(_tokenizer_route(tok, extra_token=True))
+    with pytest.raises(TokenizerMismatch, match=f"a token at id {len(tok)}, past the student's vocabulary"):
+        check_served_tokenizer(_client(server.url), "m", tok)
+
+
+def test_other_special_token_ids_are_refused(fake_server, toy_tokenizers):
+    tok = toy_tokenizers[0]
+    eos = tok.eos_token_id
+    base = _tokenizer_route(tok)
+
+    def route(method, path, body, headers):
+        if path == "/tokenize" and body["prompt"] == tok.eos_token:
+            return 200, {"tokens": [eos + 1]}
+        return base(method, path, body, headers)
+
+    server = fake_server(route)
+    with pytest.raises(TokenizerMismatch, match=rf"eos_token '<eos>' is id {eos} for the student and \[{eos + 1}\]"):
+        check_served_tokenizer(_client(server.url), "m", tok)
