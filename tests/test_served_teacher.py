@@ -431,3 +431,156 @@ def test_other_special_token_ids_are_refused(fake_server, toy_tokenizers):
     server = fake_server(route)
     with pytest.raises(TokenizerMismatch, match=rf"eos_token '<eos>' is id {eos} for the student and \[{eos + 1}\]"):
         check_served_tokenizer(_client(server.url), "m", tok)
+
+
+# ------------------------------------------------------------------ a real `vllm serve` (slow)
+class VllmServer:
+    """`vllm serve <model>` on 127.0.0.1 at a free port, fp32, a small KV cache; its output
+    goes to `log`. `start` waits for /health; `stop` ends its process group (the server and
+    its engine process)."""
+
+    def __init__(self, model_dir, max_model_len, log):
+        self.model_dir, self.max_model_len, self.log = str(model_dir), max_model_len, log
+        self.port, self.proc = _refusing_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s=600):
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        vllm = Path(sys.executable).with_name("vllm")
+        cmd = [str(vllm), "serve", self.model_dir, "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", "float32", "--max-model-len", str(self.max_model_len), "--max-logprobs", "20",
+               "--enforce-eager", "--seed", "0", "--disable-log-stats"]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TORCH_COMPILE_DISABLE": "1"}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        client, t0 = _client(self.url, retries=0, timeout_s=5.0), time.time()
+        while time.time() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self._tail()}")
+            try:
+                client.get("/health")
+                return self
+            except ServerError:
+                time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"vllm serve did not answer /health within {timeout_s}s:\n{self._tail()}")
+
+    def stop(self):
+        import os
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its engine core
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def _tail(self):
+        with open(self.log, "rb") as f:
+            return f.read()[-3000:].decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_cfg, tiny_zoo, tmp_path_factory):
+    """One server on the tiny zoo's teacher for the module, stopped also when a test fails."""
+    server = VllmServer(tiny_zoo.teacher, tiny_cfg.rollout.max_model_len,
+                        tmp_path_factory.mktemp("vllm_serve") / "server.log")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def _served_overrides(server, tmp_path):
+    return ["resources.use_ray=false", "eval_every=0", "length.reference_prompts=8", f"run_dir={tmp_path}",
+            "teacher.backend=server", f"teacher.url={server.url}", "teacher.logprobs=topk", "teacher.topk=4",
+            "teacher.batch_size=8", "teacher.retries=1"]
+
+
+@pytest.mark.slow
+def test_real_server_scores_equal_the_in_process_vllm_teacher(served, tiny_cfg, tiny_zoo, student_engine):
+    """fp32, the same prompts and completions: sampled-token and top-k log-probs within 1e-4,
+    the same top-k ids, and the same greedy completions."""
+    import gc
+
+    from opd.rollout import greedy_settings
+    from opd.tasks import build_task, prompt_batch
+    from opd.teacher import TeacherScorer
+    from opd.teacher_server import check_server
+    from opd.zoo import load_tokenizer
+
+    tok = load_tokenizer(tiny_zoo.student)
+    name, note = check_server(replace(tiny_cfg.teacher, backend="server", url=served.url, logprobs="topk"),
+                              tiny_cfg.rollout, tok)
+    assert name == str(tiny_zoo.teacher) and f"teacher server: {served.url}; tokenizers match" in note
+    prompts = prompt_batch(tok, build_task("addition", tiny_cfg.task.seed, 100, 6, tiny_cfg.task.max_digits).heldout())
+    rollouts = student_engine.generate(prompts, SamplingSettings(
+        max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, stop=(),
+        stop_token_ids=(), seed=7, n=2))
+    for mode in ("sampled", "topk"):
+        t_cfg = replace(tiny_cfg.teacher, logprobs=mode, topk=4, batch_size=5, concurrency=2)
+        local = TeacherScorer(str(tiny_zoo.teacher), replace(t_cfg, backend="vllm"), tiny_cfg.rollout)
+        remote = ServedTeacher(name, replace(t_cfg, backend="server", url=served.url), tiny_cfg.rollout)
+        a, b = local.score(rollouts), remote.score(rollouts)
+        np.testing.assert_allclose(b.logprobs_NT, a.logprobs_NT, atol=1e-4)
+        assert (b.topk_ids_NTK is None) == (mode == "sampled")
+        if mode == "topk":
+            np.testing.assert_allclose(b.topk_logprobs_NTK, a.topk_logprobs_NTK, atol=1e-4)
+            np.testing.assert_array_equal(b.topk_ids_NTK, a.topk_ids_NTK)
+            greedy = greedy_settings(12)
+            ga, gb = local.generate(prompts, greedy), remote.generate(prompts, greedy)
+            assert gb.completion_ids == ga.completion_ids and gb.finish_reasons == ga.finish_reasons
+            assert gb.texts == ga.texts
+        del local
+        gc.collect()
+
+
+@pytest.mark.slow
+def test_a_run_trains_against_the_real_server(served, tiny_overrides, tiny_zoo, tmp_path):
+    from opd.train import run_training
+
+    summary = run_training(load_config(tiny_overrides + _served_overrides(served, tmp_path) + [
+        "steps=12", "optim.lr=0.002", "optim.warmup_steps=2", "rollout.prompts_per_step=16",
+        "rollout.samples_per_prompt=4", "length=monitor"]))
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kl = [m["teacher/kl"] for m in steps]
+    assert len(kl) == 12 and all(np.isfinite(m["optim/grad_norm"]) for m in steps)
+    assert np.mean(kl[-4:]) < np.mean(kl[:4]), kl
+    assert summary["teacher_path"] == str(tiny_zoo.teacher)
+    assert summary["eval"]["teacher"]["nll_teacher_greedy"] < summary["eval"]["before"]["nll_teacher_greedy"]
+
+
+@pytest.mark.slow
+def test_a_killed_server_stops_the_run_with_a_checkpoint_and_resume_continues(served, tiny_overrides, tiny_zoo,
+                                                                              tmp_path, monkeypatch):
+    """Last in the module: the server is stopped in step 2 and started again."""
+    from opd.actors import Workers
+    from opd.train import run_training
+
+    over = tiny_overrides + _served_overrides(served, tmp_path) + ["steps=4", "checkpoint_every=0"]
+    real_train, calls = Workers.train, {"n": 0}
+
+    def train_then_kill(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            served.stop()  # step 2 trains; step 3's scoring finds no server
+        return real_train(self, batch)
+
+    monkeypatch.setattr(Workers, "train", train_then_kill)
+    with pytest.raises(ServerError) as e:
+        run_training(load_config(over))
+    assert f"POST {served.url}/v1/completions: cannot connect" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
+    monkeypatch.setattr(Workers, "train", real_train)
+    served.start()
+    run_training(load_config(over + ["resume=auto"]))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and (tmp_path / "checkpoints" / "step-000004").is_dir()
