@@ -139,37 +139,67 @@ def check_server(cfg: TeacherConfig, rollout_cfg: RolloutConfig, student_tok: An
 
 def check_served_tokenizer(client: ServerClient, model: str, tok: Any) -> str:
     """The served model's tokenizer must be the student's: the same ids for a test string
-    (with and without special tokens) and for each special token, the same text for ids
-    spread over the vocabulary, up to its last id, and no token past it."""
+    (with and without special tokens), for each special token and for a chat turn through
+    the chat template; the same text for ids spread over the vocabulary, up to its last id;
+    and no token past it."""
     from opd.teacher import TokenizerMismatch
 
-    def refuse(why: str) -> None:
-        raise TokenizerMismatch(f"the model served at {client.url} (teacher.url) does not have the "
-                                f"student's tokenizer: {why}. The teacher must score the student's exact token ids")
+    for check in (_test_string, _special_tokens, _chat_turn, _vocabulary):
+        if why := check(client, model, tok):
+            raise TokenizerMismatch(f"the model served at {client.url} (teacher.url) does not have the "
+                                    f"student's tokenizer: {why}. The teacher must score the student's "
+                                    f"exact token ids")
+    return f"tokenizers match ({len(tok)} tokens; checked through the server's /tokenize and /detokenize)"
 
-    def tokenize(text: str, special: bool) -> list[int]:
-        return client.post("/tokenize", {"model": model, "prompt": text, "add_special_tokens": special})["tokens"]
 
+def _tokenize(client: ServerClient, model: str, text: str, special: bool) -> list[int]:
+    return client.post("/tokenize", {"model": model, "prompt": text, "add_special_tokens": special})["tokens"]
+
+
+def _test_string(client: ServerClient, model: str, tok: Any) -> Optional[str]:
     text = TEST_TEXT + "".join(tok.all_special_tokens)
     for special in (False, True):
-        ours, theirs = tok.encode(text, add_special_tokens=special), tokenize(text, special)
+        ours, theirs = tok.encode(text, add_special_tokens=special), _tokenize(client, model, text, special)
         if ours != theirs:
             i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            refuse(f"{text!r} (add_special_tokens={special}) is {len(ours)} tokens for the student and "
-                   f"{len(theirs)} for the server, first different at token {i}: student {ours[i:i + 4]}, "
-                   f"server {theirs[i:i + 4]}")
+            return (f"{text!r} (add_special_tokens={special}) is {len(ours)} tokens for the student and "
+                    f"{len(theirs)} for the server, first different at token {i}: student {ours[i:i + 4]}, "
+                    f"server {theirs[i:i + 4]}")
+    return None
+
+
+def _special_tokens(client: ServerClient, model: str, tok: Any) -> Optional[str]:
     for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
         s, i = getattr(tok, name, None), getattr(tok, f"{name}_id", None)
-        if s is not None and (theirs := tokenize(s, False)) != [i]:
-            refuse(f"{name} {s!r} is id {i} for the student and {theirs} for the server")
+        if s is not None and (theirs := _tokenize(client, model, s, False)) != [i]:
+            return f"{name} {s!r} is id {i} for the student and {theirs} for the server"
+    return None
+
+
+def _chat_turn(client: ServerClient, model: str, tok: Any) -> Optional[str]:
+    """A user turn rendered by each side's chat template, as opd.tasks.encode_prompt does."""
+    if not tok.chat_template:
+        return None
+    chat = [{"role": "user", "content": "12+34="}]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ours = list(tok(text, add_special_tokens=False)["input_ids"])
+    try:
+        theirs = client.post("/tokenize", {"model": model, "messages": chat, "add_generation_prompt": True})["tokens"]
+    except ServerError as e:
+        return f"its chat template cannot render a user turn ({e})"
+    if ours != theirs:
+        return f"a user turn through the chat templates is {ours} for the student and {theirs} for the server"
+    return None
+
+
+def _vocabulary(client: ServerClient, model: str, tok: Any) -> Optional[str]:
     V = len(tok)
     ids = sorted(set(range(0, V, max(1, V // 64))) | {V - 1})
-    detok = client.post("/detokenize", {"model": model, "tokens": ids})["prompt"]
-    if detok != tok.decode(ids):
-        refuse(f"ids spread over the student's vocabulary of {V} decode to other text on the server")
+    if client.post("/detokenize", {"model": model, "tokens": ids})["prompt"] != tok.decode(ids):
+        return f"ids spread over the student's vocabulary of {V} decode to other text on the server"
     if _past_vocabulary(client, model, V):
-        refuse(f"the server has a token at id {V}, past the student's vocabulary of {V}")
-    return f"tokenizers match ({V} tokens; checked through the server's /tokenize and /detokenize)"
+        return f"the server has a token at id {V}, past the student's vocabulary of {V}"
+    return None
 
 
 def _past_vocabulary(client: ServerClient, model: str, V: int) -> bool:

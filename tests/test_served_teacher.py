@@ -385,6 +385,9 @@ def toy_tokenizers(tmp_path_factory):
 def _tokenizer_route(tok, extra_token=False):
     """/tokenize and /detokenize as vLLM answers them, with `tok` as the served tokenizer."""
     def route(method, path, body, headers):
+        if path == "/tokenize" and "messages" in body:  # vLLM: the chat template, no extra special tokens
+            text = tok.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+            return 200, {"tokens": tok.encode(text, add_special_tokens=False), "count": 0, "max_model_len": 64}
         if path == "/tokenize":
             return 200, {"tokens": tok.encode(body["prompt"], add_special_tokens=body["add_special_tokens"]),
                          "count": 0, "max_model_len": 64}
@@ -415,6 +418,18 @@ def test_a_larger_vocabulary_is_refused(fake_server, toy_tokenizers):
     tok = toy_tokenizers[0]
     server = fake_server(_tokenizer_route(tok, extra_token=True))
     with pytest.raises(TokenizerMismatch, match=f"a token at id {len(tok)}, past the student's vocabulary"):
+        check_served_tokenizer(_client(server.url), "m", tok)
+
+
+def test_another_chat_template_is_refused(fake_server, toy_tokenizers, tmp_path):
+    from opd.zoo import load_tokenizer
+
+    tok = toy_tokenizers[0]
+    tok.save_pretrained(tmp_path)
+    other = load_tokenizer(tmp_path)
+    other.chat_template = "{{ messages[0]['content'] }}"
+    server = fake_server(_tokenizer_route(other))
+    with pytest.raises(TokenizerMismatch, match="a user turn through the chat templates is"):
         check_served_tokenizer(_client(server.url), "m", tok)
 
 
