@@ -290,6 +290,7 @@ class Workers(ActorCalls):
         `start_path`: the run's original student (the learner's divergence anchor)."""
         from opd.learner import Learner
         from opd.rollout import RolloutWorker, cpu_engine_env
+
         cpu_engine_env()
         r, self.cfg = cfg.resources, cfg
         self.student_path, self.teacher_path = student_path, teacher_path
