@@ -252,6 +252,37 @@ def test_generate_returns_token_ids_and_finish_reasons_in_prompt_order(fake_serv
     assert out.weight_version == -1
 
 
+def test_a_pool_of_served_teachers_scores_what_one_does(fake_server):
+    """Two replicas (`resources.teacher_workers=2`) share a batch by token count, as the
+    teacher pool's calls do (opd.data_parallel), and their scores join into one's."""
+    from opd.data_parallel import score_calls
+
+    server = fake_server(_route)
+    cfg = _teacher_cfg(server.url, batch_size=3)
+    one, pool = ServedTeacher(None, cfg, None), [ServedTeacher(None, cfg, None) for _ in range(2)]
+    ro = _rollouts([3, 1, 4, 2, 5, 2], [4, 2, 6, 1, 3, 5], seed=1)
+    calls, merge = score_calls(pool, ro)
+    assert len(calls) == 2
+    joined, whole = merge([getattr(a, m)(*args) for a, m, args in calls]), one.score(ro)
+    for f in ("logprobs_NT", "topk_ids_NTK", "topk_logprobs_NTK"):
+        np.testing.assert_array_equal(getattr(joined, f), getattr(whole, f))
+
+
+def test_a_served_teacher_needs_no_local_teacher(tmp_path):
+    """teacher.path names the served model: not checked as a directory or hub id, and with a
+    student of one's own no zoo is built."""
+    from opd.preflight import check_start
+    from opd.zoo import resolve_model_paths
+
+    (tmp_path / "student").mkdir()
+    cfg = load_config(SERVED + [f"student.path={tmp_path / 'student'}", "teacher.path=my-teacher",
+                                f"zoo_dir={tmp_path / 'zoo'}"])
+    check_start(cfg)
+    assert resolve_model_paths(cfg) == (str(tmp_path / "student"), "my-teacher")
+    assert resolve_model_paths(replace(cfg, teacher=replace(cfg.teacher, path=None)))[1] is None
+    assert not (tmp_path / "zoo").exists()
+
+
 def test_served_model_is_named_or_the_only_one(fake_server):
     two = {"data": [{"id": "a"}, {"id": "b"}]}
     server = fake_server(lambda *a: (200, two))
