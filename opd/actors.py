@@ -164,6 +164,17 @@ def _rollout_env(ncpu: int) -> dict:
     return env
 
 
+def _teacher_class(served: bool) -> type:
+    """The teacher replicas' class: an engine or model here, or a client of teacher.url."""
+    if served:
+        from opd.teacher_server import ServedTeacher
+
+        return ServedTeacher
+    from opd.teacher import TeacherScorer
+
+    return TeacherScorer
+
+
 def check_resources(r: ResourcesConfig) -> None:
     """Refuse at start what the Ray cluster cannot hold: an actor that can never be scheduled
     would otherwise only surface as a timeout much later."""
@@ -279,7 +290,6 @@ class Workers(ActorCalls):
         `start_path`: the run's original student (the learner's divergence anchor)."""
         from opd.learner import Learner
         from opd.rollout import RolloutWorker, cpu_engine_env
-        from opd.teacher import TeacherScorer
 
         cpu_engine_env()
         r, self.cfg = cfg.resources, cfg
@@ -295,8 +305,10 @@ class Workers(ActorCalls):
         if r.use_ray:
             check_resources(r)
         # the teacher's held-out completions come first, while every CPU/GPU is still free (a
-        # short-lived engine started later could wait forever for a slot)
-        self.teacher_eval = self._teacher_eval(teacher_eval_prompts) if teacher_eval_prompts else None
+        # short-lived engine started later could wait forever for a slot); a served teacher's
+        # come from the server, once the teacher pool is up
+        served = cfg.teacher.backend == "server"
+        self.teacher_eval = self._teacher_eval(teacher_eval_prompts) if teacher_eval_prompts and not served else None
         ncpu = str(os.cpu_count() or 1)
         plain = {"OMP_NUM_THREADS": ncpu, "TOKENIZERS_PARALLELISM": "false"}
         lo = cfg.student.lora
@@ -307,7 +319,7 @@ class Workers(ActorCalls):
                   cfg.student.trust_remote_code, adapter_rank, log_dir=self.log_dir)
             for i in range(r.rollout_workers)]
         self.teachers = [  # one replica keeps the plain name
-            _make(TeacherScorer, "teacher" if r.teacher_workers == 1 else f"teacher-{i}", r.use_ray,
+            _make(_teacher_class(served), "teacher" if r.teacher_workers == 1 else f"teacher-{i}", r.use_ray,
                   r.teacher_num_cpus, r.teacher_num_gpus, _rollout_env(int(ncpu)), teacher_path, cfg.teacher,
                   cfg.rollout, cfg.optim.device, log_dir=self.log_dir)
             for i in range(r.teacher_workers)]
@@ -319,6 +331,8 @@ class Workers(ActorCalls):
         # actor construction (engine start, model load) finishes here, under its own timeout
         self.gather([(a, "ready") for a in self.rollouts + self.teachers + self.learners], r.startup_timeout_s)
         self._join_learners()
+        if teacher_eval_prompts and served:
+            self.teacher_eval = self._teacher_eval(teacher_eval_prompts)
 
     def _join_learners(self) -> None:
         """Form the learner ranks' process group (N > 1) and record where each one runs."""
@@ -434,11 +448,14 @@ class Workers(ActorCalls):
                                     batch.input_ids_BS.shape)
 
     def _teacher_eval(self, prompts: PromptBatch) -> tuple[RolloutBatch, RolloutBatch]:
-        """The teacher's greedy and sampled held-out completions, from a short-lived vLLM engine."""
+        """The teacher's greedy and sampled held-out completions, from a short-lived vLLM engine
+        (a served teacher: from the server, through the teacher pool)."""
         from opd.evaluation import eval_settings
         from opd.rollout import RolloutWorker
 
         r, n = self.cfg.resources, self.cfg.rollout.eval_max_new_tokens
+        if self.cfg.teacher.backend == "server":
+            return tuple(self.teacher_generate(prompts, eval_settings(n, greedy)) for greedy in (True, False))
         engine = _make(RolloutWorker, "teacher-eval", self.use_ray, r.teacher_num_cpus, r.teacher_num_gpus,
                        _rollout_env(os.cpu_count() or 1), self.teacher_path, self.cfg.rollout, 0,
                        self.cfg.teacher.trust_remote_code, log_dir=self.log_dir)

@@ -18,9 +18,11 @@ Compose a config in Python (tests, notebooks) with `load_config(["loss=smpo", ..
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from omegaconf import MISSING
 
@@ -113,15 +115,51 @@ class StudentConfig(ModelConfig):
         return errs
 
 
+HTTP_URL = Rule(lambda v: urlsplit(v).scheme in ("http", "https") and bool(urlsplit(v).hostname)
+                and "@" not in urlsplit(v).netloc,
+                "must be an http:// or https:// URL with a host and no credentials (a key: teacher.api_key_env)")
+ENV_NAME = Rule(lambda v: re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) is not None,
+                "must be an environment variable's name (letters, digits, _)")
+
+
 @dataclass
 class TeacherConfig(ModelConfig):
-    backend: str = knob(MISSING, one_of("transformers", "vllm"))
+    """The frozen teacher. With backend=server, `path` is the served model's name (null: the
+    server's only model) and nothing of the teacher is loaded here (opd/teacher_server.py)."""
+
+    backend: str = knob(MISSING, one_of("transformers", "vllm", "server"))  # "server": a vLLM
+    #                                      server (`vllm serve`) at teacher.url, over HTTP
     logprobs: str = knob(MISSING, one_of(*TeacherLogprobs))  # what the teacher returns per token:
     #                                                          "sampled" | "topk" | "full"
     topk: int = knob(MISSING, ge(1))  # k for logprobs=topk
     temperature: float = knob(MISSING, gt(0))  # teacher logits are divided by this before log_softmax
     chunk_size: int = knob(MISSING, ge(1))  # tokens per chunk for full-distribution scoring
-    batch_size: int = knob(MISSING, ge(1))  # sequences per forward pass (transformers backend)
+    batch_size: int = knob(MISSING, ge(1))  # sequences per forward pass (transformers) or per
+    #                                         HTTP request (server)
+    url: Optional[str] = knob(MISSING, optional(HTTP_URL))  # backend=server: the server's address,
+    #                                         e.g. http://127.0.0.1:8000 (no proxy is used)
+    api_key_env: Optional[str] = knob(MISSING, optional(ENV_NAME))  # backend=server: the name of an
+    #                                         environment variable holding the server's API key
+    #                                         (sent as a bearer token); null = none
+    request_timeout_s: float = knob(MISSING, gt(0))  # backend=server: each HTTP request's timeout
+    retries: int = knob(MISSING, ge(0))  # backend=server: a failed request is sent again this many
+    #                                      times, after 0.5 s, 1 s, 2 s, ... (connection errors,
+    #                                      timeouts, 429 and 5xx answers)
+    concurrency: int = knob(MISSING, ge(1))  # backend=server: requests in flight at once, per replica
+
+    def cross_checks(self, prefix: str = "") -> list[str]:
+        """What vLLM's `prompt_logprobs` can give (backends vllm and server), and an address."""
+        errs = []
+        if self.backend == "server" and not self.url:
+            errs.append(f"{prefix}backend=server needs {prefix}url (the server's address, e.g. "
+                        f"http://127.0.0.1:8000), got null")
+        if self.backend in ("vllm", "server") and self.logprobs == TeacherLogprobs.FULL:
+            errs.append(f"{prefix}logprobs=full needs {prefix}backend=transformers (vLLM returns at most "
+                        f"max_logprobs entries per position), got {prefix}backend={self.backend}")
+        if self.backend in ("vllm", "server") and self.temperature != 1.0:
+            errs.append(f"{prefix}temperature must be 1.0 with {prefix}backend={self.backend} "
+                        f"(prompt_logprobs ignore temperature), got {self.temperature}")
+        return errs
 
 
 @dataclass
@@ -334,6 +372,9 @@ class TrainConfig:
             errs.append(f"rollout.overlap needs loss.on_policy_fraction=1 (every step from student "
                         f"rollouts), got {self.loss.on_policy_fraction}; or set rollout.overlap=false")
         rs = self.resources
+        if self.teacher.backend == "server" and rs.teacher_num_gpus > 0:
+            errs.append(f"teacher.backend=server runs no model in this run (the server holds it): "
+                        f"resources.teacher_num_gpus must be 0, got {rs.teacher_num_gpus:g}")
         if rs.learner_workers > 1 and not rs.use_ray:
             errs.append(f"resources.learner_workers > 1 (a sharded learner, got {rs.learner_workers}) needs "
                         f"resources.use_ray=true: its ranks are processes")

@@ -6,10 +6,11 @@ Backends:
   bounded by chunk_size x V; returns the sampled-token log-probs, the top-k, or the full
   distribution.
 - `vllm`: `prompt_logprobs` on prompt + completion with `max_tokens=1`; sampled-token or
-  top-k (k up to the engine's `max_logprobs`).
+  top-k (k up to the engine's `max_logprobs`);
+- `server`: the same `prompt_logprobs` from a vLLM server over HTTP (opd/teacher_server.py).
 
 Temperature: the teacher's log-probs are log_softmax(logits / teacher.temperature). vLLM's
-`prompt_logprobs` ignore sampling temperature, so the vllm backend accepts only 1.0.
+`prompt_logprobs` ignore sampling temperature, so the vllm and server backends accept only 1.0.
 
 At start, `check_tokenizers` compares the teacher's and the student's tokenizers
 (vocabulary, special tokens, chat template) and refuses a mismatch with the reason; models
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -97,6 +98,29 @@ def check_pair(student_path: str, teacher_path: str, student_trust: bool = False
     return tok, note
 
 
+def put_prompt_logprobs(out: TeacherScores, n: int, completion: Sequence[int],
+                        by_id: Sequence[dict[int, tuple[float, int]]], k: int) -> None:
+    """Row n of `out` from vLLM's `prompt_logprobs` of its completion positions: by_id[t] maps
+    token id -> (log-prob, rank in the vocabulary) and holds the top k and the token itself."""
+    for t, tok in enumerate(completion):
+        out.logprobs_NT[n, t] = by_id[t][tok][0]
+        ranked = sorted((x for x in by_id[t].items() if x[1][1] <= k), key=lambda x: x[1][1])[:k]
+        for j, (tid, (logprob, _)) in enumerate(ranked):
+            out.topk_ids_NTK[n, t, j], out.topk_logprobs_NTK[n, t, j] = tid, logprob
+
+
+def empty_scores(cfg: TeacherConfig, N: int, T: int, V: int) -> TeacherScores:
+    """The arrays a scorer fills in place: sampled-token log-probs, plus the top-k (log-probs
+    -inf past the k returned) or the full distribution over V tokens, as `cfg.logprobs` asks."""
+    mode, K = TeacherLogprobs(cfg.logprobs), cfg.topk
+    topk, full = mode is TeacherLogprobs.TOPK, mode is TeacherLogprobs.FULL
+    return TeacherScores(
+        logprobs_NT=np.zeros((N, T), np.float32), temperature=cfg.temperature,
+        topk_ids_NTK=np.zeros((N, T, K), np.int64) if topk else None,
+        topk_logprobs_NTK=np.full((N, T, K), -np.inf, np.float32) if topk else None,
+        full_logprobs_NTV=np.zeros((N, T, V), np.float32) if full else None)
+
+
 class TeacherScorer:
     """Frozen teacher; `score` returns its log-probs of the student's completion tokens.
 
@@ -130,12 +154,8 @@ class TeacherScorer:
         cpu_engine_env()
         from vllm import LLM
 
-        if self.mode is TeacherLogprobs.FULL:
-            raise ValueError("teacher.logprobs=full needs teacher.backend=transformers "
-                             "(vLLM returns at most max_logprobs entries per position)")
-        if self.cfg.temperature != 1.0:
-            raise ValueError("teacher.temperature must be 1.0 with teacher.backend=vllm "
-                             f"(prompt_logprobs ignore temperature), got {self.cfg.temperature}")
+        if errs := self.cfg.cross_checks("teacher."):  # logprobs=full, temperature != 1
+            raise ValueError("; ".join(errs))
         self.llm = LLM(**engine_kwargs(self.path, rollout_cfg, seed=0, dtype=self.cfg.dtype,
                                        trust_remote_code=self.cfg.trust_remote_code,
                                        max_logprobs=max(20, self.cfg.topk),
@@ -146,23 +166,13 @@ class TeacherScorer:
     # ------------------------------------------------------------------ scoring
     def score(self, rollouts: RolloutBatch) -> TeacherScores:
         t0 = time.time()
-        scores = self._empty_scores(len(rollouts.completion_ids), max(1, max(rollouts.lengths)))
+        scores = empty_scores(self.cfg, len(rollouts.completion_ids), max(1, max(rollouts.lengths)),
+                              self.vocab_size)
         if self.cfg.backend == "vllm":
             self._score_vllm(rollouts, scores)
         else:
             self._score_hf(rollouts, scores)
         return replace(scores, seconds=time.time() - t0)
-
-    def _empty_scores(self, N: int, T: int) -> TeacherScores:
-        """The arrays `score` fills in place: sampled-token log-probs, plus the top-k (log-probs
-        -inf past the k returned) or the full distribution as `self.mode` asks."""
-        topk, K = self.mode is TeacherLogprobs.TOPK, self.cfg.topk
-        full = self.mode is TeacherLogprobs.FULL
-        return TeacherScores(
-            logprobs_NT=np.zeros((N, T), np.float32), temperature=self.cfg.temperature,
-            topk_ids_NTK=np.zeros((N, T, K), np.int64) if topk else None,
-            topk_logprobs_NTK=np.full((N, T, K), -np.inf, np.float32) if topk else None,
-            full_logprobs_NTV=np.zeros((N, T, self.vocab_size), np.float32) if full else None)
 
     @torch.no_grad()
     def _score_hf(self, rollouts: RolloutBatch, out: TeacherScores) -> None:
@@ -210,12 +220,9 @@ class TeacherScorer:
         outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
         for n, o in enumerate(outs):
             P = len(rollouts.prompt_ids[n])
-            for t, tok in enumerate(rollouts.completion_ids[n]):
-                by_id = o.prompt_logprobs[P + t]  # {token id: Logprob(logprob, rank)}
-                out.logprobs_NT[n, t] = by_id[tok].logprob
-                ranked = sorted((x for x in by_id.items() if x[1].rank <= k), key=lambda x: x[1].rank)[:k]
-                for j, (tid, entry) in enumerate(ranked):
-                    out.topk_ids_NTK[n, t, j], out.topk_logprobs_NTK[n, t, j] = tid, entry.logprob
+            # {token id: Logprob(logprob, rank)} per position
+            by_id = [{i: (e.logprob, e.rank) for i, e in pos.items()} for pos in o.prompt_logprobs[P:]]
+            put_prompt_logprobs(out, n, rollouts.completion_ids[n], by_id, k)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:

@@ -38,7 +38,6 @@ def prepare_run(cfg: TrainConfig):
     from opd.preflight import check_start
     from opd.run_io import RunDir, resolve_resume
     from opd.prompt_files import FormatRule, load_splits
-    from opd.teacher import check_pair
     from opd.zoo import resolve_model_paths
 
     check_start(cfg)
@@ -47,8 +46,7 @@ def prepare_run(cfg: TrainConfig):
     resume = resolve_resume(cfg.resume, run)
     if resume is not None:
         student_path = str(resume)  # the checkpoint is a Hugging Face model dir
-    tok, note = check_pair(student_path, teacher_path, cfg.student.trust_remote_code,
-                           cfg.teacher.trust_remote_code)
+    tok, teacher_path, note = _check_teacher(cfg, student_path, teacher_path)
     if why := check_targets(student_path, cfg.student):
         raise ConfigError(f"cannot start:\n  {why}")
     print(f"student: {student_path}\nteacher: {teacher_path}\n{note}", flush=True)
@@ -57,6 +55,22 @@ def prepare_run(cfg: TrainConfig):
     rule = FormatRule(tuple(f.checks), f.on_prompt_file, tuple(f.extra_tokens))
     train, heldout = load_splits(cfg.task, tok, max_prompt, rule)
     return run, student_path, teacher_path, resume, tok, train, heldout
+
+
+def _check_teacher(cfg: TrainConfig, student_path: str, teacher_path: Any) -> tuple[Any, str, str]:
+    """The student's tokenizer, checked against the teacher's (a served teacher's through its
+    server); returns it, the teacher's path (the served model's name) and a one-line note."""
+    if cfg.teacher.backend != "server":
+        from opd.teacher import check_pair
+
+        tok, note = check_pair(student_path, teacher_path, cfg.student.trust_remote_code,
+                               cfg.teacher.trust_remote_code)
+        return tok, teacher_path, note
+    from opd.teacher_server import check_server
+    from opd.zoo import load_tokenizer
+
+    tok = load_tokenizer(student_path, cfg.student.trust_remote_code)
+    return (tok, *check_server(cfg.teacher, cfg.rollout, tok))
 
 
 def run_training(cfg: TrainConfig) -> dict:

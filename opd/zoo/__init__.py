@@ -13,7 +13,7 @@ model; `resolve_model_paths` gives the user's own paths precedence.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from opd.zoo.cache import MARKER, ZooPaths, atomic_build, spec_hash, weights_sha256, zoo_info
 from opd.zoo.toy import (build_tokenizer, encode_sft, ensure_model, ensure_tokenizer,
@@ -44,9 +44,10 @@ def ensure_zoo(cfg: TrainConfig) -> ZooPaths:
     return ZooPaths(tok_dir, teacher, student)
 
 
-def resolve_model_paths(cfg: TrainConfig) -> tuple[str, str]:
-    """(student path, teacher path): the user's, or the zoo's (built when missing)."""
-    if cfg.student.path and cfg.teacher.path:
+def resolve_model_paths(cfg: TrainConfig) -> tuple[str, Optional[str]]:
+    """(student path, teacher path): the user's, or the zoo's (built when missing). A served
+    teacher (teacher.backend=server) needs no zoo: its path is teacher.path (the served name)."""
+    if cfg.student.path and (cfg.teacher.path or cfg.teacher.backend == "server"):
         return cfg.student.path, cfg.teacher.path
     zoo = ensure_zoo(cfg)
     return cfg.student.path or str(zoo.student), cfg.teacher.path or str(zoo.teacher)
