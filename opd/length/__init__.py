@@ -8,9 +8,9 @@ student stops emitting EOS). The driver loop calls :class:`LengthMonitor` once p
 batch; it computes :class:`LengthStats`, a :class:`LengthDetector` with hysteresis names
 the conditions that are on, a :class:`LengthController` (proportional-integral, with a dead
 band and a clamped integral) sets each remedy's strength so that the student's smoothed
-truncation, EOS, repetition and length track the teacher's (``length.control=pi``; ``switch``
-turns remedies on and off with the detector instead), and pure penalty functions turn the
-resulting :class:`PenaltyPlan` into numbers::
+truncation, EOS, repetition and length track the teacher's (``length.control=pi``; the
+default ``switch`` turns remedies on and off with the detector instead), and pure penalty
+functions turn the resulting :class:`PenaltyPlan` into numbers::
 
     monitor = LengthMonitor({eos}, max_new_tokens=1024, config=LengthConfig(mode="auto"),
                             reference=reference_lengths(teacher_token_ids))
