@@ -34,13 +34,12 @@ def stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def measure(cfg, student: str, sync: str, rank: int, repeats: int) -> dict:
+def measure(cfg, student: str, heldout: list, sync: str, rank: int, repeats: int) -> dict:
     import torch
 
     from opd.learner import Learner
     from opd.rollout import RolloutWorker
     from opd.tasks import prompt_batch
-    from opd.train import prepare_run
     from opd.types import SamplingSettings
 
     lo = replace(cfg.student.lora, enabled=True, r=rank, alpha=2.0 * rank, sync=sync)
@@ -48,7 +47,6 @@ def measure(cfg, student: str, sync: str, rank: int, repeats: int) -> dict:
     learner = Learner(student, cfg)
     tok = learner.tokenizer
     engine = RolloutWorker(student, cfg.rollout, 0, False, rank if sync == "adapter" else 0)
-    heldout = prepare_run(cfg)[-1]
     prompts = prompt_batch(tok, heldout[:16])
     r = cfg.rollout
     settings = SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=1.0, top_p=1.0, top_k=-1,
@@ -93,12 +91,13 @@ def main() -> None:
     from opd.config import as_dict, load_config
     from opd.rollout import cpu_engine_env
     from opd.run_io import environment
-    from opd.zoo import resolve_model_paths
 
     cpu_engine_env()
     cfg = load_config(["experiment=smollm2_cpu", *overrides, "run_dir=runs/bench_lora_sync"])
-    student = resolve_model_paths(cfg)[0]
-    rows = [measure(cfg, student, sync, args.rank, args.repeats) for sync in ("merged", "adapter")]
+    from opd.train import prepare_run
+
+    _, student, *_, heldout = prepare_run(cfg)  # the run's checks, student and held-out prompts, once
+    rows = [measure(cfg, student, heldout, sync, args.rank, args.repeats) for sync in ("merged", "adapter")]
     out = Path(args.out or f"benchmarks/results/bench_lora_sync-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "bench_lora_sync", "args": vars(args), "config": as_dict(cfg),

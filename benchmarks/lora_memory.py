@@ -42,8 +42,7 @@ def batch(vocab: int, rows: int = 32, prompt: int = 40, completion: int = 48):
 
 def measure(overrides: list[str], rank: int, out: mp.Queue) -> None:
     from opd.config import load_config
-    from opd.learner import Learner, lora, shard
-    from opd.learner.__init__ import peak_rss_mb
+    from opd.learner import Learner, lora, peak_rss_mb, shard
     from opd.zoo import resolve_model_paths
 
     cfg = load_config(["experiment=smollm2_cpu", *overrides])

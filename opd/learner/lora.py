@@ -125,12 +125,17 @@ def is_adapter(name: str) -> bool:
     return ".lora_" in name
 
 
+def peft_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Hugging Face model's state dict under the peft model's names (`base_model.model.<name>`)."""
+    return {f"base_model.model.{k}": v for k, v in sd.items()}
+
+
 def adapter_state(peft_model: Any, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The adapter's tensors of the Hugging Face model's state dict `sd`, under the names
     peft saves them by (what vLLM's LoRA loader reads)."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(peft_model, state_dict={f"base_model.model.{k}": v for k, v in sd.items()})
+    return get_peft_model_state_dict(peft_model, state_dict=peft_names(sd))
 
 
 def adapter_config(peft_model: Any) -> dict:
@@ -148,7 +153,7 @@ def is_adapter_a(name: str) -> bool:
 def save_adapter(peft_model: Any, directory: Path, sd: dict[str, torch.Tensor]) -> None:
     """The adapter in peft's format (adapter_config.json + adapter_model.safetensors), from
     the Hugging Face model's gathered state dict `sd` (peft picks the adapter's tensors)."""
-    peft_model.save_pretrained(str(directory), state_dict={f"base_model.model.{k}": v for k, v in sd.items()},
+    peft_model.save_pretrained(str(directory), state_dict=peft_names(sd),
                                safe_serialization=True)
 
 
