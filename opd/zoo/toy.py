@@ -8,8 +8,15 @@ minutes, everything the default experiment and the tests need, in Hugging Face f
   alphabet) with distinct <bos>/<eos>/<pad> tokens and a chat template;
 - a teacher (Qwen2 architecture) trained by SFT until its held-out exact match reaches
   `teacher.zoo.stop_at_exact_match`;
-- a student (smaller Qwen2) trained by SFT only until it reaches a weak start
-  (`student.zoo.stop_at_exact_match`), so that distillation has a gap to close.
+- a student that SFT trains only until it reaches a weak start
+  (`student.zoo.stop_at_exact_match`), so that distillation has a gap to close. By default
+  (`zoo.student_init=teacher`) it starts as the teacher with only some layers kept
+  (`zoo.keep_layers` / `zoo.keep_every`: layers 0 and 3 of 4), as the real pair's student does,
+  and the SFT heals that copy; `scratch` builds student.zoo's own smaller architecture at
+  random instead. A student from scratch depends on its initialisation: of three zoo builds of
+  the 2-layer, 128-wide student, one learned addition to 0.94 with 600 more SFT steps on the
+  ground truth and another stayed near 0.76 after 1,500, and distillation inherits that
+  ceiling (docs/results.md §0); the layer-dropped copy learns it from every build.
 
 Artefacts are keyed by a hash of everything that shapes them (format version, task,
 architecture, recipe, `zoo.seed`): reused when present, rebuilt when the config changes,
@@ -25,12 +32,13 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
 from opd.tasks import TASK_ALPHABET, Example, TaskConfig, encode_answer, encode_prompt, exact_match
 from opd.zoo.cache import MARKER, ZOO_FORMAT, atomic_build, reproducible, spec_hash, weights_sha256
+from opd.zoo.layers import drop_layers
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import ZooModelConfig
@@ -133,13 +141,14 @@ def build_seed(z: ZooModelConfig, zoo_seed: int) -> int:
 
 
 def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldout: Sequence[Example],
-              log_prefix: str, seed: int) -> tuple[Any, dict]:
-    """Build a Qwen2 model from `z` (a ZooModelConfig) and SFT it until the held-out exact
-    match reaches `z.stop_at_exact_match` or `z.sft_steps` run out. `seed` sets the
-    initialisation (through the caller's `reproducible`) and the data order."""
+              log_prefix: str, seed: int, model: Any = None) -> tuple[Any, dict]:
+    """SFT `model` (default: a new Qwen2 model of `z`'s architecture) with `z`'s recipe until
+    the held-out exact match reaches `z.stop_at_exact_match` or `z.sft_steps` run out. `seed`
+    sets a new model's initialisation (through the caller's `reproducible`) and the data order."""
     from transformers import Qwen2ForCausalLM
 
-    model = Qwen2ForCausalLM(qwen2_config(tokenizer, z)).float()
+    if model is None:
+        model = Qwen2ForCausalLM(qwen2_config(tokenizer, z)).float()
     pairs = encode_sft(tokenizer, train)
     opt = torch.optim.AdamW(model.parameters(), lr=z.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
@@ -169,10 +178,28 @@ def _task_spec(task_cfg: TaskConfig) -> dict:
     return {k: getattr(task_cfg, k) for k in keys}
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerDrop:
+    """A student that starts as `teacher` (a built zoo model) with only `layers` kept."""
+
+    teacher: Path
+    layers: tuple[int, ...]
+
+    def spec(self) -> dict:
+        return {"teacher": self.teacher.name, "layers": list(self.layers)}
+
+    def model(self) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(self.teacher, dtype=torch.float32)
+        return drop_layers(teacher, self.layers)
+
+
 def model_spec(role: str, task_cfg: TaskConfig, z: ZooModelConfig, tokenizer_dir: Path,
-               zoo_seed: int = 0) -> dict:
-    return {"format": ZOO_FORMAT, "build": TOY_BUILD, "role": role, "task": _task_spec(task_cfg),
+               zoo_seed: int = 0, init: Optional[LayerDrop] = None) -> dict:
+    spec = {"format": ZOO_FORMAT, "build": TOY_BUILD, "role": role, "task": _task_spec(task_cfg),
             "zoo": dataclasses.asdict(z), "zoo_seed": zoo_seed, "tokenizer": tokenizer_dir.name}
+    return spec if init is None else {**spec, "init": init.spec()}
 
 
 def ensure_tokenizer(zoo_dir: str | Path) -> Path:
@@ -183,12 +210,13 @@ def ensure_tokenizer(zoo_dir: str | Path) -> Path:
 
 
 def ensure_model(role: str, zoo_dir: str | Path, task_cfg: TaskConfig, z: ZooModelConfig,
-                 tokenizer_dir: Path, zoo_seed: int = 0) -> Path:
-    """Path of the zoo model for (role, task, recipe, zoo seed); built (atomically and
-    reproducibly) if missing. Its marker records the SFT result and a weights checksum."""
+                 tokenizer_dir: Path, zoo_seed: int = 0, init: Optional[LayerDrop] = None) -> Path:
+    """Path of the zoo model for (role, task, recipe, zoo seed, starting point); built
+    (atomically and reproducibly) if missing: from `init`'s layer-dropped teacher when given,
+    else from scratch. Its marker records the SFT result and a weights checksum."""
     from opd.tasks import build_task
 
-    spec = model_spec(role, task_cfg, z, tokenizer_dir, zoo_seed)
+    spec = model_spec(role, task_cfg, z, tokenizer_dir, zoo_seed, init)
     final = Path(zoo_dir).expanduser() / f"{task_cfg.name}-{role}-{spec_hash(spec)}"
 
     def build(tmp: Path) -> None:
@@ -198,7 +226,9 @@ def ensure_model(role: str, zoo_dir: str | Path, task_cfg: TaskConfig, z: ZooMod
                           task_cfg.max_chars)
         seed = build_seed(z, zoo_seed)
         with reproducible(seed):
-            model, stats = sft_train(tok, z, task.train(), task.heldout(), f"prepare {role}", seed)
+            start = None if init is None else init.model()
+            model, stats = sft_train(tok, z, task.train(), task.heldout(), f"prepare {role}", seed,
+                                     start)
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
