@@ -1,7 +1,8 @@
 """Tests of opd/zoo/: the tiny zoo is in Hugging Face format and the teacher beats the
 student; artefacts are reused from cache, rebuilt when their spec changes, written
 atomically, and built reproducibly (two builds of one spec are bit-identical, another
-`zoo.seed` builds other weights, the marker's checksum tells them apart); and a vLLM engine serving a zoo model agrees with transformers on the log-probs
+`zoo.seed` builds other weights, the marker's checksum tells them apart); a layer-dropped
+student starts as the teacher's kept layers; and a vLLM engine serving a zoo model agrees with transformers on the log-probs
 of sampled tokens (fp32, <= 1e-4) and on greedy decoding."""
 import dataclasses
 import json
@@ -14,7 +15,7 @@ import torch
 from opd.config import load_config
 from opd.prompt_files import load_splits
 from opd.tasks import Example, build_task, encode_prompt, exact_match
-from opd.zoo import (MARKER, ZooPaths, atomic_build, ensure_model, ensure_zoo,
+from opd.zoo import (MARKER, LayerDrop, ZooPaths, atomic_build, ensure_model, ensure_zoo,
                      greedy_exact_match, load_tokenizer, model_spec, spec_hash, weights_sha256,
                      zoo_info)
 
@@ -120,6 +121,33 @@ def test_changing_the_student_recipe_rebuilds_only_the_student(tiny_zoo, tiny_ov
     _load_model(paths.student)  # the leftover's bytes are gone: this is a real checkpoint
     leftovers = [p.name for p in Path(cfg.zoo_dir).iterdir() if ".tmp-" in p.name]
     assert leftovers == []
+
+
+# ------------------------------------------------------------------ layer-dropped students
+def test_a_layer_dropped_student_starts_as_the_teachers_kept_layers(tiny_zoo, tiny_overrides):
+    """zoo.student_init=teacher with no SFT: the student is the teacher with only layer 1,
+    renumbered 0, its embedding and norm; its config has one layer and one layer type; and
+    its cache key names the teacher, so a rebuilt teacher rebuilds the student."""
+    cfg = load_config([*tiny_overrides, "zoo.student_init=teacher", "zoo.keep_layers=[1]",
+                       "student.zoo.sft_steps=0"])
+    paths = ensure_zoo(cfg)
+    assert paths.teacher == tiny_zoo.teacher and paths.student != tiny_zoo.student
+    teacher, student = _tensors(paths.teacher), _tensors(paths.student)
+    assert {k for k in student if ".layers." in k} == {
+        k.replace("layers.1.", "layers.0.") for k in teacher if ".layers.1." in k}
+    for name, tensor in student.items():
+        assert torch.equal(tensor, teacher[name.replace("layers.0.", "layers.1.")]), name
+    config = json.loads((paths.student / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and len(config.get("layer_types", [None])) == 1
+    assert zoo_info(paths.student)["spec"]["init"] == {"teacher": paths.teacher.name, "layers": [1]}
+    _load_model(paths.student)  # transformers loads it as it is
+    z, tok = cfg.student.zoo, paths.tokenizer
+    ours = model_spec("student", cfg.task, z, tok, init=LayerDrop(paths.teacher, (1,)))
+    other_teacher = model_spec("student", cfg.task, z, tok,
+                               init=LayerDrop(paths.teacher.with_name("another-teacher"), (1,)))
+    assert paths.student.name == f"addition-student-{spec_hash(ours)}"
+    assert len({spec_hash(ours), spec_hash(other_teacher),
+                spec_hash(model_spec("student", cfg.task, z, tok))}) == 3
 
 
 # ------------------------------------------------------------------ reproducible builds

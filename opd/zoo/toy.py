@@ -11,7 +11,7 @@ minutes, everything the default experiment and the tests need, in Hugging Face f
 - a student that SFT trains only until it reaches a weak start
   (`student.zoo.stop_at_exact_match`), so that distillation has a gap to close. By default
   (`zoo.student_init=teacher`) it starts as the teacher with only some layers kept
-  (`zoo.keep_layers` / `zoo.keep_every`: layers 0 and 3 of 4), as the real pair's student does,
+  (`zoo.keep_layers`: layers 0, 2 and 3 of 4), as the real pair's student does,
   and the SFT heals that copy; `scratch` builds student.zoo's own smaller architecture at
   random instead. A student from scratch depends on its initialisation: of three zoo builds of
   the 2-layer, 128-wide student, one learned addition to 0.94 with 600 more SFT steps on the
