@@ -57,6 +57,27 @@ def test_chat_template_changed_in_one_model_fails_row_1_at_its_first_difference(
     assert cheap == {"tokenizers": Verdict.OK, "memory": Verdict.OK, "data": Verdict.OK}
 
 
+def test_memory_forecast_counts_lora_s_trained_params_and_shards_per_rank(tiny_overrides, tiny_zoo):
+    from opd.check.memory import GIB, Devices, ParamCounts, forecast, memory_row, param_counts
+
+    full = load_config(tiny_overrides + ["length=monitor"])
+    lora = load_config(tiny_overrides + ["length=monitor", "student.lora.enabled=true", "student.lora.r=4"])
+    whole, adapters = (param_counts(str(tiny_zoo.student), False, c.student.lora) for c in (full, lora))
+    assert adapters.trainable < adapters.total and whole.trainable == whole.total
+    teacher = ParamCounts(1000, 1000)
+    f1, f2 = (forecast(c, p, teacher, on_gpu=False) for c, p in ((full, whole), (lora, adapters)))
+    assert f1.learner_rank == 20 * whole.total and f2.learner_rank == 4 * adapters.total + 16 * adapters.trainable
+    two = replace(full, resources=replace(full.resources, learner_workers=2, use_ray=True))
+    assert forecast(two, whole, teacher, on_gpu=False).learner_rank == -(-20 * whole.total // 2)
+    roomy, cramped = Devices(64 * GIB, 60 * GIB), Devices(GIB // 8, GIB // 8)
+    assert memory_row(full, f1, roomy).verdict is Verdict.OK
+    assert memory_row(full, f1, cramped).verdict is Verdict.FAIL  # the KV cache alone is 0.25 GiB
+    on_gpu = replace(full, resources=replace(full.resources, learner_num_gpus=1))
+    big = replace(f1, learner_rank=2 * GIB)
+    row = memory_row(on_gpu, big, Devices(64 * GIB, 60 * GIB, gpu=(GIB,)))
+    assert row.verdict is Verdict.FAIL and "resources.learner_workers" in " ".join(row.todo)
+
+
 @pytest.fixture(scope="module")
 def plain_rollouts(tiny_cfg, tiny_zoo, student_engine):
     from opd.check import heldout_prompts
@@ -97,11 +118,11 @@ def test_teacher_parity_passes_and_a_wrong_temperature_fails(tiny_cfg, tiny_zoo,
 
 
 def test_student_parity_and_self_distillation_give_zero_for_every_distill(tiny_cfg, tiny_zoo, plain_rollouts):
-    from opd.check import _learner_rows
+    from opd.check import learner_rows
     from opd.check.selfdistill import DISTILLS
 
     rollouts, tok = plain_rollouts
-    parity, selfd = _learner_rows(tiny_cfg, str(tiny_zoo.student), rollouts, tok)
+    parity, selfd = learner_rows(tiny_cfg, str(tiny_zoo.student), rollouts, tok)
     assert parity.verdict is Verdict.OK, parity.found
     assert selfd.verdict is Verdict.OK, selfd.found
     for d in DISTILLS:

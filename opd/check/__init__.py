@@ -76,7 +76,7 @@ def generation_rows(cfg: TrainConfig, student: str, teacher: Optional[str],
                                                                cfg.optim.device)
     try:
         plain = engine.generate(seqs, eval_settings(r.max_new_tokens, greedy=False, seed=r.seed))
-        rows = [_teacher_parity(cfg, scorer, teacher, plain), *_learner_rows(cfg, student, plain, tok)]
+        rows = [teacher_parity(cfg, scorer, teacher, plain), *learner_rows(cfg, student, plain, tok)]
         return rows + sampled_rows(cfg, engine, scorer, prompts, tok)
     finally:
         if make_engine is None:  # an engine of our own: stopped here
@@ -109,7 +109,7 @@ def heldout_prompts(cfg: TrainConfig, tok: Any) -> Any:
     return prompt_batch(tok, (heldout or train)[: cfg.check.prompts])
 
 
-def _teacher_parity(cfg: TrainConfig, scorer: Any, teacher: Optional[str], rollouts: Any) -> Row:
+def teacher_parity(cfg: TrainConfig, scorer: Any, teacher: Optional[str], rollouts: Any) -> Row:
     """Row 2's teacher half; a served teacher without a local copy to compare with is a warning."""
     from opd.check import parity
 
@@ -125,7 +125,7 @@ def _teacher_parity(cfg: TrainConfig, scorer: Any, teacher: Optional[str], rollo
         gc.collect()
 
 
-def _learner_rows(cfg: TrainConfig, student: str, rollouts: Any, tok: Any) -> list[Row]:
+def learner_rows(cfg: TrainConfig, student: str, rollouts: Any, tok: Any) -> list[Row]:
     """Row 2's student half and row 3, on one learner (without the anchor's frozen copy)."""
     from opd.check import parity, selfdistill
     from opd.learner import Learner
