@@ -130,17 +130,22 @@ def test_student_parity_and_self_distillation_give_zero_for_every_distill(tiny_c
         assert abs(r["loss"]) < 1e-4 and abs(r["kl"]) < 1e-4 and r["grad_norm"] < 1e-3, (d, r)
 
 
-def test_length_forecast_flags_the_starting_real_student_not_the_teacher(pair_cfg, pair):
+def test_length_forecast_flags_the_starting_real_student_not_the_teacher(pair_cfg, pair, monkeypatch):
     from opd.check import heldout_prompts
-    from opd.rollout import RolloutWorker
+    from opd.rollout import RolloutWorker, shutdown_engine
     from opd.teacher import TeacherScorer
     from opd.zoo import load_tokenizer
 
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as opd-check: both engines in this process
     cfg = load_config(["experiment=smollm2_cpu", f"zoo_dir={pair_cfg.zoo_dir}", f"run_dir={pair_cfg.run_dir}"])
     tok = load_tokenizer(pair.student)
     engine = RolloutWorker(str(pair.student), cfg.rollout)
     scorer = TeacherScorer(str(pair.teacher), cfg.teacher, cfg.rollout)
-    length, extraction = sampled_rows(cfg, engine, scorer, heldout_prompts(cfg, tok), tok)
+    try:
+        length, extraction = sampled_rows(cfg, engine, scorer, heldout_prompts(cfg, tok), tok)
+    finally:
+        shutdown_engine(engine.llm)
+        shutdown_engine(scorer.llm)
     assert length.verdict is Verdict.WARN
     assert length.data["flagged"] == {"student": True, "teacher": False}, length.found
     assert length.data["student"]["truncated_frac"] > 0.8 > length.data["teacher"]["truncated_frac"]
