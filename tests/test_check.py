@@ -2,6 +2,7 @@
 test for every loss.distill, the length forecast on the real pair, and the exit codes."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -130,13 +131,12 @@ def test_student_parity_and_self_distillation_give_zero_for_every_distill(tiny_c
         assert abs(r["loss"]) < 1e-4 and abs(r["kl"]) < 1e-4 and r["grad_norm"] < 1e-3, (d, r)
 
 
-def test_length_forecast_flags_the_starting_real_student_not_the_teacher(pair_cfg, pair, monkeypatch):
+def test_length_forecast_flags_the_starting_real_student_not_the_teacher(pair_cfg, pair):
     from opd.check import heldout_prompts
     from opd.rollout import RolloutWorker, shutdown_engine
     from opd.teacher import TeacherScorer
     from opd.zoo import load_tokenizer
 
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as opd-check: both engines in this process
     cfg = load_config(["experiment=smollm2_cpu", f"zoo_dir={pair_cfg.zoo_dir}", f"run_dir={pair_cfg.run_dir}"])
     tok = load_tokenizer(pair.student)
     engine = RolloutWorker(str(pair.student), cfg.rollout)
@@ -154,7 +154,7 @@ def test_length_forecast_flags_the_starting_real_student_not_the_teacher(pair_cf
 
 def _run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_check_exits_0_with_warnings_and_2_with_a_fail(tiny_overrides, monkeypatch, tmp_path):
@@ -162,6 +162,8 @@ def test_check_exits_0_with_warnings_and_2_with_a_fail(tiny_overrides, monkeypat
 
     rows = [Row("a", Verdict.OK, ["fine"]), Row("b", Verdict.WARN, ["so so"], ["do x"])]
     monkeypatch.setattr(check, "run_check", lambda cfg: rows)
+    # opd-check puts its engines in-process; this session's engines are not: keep them as they are
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
     monkeypatch.setattr(sys, "argv", ["opd-check", *tiny_overrides, f"run_dir={tmp_path}"])
     check.main()  # warnings only: returns
     doc = json.loads((tmp_path / "check.json").read_text())
