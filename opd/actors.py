@@ -164,7 +164,7 @@ def _rollout_env(ncpu: int) -> dict:
     return env
 
 
-def _teacher_class(served: bool) -> type:
+def teacher_class(served: bool) -> type:
     """The teacher replicas' class: an engine or model here, or a client of teacher.url."""
     if served:
         from opd.teacher_server import ServedTeacher
@@ -319,7 +319,7 @@ class Workers(ActorCalls):
                   cfg.student.trust_remote_code, adapter_rank, log_dir=self.log_dir)
             for i in range(r.rollout_workers)]
         self.teachers = [  # one replica keeps the plain name
-            _make(_teacher_class(served), "teacher" if r.teacher_workers == 1 else f"teacher-{i}", r.use_ray,
+            _make(teacher_class(served), "teacher" if r.teacher_workers == 1 else f"teacher-{i}", r.use_ray,
                   r.teacher_num_cpus, r.teacher_num_gpus, _rollout_env(int(ncpu)), teacher_path, cfg.teacher,
                   cfg.rollout, cfg.optim.device, log_dir=self.log_dir)
             for i in range(r.teacher_workers)]

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from omegaconf import MISSING
 
 from opd.constraints import Rule, between, ge, gt, knob, lt, one_of, optional, problems, subset
+from opd.errors import ConfigError
 from opd.formatting import ACTIONS, CHECKS
 from opd.length import LengthConfig
 from opd.sweep import QUALITIES, SIGNALS
@@ -332,6 +333,18 @@ class ResourcesConfig:
 
 
 @dataclass
+class CheckConfig:
+    """`opd-check` (opd/check/): the pre-flight report of a config, and its cheap rows
+    (tokenizers, memory, data without generation) that `opd-train` runs at start."""
+
+    enabled: bool = True  # opd-train runs the cheap rows at start and stops on a fail
+    prompts: int = knob(16, ge(1))  # held-out prompts the length forecast and the answer-extraction
+    #                                 row sample (student and teacher, one completion each)
+    sequences: int = knob(4, ge(1))  # fixed sequences the engine-parity and self-distillation rows score
+    out: Optional[str] = None  # opd-check's check.json (null: <run_dir>/check.json)
+
+
+@dataclass
 class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -344,6 +357,7 @@ class TrainConfig:
     zoo: ZooConfig = field(default_factory=ZooConfig)
     format: FormatConfig = field(default_factory=FormatConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
     zoo_dir: str = MISSING  # cache of built tokenizers and models
     run_dir: str = MISSING  # where metrics, checkpoints and summary.json go
     seed: int = knob(MISSING, ge(0))
@@ -389,10 +403,6 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-
-
-class ConfigError(ValueError):
-    """A config value outside its allowed range; the message names the key."""
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:

@@ -16,7 +16,10 @@ import json
 import sys
 from dataclasses import replace
 
+from opd.errors import ConfigError, exit_on_user_error
 
+
+@exit_on_user_error("opd-eval")
 def main(argv: list[str] | None = None) -> None:
     from opd.actors import Workers
     from opd.config import load_config
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(student, cfg.student.trust_remote_code)
     _, heldout = load_splits(cfg.task, tok, cfg.rollout.max_model_len - cfg.rollout.max_new_tokens)
     if not heldout:
-        raise SystemExit("opd-eval: no held-out prompts with answers (task.heldout_file) to evaluate on")
+        raise ConfigError("no held-out prompts with answers (task.heldout_file) to evaluate on")
     prompts = prompt_batch(tok, heldout)
     workers = Workers(cfg, student, teacher, teacher_eval_prompts=prompts)
     try:

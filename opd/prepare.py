@@ -14,6 +14,7 @@ import sys
 import time
 
 from opd.config import load_config
+from opd.errors import exit_on_user_error
 from opd.zoo import ensure_zoo, zoo_info
 
 
@@ -29,6 +30,7 @@ def report(paths) -> str:
     return "\n".join(lines)
 
 
+@exit_on_user_error("opd-prepare")
 def main(argv: list[str] | None = None) -> None:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     t0 = time.time()

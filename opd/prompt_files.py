@@ -20,11 +20,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from opd.errors import UserError
 from opd.formatting import ACTIONS, check_example
 from opd.tasks import ON_BAD_LINE, Example, TaskConfig, build_task, check_extraction, encode_prompt
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad line in a prompt file: the message starts with `file:line:`."""
 
 
@@ -142,10 +143,15 @@ def _unusable(ex: Example, require_answer: bool, count_tokens: Optional[Callable
     if require_answer and ex.answer is None:
         return "missing field 'answer' (held-out prompts need a reference answer)"
     if count_tokens and max_prompt_tokens is not None:
-        n = count_tokens(ex)
-        if n > max_prompt_tokens:
-            return (f"prompt is {n} tokens, more than the {max_prompt_tokens} that fit "
-                    f"(rollout.max_model_len - rollout.max_new_tokens); not truncated")
+        return too_long(count_tokens(ex), max_prompt_tokens)
+    return None
+
+
+def too_long(n: int, max_prompt_tokens: int) -> Optional[str]:
+    """Why a prompt of `n` tokens cannot be used (it does not fit the engine), or None."""
+    if n > max_prompt_tokens:
+        return (f"prompt is {n} tokens, more than the {max_prompt_tokens} that fit "
+                f"(rollout.max_model_len - rollout.max_new_tokens); not truncated")
     return None
 
 

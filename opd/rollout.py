@@ -111,6 +111,13 @@ def to_sampling_params(s: SamplingSettings, logprobs: Optional[int] = 0):
         seed=s.seed, logprobs=logprobs, skip_special_tokens=True)
 
 
+def shutdown_engine(llm: Any) -> None:
+    """Stop a `vllm.LLM`'s engine-core process now (else vLLM force-kills it at exit)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+
+
 def greedy_settings(max_new_tokens: int) -> SamplingSettings:
     return SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=-1,
                             repetition_penalty=1.0, stop=(), stop_token_ids=(), seed=None, n=1)

@@ -25,6 +25,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
+from opd.errors import UserError
 from opd.types import StepMetrics
 
 
@@ -66,10 +67,14 @@ class WandbSink:
         self.run.finish()
 
 
+class MissingLogger(UserError, ModuleNotFoundError):
+    """`loggers` names a sink whose package is not installed."""
+
+
 def check_loggers(loggers: Sequence[str]) -> None:
     """`loggers` names only importable sinks (W&B is optional, never required)."""
     if "wandb" in loggers and importlib.util.find_spec("wandb") is None:
-        raise ModuleNotFoundError("loggers: 'wandb' is listed but the wandb package is not "
+        raise MissingLogger("loggers: 'wandb' is listed but the wandb package is not "
                                   "installed (pip install wandb, or drop wandb from loggers)")
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 from omegaconf import MISSING
 
 from opd.constraints import Rule, between, ge, knob, one_of
+from opd.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class SyntheticTask:
                 if len(held) == self.heldout_size:
                     break
             if len(held) < self.heldout_size:  # never return fewer than asked for silently
-                raise ValueError(f"task.heldout_size={self.heldout_size}: only {len(held)} "
+                raise ConfigError(f"task.heldout_size={self.heldout_size}: only {len(held)} "
                                  f"distinct {self.name} questions found")
             self._heldout = held
         return [user_example(q, a, f"{self.name}:heldout:{i}", self.extract) for i, (q, a) in
@@ -173,7 +174,7 @@ class SyntheticTask:
             if q not in held:
                 out.append(user_example(q, a, f"{self.name}:train:{len(out)}", self.extract))
         if len(out) < self.train_size:
-            raise ValueError(f"task.train_size={self.train_size}: only {len(out)} train prompts "
+            raise ConfigError(f"task.train_size={self.train_size}: only {len(out)} train prompts "
                              f"in {tries} draws (are all {self.name} questions held out?)")
         return out
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from opd.device import pick_device
+from opd.errors import UserError
 from opd.types import (FinishReason, PromptBatch, RolloutBatch, SamplingSettings, TeacherLogprobs,
                        TeacherScores)
 
@@ -35,11 +36,11 @@ if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import RolloutConfig, TeacherConfig
 
 
-class TokenizerMismatch(ValueError):
+class TokenizerMismatch(UserError, ValueError):
     """The teacher cannot score the student's tokens; the message says why."""
 
 
-def _first_vocab_difference(a: dict, b: dict) -> str:
+def first_vocab_difference(a: dict, b: dict) -> str:
     only_a = sorted(set(a) - set(b))[:5]
     only_b = sorted(set(b) - set(a))[:5]
     moved = [t for t in sorted(set(a) & set(b)) if a[t] != b[t]][:5]
@@ -55,7 +56,7 @@ def check_tokenizers(student_tok: Any, teacher_tok: Any, student_rows: Optional[
     if sv != tv:
         raise TokenizerMismatch(
             f"teacher and student tokenizers differ: vocabulary sizes {len(sv)} (student) vs "
-            f"{len(tv)} (teacher); {_first_vocab_difference(sv, tv)}. The teacher must score the "
+            f"{len(tv)} (teacher); {first_vocab_difference(sv, tv)}. The teacher must score the "
             f"student's exact token ids: pick a teacher of the same tokenizer family.")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         s, t = getattr(student_tok, name, None), getattr(teacher_tok, name, None)

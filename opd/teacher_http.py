@@ -19,11 +19,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence
 
+from opd.errors import UserError
+
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # worth sending again
 BACKOFF_S = 0.5  # the first retry waits this long; each next one twice as long
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """The teacher server is down, too slow, or answered wrongly; the message names the URL
     and the status or reason. `status`: the HTTP status, when there was an answer."""
 

@@ -22,6 +22,7 @@ import hydra
 from omegaconf import DictConfig
 
 from opd.config import CONF_DIR, register_configs, to_dataclass
+from opd.errors import exit_on_user_error
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import TrainConfig
@@ -31,8 +32,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def prepare_run(cfg: TrainConfig):
-    """Everything before the actors: paths (checked), models, tokenizers (checked), prompts,
-    run dir."""
+    """Everything before the actors: paths (checked), models, opd-check's cheap rows
+    (tokenizers, memory, data), tokenizers (checked), prompts, run dir."""
+    from opd.check import check_at_start
     from opd.config import ConfigError, as_dict
     from opd.learner.lora import check_targets
     from opd.preflight import check_start
@@ -43,12 +45,13 @@ def prepare_run(cfg: TrainConfig):
     check_start(cfg)
     run = RunDir(cfg.run_dir, cfg.loggers, config=as_dict(cfg))
     student_path, teacher_path = resolve_model_paths(cfg)
+    if why := check_targets(student_path, cfg.student):
+        raise ConfigError(f"cannot start:\n  {why}")
+    check_at_start(cfg, student_path, teacher_path)  # opd-check's cheap rows (check.enabled)
     resume = resolve_resume(cfg.resume, run)
     if resume is not None:
         student_path = str(resume)  # the checkpoint is a Hugging Face model dir
     tok, teacher_path, note = _check_teacher(cfg, student_path, teacher_path)
-    if why := check_targets(student_path, cfg.student):
-        raise ConfigError(f"cannot start:\n  {why}")
     print(f"student: {student_path}\nteacher: {teacher_path}\n{note}", flush=True)
     max_prompt = cfg.rollout.max_model_len - cfg.rollout.max_new_tokens
     f = cfg.format
@@ -199,6 +202,7 @@ def multirun_dir(node: DictConfig) -> None:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+@exit_on_user_error("opd-train")
 def _hydra_main(node: DictConfig) -> None:
     multirun_dir(node)
     cfg = to_dataclass(node)

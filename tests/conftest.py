@@ -94,6 +94,25 @@ def tiny_zoo_pad_eos(tiny_zoo, tmp_path_factory):
     return ZooPaths(**out)
 
 
+@pytest.fixture(scope="session")
+def pair_cfg(tmp_path_factory):
+    """The real pair's experiment (SmolLM2, conf/experiment/smollm2_cpu.yaml), its zoo in a
+    session temp dir, 16 new tokens."""
+    from opd.config import load_config
+
+    root = tmp_path_factory.mktemp("real")
+    return load_config(["experiment=smollm2_cpu", f"zoo_dir={root / 'zoo'}", f"run_dir={root / 'run'}",
+                        "optim.lr=1e-4", "rollout.max_new_tokens=16"])
+
+
+@pytest.fixture(scope="session")
+def pair(pair_cfg):
+    """The real pair, built once per session (~30 s)."""
+    from opd.zoo import ensure_zoo
+
+    return ensure_zoo(pair_cfg)
+
+
 class EnginePool:
     """vLLM engines shared by the whole session: starting one costs 10-30 s on two cores, and
     in-process runs (`resources.use_ray=false`) would otherwise start two per run.
@@ -131,11 +150,10 @@ class EnginePool:
         return self.engines[key]
 
     def close(self) -> None:
-        # stop each engine-core process now (else vLLM force-kills it at interpreter exit)
+        from opd.rollout import shutdown_engine
+
         for w in self.engines.values():
-            core = getattr(getattr(w.llm, "llm_engine", None), "engine_core", None)
-            if core is not None:
-                core.shutdown()
+            shutdown_engine(w.llm)
         self.engines.clear()
 
 

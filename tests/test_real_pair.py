@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from opd.batch import build_pairs, build_train_batch
-from opd.config import load_config
 from opd.learner import Learner
 from opd.rollout import RolloutWorker
 from opd.tasks import build_task, prompt_batch
@@ -21,20 +20,6 @@ from opd.teacher import TeacherScorer
 from opd.types import RolloutBatch, SamplingSettings
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def pair_cfg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real")
-    return load_config(["experiment=smollm2_cpu", f"zoo_dir={root / 'zoo'}", f"run_dir={root / 'run'}",
-                        "optim.lr=1e-4", "rollout.max_new_tokens=16"])
-
-
-@pytest.fixture(scope="module")
-def pair(pair_cfg):
-    from opd.zoo import ensure_zoo
-
-    return ensure_zoo(pair_cfg)
 
 
 @pytest.fixture(scope="module")

