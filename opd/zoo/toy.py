@@ -9,7 +9,9 @@ minutes, everything the default experiment and the tests need, in Hugging Face f
 - a teacher (Qwen2 architecture) trained by SFT until its held-out exact match reaches
   `teacher.zoo.stop_at_exact_match`;
 - a student (smaller Qwen2) trained by SFT only until it reaches a weak start
-  (`student.zoo.stop_at_exact_match`), so that distillation has a gap to close.
+  (`student.zoo.stop_at_exact_match`), so that distillation has a gap to close. For
+  `task=mixed` it is one student for all the mixed tasks (SFT on their interleaved prompts,
+  stopped at a weak start over them all), and each teacher is the one of its own task.
 
 Artefacts are keyed by a hash of everything that shapes them (format version, task,
 architecture, recipe, `zoo.seed`): reused when present, rebuilt when the config changes,
@@ -166,7 +168,8 @@ def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldo
 # ------------------------------------------------------------------ the zoo
 def _task_spec(task_cfg: TaskConfig) -> dict:
     keys = ("name", "seed", "train_size", "heldout_size", "max_digits", "min_chars", "max_chars")
-    return {k: getattr(task_cfg, k) for k in keys}
+    mixed = {"mix": list(task_cfg.mix)} if task_cfg.name == "mixed" else {}  # other tasks' keys stay as they were
+    return {**{k: getattr(task_cfg, k) for k in keys}, **mixed}
 
 
 def model_spec(role: str, task_cfg: TaskConfig, z: ZooModelConfig, tokenizer_dir: Path,
@@ -186,16 +189,14 @@ def ensure_model(role: str, zoo_dir: str | Path, task_cfg: TaskConfig, z: ZooMod
                  tokenizer_dir: Path, zoo_seed: int = 0) -> Path:
     """Path of the zoo model for (role, task, recipe, zoo seed); built (atomically and
     reproducibly) if missing. Its marker records the SFT result and a weights checksum."""
-    from opd.tasks import build_task
+    from opd.tasks import builtin_task
 
     spec = model_spec(role, task_cfg, z, tokenizer_dir, zoo_seed)
     final = Path(zoo_dir).expanduser() / f"{task_cfg.name}-{role}-{spec_hash(spec)}"
 
     def build(tmp: Path) -> None:
         tok = load_tokenizer(tokenizer_dir)
-        task = build_task(task_cfg.name, task_cfg.seed, task_cfg.train_size,
-                          task_cfg.heldout_size, task_cfg.max_digits, task_cfg.min_chars,
-                          task_cfg.max_chars)
+        task = builtin_task(dataclasses.replace(task_cfg, answer_extraction="exact"))
         seed = build_seed(z, zoo_seed)
         with reproducible(seed):
             model, stats = sft_train(tok, z, task.train(), task.heldout(), f"prepare {role}", seed)
