@@ -2,10 +2,10 @@
 well as it does alone, and worse from the other task's teacher?
 
     .venv/bin/python benchmarks/exp_two_teachers.py                 # the four runs below
-    .venv/bin/python benchmarks/exp_two_teachers.py --solo-steps 200 --eval-every 10
+    .venv/bin/python benchmarks/exp_two_teachers.py --solo-steps 200 --eval-every 20
 
-Every run starts from the same student, the toy zoo's student for `task=mixed` (addition and
-reversal; SFT on both, stopped at a weak start), with conf/train.yaml's recipe otherwise:
+Every run starts from the same student, experiment=toy_two_teachers' (the zoo's addition
+student: weak on addition, never trained on reversal), with conf/train.yaml's recipe otherwise:
 
 1. `solo-addition`: task=addition, taught by the addition teacher alone;
 2. `solo-reversal`: task=reversal, taught by the reversal teacher alone;
@@ -107,7 +107,7 @@ def zoo_markers(paths: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--solo-steps", type=int, default=200)
+    ap.add_argument("--solo-steps", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--zoo-dir", default=os.environ.get("OPD_ZOO_DIR", str(Path.home() / ".cache/opd")))
     ap.add_argument("--root", default="runs/exp_two_teachers")

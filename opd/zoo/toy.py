@@ -11,7 +11,8 @@ minutes, everything the default experiment and the tests need, in Hugging Face f
 - a student (smaller Qwen2) trained by SFT only until it reaches a weak start
   (`student.zoo.stop_at_exact_match`), so that distillation has a gap to close. For
   `task=mixed` it is one student for all the mixed tasks (SFT on their interleaved prompts,
-  stopped at a weak start over them all), and each teacher is the one of its own task.
+  stopped once every task has reached the weak start), and each teacher is the one of its
+  own task.
 
 Artefacts are keyed by a hash of everything that shapes them (format version, task,
 architecture, recipe, `zoo.seed`): reused when present, rebuilt when the config changes,
@@ -134,10 +135,11 @@ def build_seed(z: ZooModelConfig, zoo_seed: int) -> int:
     return z.seed + 7919 * zoo_seed
 
 
-def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldout: Sequence[Example],
+def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldout: Sequence[Sequence[Example]],
               log_prefix: str, seed: int) -> tuple[Any, dict]:
     """Build a Qwen2 model from `z` (a ZooModelConfig) and SFT it until the held-out exact
-    match reaches `z.stop_at_exact_match` or `z.sft_steps` run out. `seed` sets the
+    match of every task (`heldout`: each task's held-out prompts; one list for one task)
+    reaches `z.stop_at_exact_match`, or `z.sft_steps` run out. `seed` sets the
     initialisation (through the caller's `reproducible`) and the data order."""
     from transformers import Qwen2ForCausalLM
 
@@ -145,7 +147,7 @@ def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldo
     pairs = encode_sft(tokenizer, train)
     opt = torch.optim.AdamW(model.parameters(), lr=z.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    rng, t0, em, step = random.Random(seed), time.time(), 0.0, 0
+    rng, t0, each, step = random.Random(seed), time.time(), [0.0] * len(heldout), 0
     model.train()
     for step in range(1, z.sft_steps + 1):
         ids, attn, labels = sft_batch([pairs[rng.randrange(len(pairs))] for _ in range(z.batch_size)],
@@ -157,18 +159,21 @@ def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldo
         opt.step()
         sched.step()
         if step % z.eval_every == 0 or step == z.sft_steps:
-            em = greedy_exact_match(model, tokenizer, heldout)
+            each = [greedy_exact_match(model, tokenizer, part) for part in heldout]
             print(f"[{log_prefix}] step {step:5d}  loss {loss.item():.4f}  held-out exact match "
-                  f"{em:.3f}  ({time.time() - t0:.0f}s)", flush=True)
-            if em >= z.stop_at_exact_match:
+                  f"{' / '.join(f'{e:.3f}' for e in each)}  ({time.time() - t0:.0f}s)", flush=True)
+            if min(each) >= z.stop_at_exact_match:
                 break
-    return model, {"heldout_exact_match": em, "sft_steps": step, "seconds": time.time() - t0}
+    em = sum(e * len(part) for e, part in zip(each, heldout)) / max(1, sum(map(len, heldout)))
+    per_task = {"heldout_exact_match_per_task": each} if len(heldout) > 1 else {}
+    return model, {"heldout_exact_match": em, **per_task, "sft_steps": step, "seconds": time.time() - t0}
 
 
 # ------------------------------------------------------------------ the zoo
 def _task_spec(task_cfg: TaskConfig) -> dict:
     keys = ("name", "seed", "train_size", "heldout_size", "max_digits", "min_chars", "max_chars")
-    mixed = {"mix": list(task_cfg.mix)} if task_cfg.name == "mixed" else {}  # other tasks' keys stay as they were
+    # a mixed task's models stop SFT once every task reaches the mark; other tasks' keys stay as they were
+    mixed = {"mix": list(task_cfg.mix), "stop": "every task"} if task_cfg.name == "mixed" else {}
     return {**{k: getattr(task_cfg, k) for k in keys}, **mixed}
 
 
@@ -189,7 +194,7 @@ def ensure_model(role: str, zoo_dir: str | Path, task_cfg: TaskConfig, z: ZooMod
                  tokenizer_dir: Path, zoo_seed: int = 0) -> Path:
     """Path of the zoo model for (role, task, recipe, zoo seed); built (atomically and
     reproducibly) if missing. Its marker records the SFT result and a weights checksum."""
-    from opd.tasks import builtin_task
+    from opd.tasks import MixedTask, builtin_task
 
     spec = model_spec(role, task_cfg, z, tokenizer_dir, zoo_seed)
     final = Path(zoo_dir).expanduser() / f"{task_cfg.name}-{role}-{spec_hash(spec)}"
@@ -199,7 +204,8 @@ def ensure_model(role: str, zoo_dir: str | Path, task_cfg: TaskConfig, z: ZooMod
         task = builtin_task(dataclasses.replace(task_cfg, answer_extraction="exact"))
         seed = build_seed(z, zoo_seed)
         with reproducible(seed):
-            model, stats = sft_train(tok, z, task.train(), task.heldout(), f"prepare {role}", seed)
+            parts = [t.heldout() for t in task.parts] if isinstance(task, MixedTask) else [task.heldout()]
+            model, stats = sft_train(tok, z, task.train(), parts, f"prepare {role}", seed)
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
