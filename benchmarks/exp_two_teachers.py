@@ -25,7 +25,7 @@ within 2x its solo steps; run 4's reversal accuracy is clearly below run 3's.
 The JSON (benchmarks/results/exp_two_teachers-<name>.json) holds the command, the overrides,
 the environment (git commit), the zoo markers, every run's evaluation curve and summary, and
 the targets' verdicts; `--root` keeps the run directories, and a run whose summary.json is
-there is read instead of run again.
+there is read instead of run again. `--table` prints the markdown table of the JSON.
 """
 
 from __future__ import annotations
@@ -98,6 +98,26 @@ def verdicts(solo: dict, two: dict, one: dict, steps: int) -> dict:
     return out
 
 
+def markdown_table(result: dict) -> str:
+    """The README's and docs/results.md's table, from the JSON."""
+    def cell(v, fmt="{:.3f}"):
+        return "-" if v is None else fmt.format(v)
+
+    rows = ["| run | task | teacher of the task's prompts | teacher's accuracy | student before | after | "
+            "gap closed | steps to 90% of the gap | steps |", "|---|---|---|---|---|---|---|---|---|"]
+    kinds = (("solo", "solo-{}", "its own"), ("two_teachers", "two-teachers", "its own"),
+             ("one_teacher", "one-teacher", None))
+    for key, run, who in kinds:
+        for task in TASKS:
+            f = result[key][task]
+            teacher = who or ("addition" if task == "reversal" else "its own")
+            steps = result["solo_steps"] if key == "solo" else result["two_teacher_steps"]
+            rows.append(f"| {run.format(task)} | {task} | {teacher} | {cell(f['teacher'])} | {cell(f['before'])} | "
+                        f"{cell(f['after'])} | {cell(f['gap_closed'], '{:.0%}') if who else '-'} | "
+                        f"{cell(f['steps_to_90'], '{}') if who else '-'} | {steps} |")
+    return "\n".join(rows)
+
+
 def zoo_markers(paths: list[str]) -> dict:
     from opd.zoo import zoo_info
 
@@ -107,13 +127,18 @@ def zoo_markers(paths: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--solo-steps", type=int, default=150)
+    ap.add_argument("--solo-steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--zoo-dir", default=os.environ.get("OPD_ZOO_DIR", str(Path.home() / ".cache/opd")))
     ap.add_argument("--root", default="runs/exp_two_teachers")
     ap.add_argument("--name", default="toy")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the JSON, run nothing")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
     args = ap.parse_args()
+    out = Path(f"benchmarks/results/exp_two_teachers-{args.name}.json")
+    if args.table:
+        print(markdown_table(json.loads(out.read_text())))
+        return
     from opd.config import load_config
     from opd.run_io import environment
     from opd.zoo import resolve_model_paths, teacher_paths
@@ -122,7 +147,7 @@ def main() -> None:
     mixed = load_config(["experiment=toy_two_teachers", *base])
     student, teachers = resolve_model_paths(mixed)[0], teacher_paths(mixed)  # built here if missing
     common = [f"student.path={student}", *base]
-    root, out = Path(args.root), Path(f"benchmarks/results/exp_two_teachers-{args.name}.json")
+    root = Path(args.root)
     runs = {f"solo-{t}": train(root, f"solo-{t}", [f"task={t}", f"teacher.path={teachers[t]}",
                                                    f"steps={args.solo_steps}", *common]) for t in TASKS}
     solo = {t: task_figures(runs[f"solo-{t}"], "") for t in TASKS}

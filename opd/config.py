@@ -51,8 +51,6 @@ class ZooConfig:
                                   factory=list)  # smollm2 student: teacher layers kept
     keep_every: int = knob(3, ge(1))  # smollm2 student when keep_layers is empty: layers 0, k, 2k, ...
     seed: int = knob(0, ge(0))  # toy: moves every model's build seed (init, data order); 0 = the recipe's own
-    student_task: Optional[str] = knob(None, optional(one_of("addition", "reversal")))  # toy, task=mixed:
-    #   the student is this task's zoo student (it has seen no other task) | null: SFT on the mixed prompts
 
 
 @dataclass
@@ -69,7 +67,11 @@ class ZooModelConfig:
     lr: float = knob(MISSING, gt(0))
     eval_every: int = knob(MISSING, ge(1))  # SFT steps between held-out evaluations
     stop_at_exact_match: float = knob(MISSING, between(0, 1))  # stop SFT once held-out exact match reaches this
+    #                                                             (task=mixed: on every task)
     seed: int = knob(MISSING, ge(0))
+    task_weights: list[float] = knob(rule=Rule(lambda v: all(w > 0 for w in v), "must hold weights > 0"),
+                                     factory=list)  # task=mixed: each task's share of the SFT batches,
+    #                                                 in task.mix's order ([]: equal shares)
 
     def cross_checks(self, prefix: str = "") -> list[str]:
         """Attention heads that divide the hidden size, and KV heads that divide the heads."""
@@ -416,9 +418,6 @@ class TrainConfig:
         if ln.mode == "auto" and ln.remedies.topk_kl_coef > 0 and logprobs == "sampled":
             errs.append("length.remedies.topk_kl_coef > 0 (the top-k KL length remedy) needs "
                         "teacher.logprobs=topk or full, got sampled; or set length.remedies.topk_kl_coef=0")
-        if self.zoo.student_task and self.zoo.student_task not in self.task.tasks():
-            errs.append(f"zoo.student_task must be one of the tasks of task.name={self.task.name} "
-                        f"({self.task.tasks()}), got {self.zoo.student_task!r}")
         if es.enabled and es.after_steps >= self.steps:
             errs.append(f"early_stop.after_steps must be < steps ({self.steps}), got {es.after_steps}")
         if r.overlap and self.loss.on_policy_fraction < 1:

@@ -48,9 +48,7 @@ def ensure_zoo(cfg: TrainConfig) -> ZooPaths:
     tok_dir = ensure_tokenizer(cfg.zoo_dir)
     teacher = None if cfg.teachers else ensure_model("teacher", cfg.zoo_dir, cfg.task, cfg.teacher.zoo, tok_dir,
                                                      cfg.zoo.seed)
-    own = cfg.zoo.student_task  # a mixed task's student: one task's own, or SFT on them all
-    task = replace(cfg.task, name=own, mix=[]) if own and cfg.task.name == "mixed" else cfg.task
-    student = ensure_model("student", cfg.zoo_dir, task, cfg.student.zoo, tok_dir, cfg.zoo.seed)
+    student = ensure_model("student", cfg.zoo_dir, cfg.task, cfg.student.zoo, tok_dir, cfg.zoo.seed)
     return ZooPaths(tok_dir, teacher, student)
 
 

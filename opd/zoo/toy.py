@@ -148,10 +148,11 @@ def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldo
     opt = torch.optim.AdamW(model.parameters(), lr=z.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     rng, t0, each, step = random.Random(seed), time.time(), [0.0] * len(heldout), 0
+    draw = _weighted_draw(tokenizer, train, z.task_weights, rng) if z.task_weights else None
     model.train()
     for step in range(1, z.sft_steps + 1):
-        ids, attn, labels = sft_batch([pairs[rng.randrange(len(pairs))] for _ in range(z.batch_size)],
-                                      tokenizer.pad_token_id)
+        picked = [draw() if draw else pairs[rng.randrange(len(pairs))] for _ in range(z.batch_size)]
+        ids, attn, labels = sft_batch(picked, tokenizer.pad_token_id)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -169,6 +170,18 @@ def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldo
     return model, {"heldout_exact_match": em, **per_task, "sft_steps": step, "seconds": time.time() - t0}
 
 
+def _weighted_draw(tokenizer: Any, train: Sequence[Example], weights: Sequence[float], rng: random.Random):
+    """A function drawing one SFT pair: a task by `weights` (in the order the tasks' prompts
+    first appear), then one of its prompts."""
+    by_task: dict[str, list] = {}
+    for ex, pair in zip(train, encode_sft(tokenizer, train)):
+        by_task.setdefault(ex.source.split(":")[0], []).append(pair)
+    if len(weights) != len(by_task):
+        raise ValueError(f"zoo task_weights: {len(weights)} weights for {len(by_task)} tasks ({list(by_task)})")
+    parts = list(by_task.values())
+    return lambda: (lambda part: part[rng.randrange(len(part))])(rng.choices(parts, weights)[0])
+
+
 # ------------------------------------------------------------------ the zoo
 def _task_spec(task_cfg: TaskConfig) -> dict:
     keys = ("name", "seed", "train_size", "heldout_size", "max_digits", "min_chars", "max_chars")
@@ -179,8 +192,9 @@ def _task_spec(task_cfg: TaskConfig) -> dict:
 
 def model_spec(role: str, task_cfg: TaskConfig, z: ZooModelConfig, tokenizer_dir: Path,
                zoo_seed: int = 0) -> dict:
+    recipe = {k: v for k, v in dataclasses.asdict(z).items() if k != "task_weights" or v}  # [] keeps old keys
     return {"format": ZOO_FORMAT, "build": TOY_BUILD, "role": role, "task": _task_spec(task_cfg),
-            "zoo": dataclasses.asdict(z), "zoo_seed": zoo_seed, "tokenizer": tokenizer_dir.name}
+            "zoo": recipe, "zoo_seed": zoo_seed, "tokenizer": tokenizer_dir.name}
 
 
 def ensure_tokenizer(zoo_dir: str | Path) -> Path:
