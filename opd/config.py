@@ -418,6 +418,10 @@ class TrainConfig:
         if ln.mode == "auto" and ln.remedies.topk_kl_coef > 0 and logprobs == "sampled":
             errs.append("length.remedies.topk_kl_coef > 0 (the top-k KL length remedy) needs "
                         "teacher.logprobs=topk or full, got sampled; or set length.remedies.topk_kl_coef=0")
+        w = self.student.zoo.task_weights
+        if w and (self.task.name != "mixed" or len(w) != len(self.task.mix)):
+            errs.append(f"student.zoo.task_weights needs task=mixed and one weight per task of task.mix "
+                        f"({self.task.tasks()}), got {w}")
         if es.enabled and es.after_steps >= self.steps:
             errs.append(f"early_stop.after_steps must be < steps ({self.steps}), got {es.after_steps}")
         if r.overlap and self.loss.on_policy_fraction < 1:

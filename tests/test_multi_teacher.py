@@ -224,10 +224,12 @@ def test_without_teachers_task_routing_keys_are_refused():
         load_config(["task.default_teacher=math"])
 
 
-def test_a_mixed_tasks_student_is_one_of_its_tasks():
-    with pytest.raises(ConfigError, match=r"zoo.student_task must be one of the tasks of task.name=addition "
-                                          r"\(\['addition'\]\), got 'reversal'"):
-        load_config(["zoo.student_task=reversal"])
+def test_mixed_sft_weights_are_checked():
+    with pytest.raises(ConfigError, match=r"student.zoo.task_weights must hold weights > 0, got \[0.5, 0.0\]"):
+        load_config(["task=mixed", "student.zoo.task_weights=[0.5,0]"])
+    with pytest.raises(ConfigError, match=r"student.zoo.task_weights needs task=mixed and one weight per task "
+                                          r"of task.mix \(\['addition', 'reversal'\]\), got \[1.0\]"):
+        load_config(["task=mixed", "student.zoo.task_weights=[1]"])
 
 
 # ------------------------------------------------------------------ real toy teachers
