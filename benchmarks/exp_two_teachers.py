@@ -13,7 +13,8 @@ student: weak on addition, never trained on reversal), with conf/train.yaml's re
    its own teacher), for twice the steps the slower task needed alone;
 4. `one-teacher`: run 3 with the addition teacher's model in both places
    (`teachers.reversal.path` = the addition teacher): the reversal prompts are taught by the
-   addition teacher, and still reported apart (`eval/reversal/...`).
+   addition teacher, and still reported apart (`eval/reversal/...`); `--baseline-steps`
+   steps (default: as long as run 3), compared with run 3 at the same step.
 
 Each task's held-out greedy accuracy is read at every evaluation (metrics.jsonl; the mixed
 runs report it per teacher, `eval/<name>/accuracy/greedy`, on the same 200 prompts the solo
@@ -88,14 +89,25 @@ def verdicts(solo: dict, two: dict, one: dict, steps: int) -> dict:
         got = two[task]["steps_to_90"]
         out[f"{task}_closes_90pct_within_2x_solo_steps"] = {
             "solo_steps_to_90": need, "bound": bound, "two_teacher_steps_to_90": got,
+            "solo_gap_closed_at_end": solo[task]["gap_closed"],
             "two_teacher_gap_closed_at_end": two[task]["gap_closed"], "two_teacher_steps": steps,
-            "met": got is not None and bound is not None and got <= bound}
+            "met": got is not None and bound is not None and got <= bound,
+            # the same number of this task's prompts: solo step s against two-teacher step 2s
+            "gap_closed_solo_step_vs_two_teacher_2x_step": matched(solo[task]["gap_curve"], two[task]["gap_curve"])}
+    end = one["reversal"]["accuracy_curve"][-1][0]  # the baseline's last step, and run 3 at that step
+    own = dict(two["reversal"]["accuracy_curve"])[end]
     out["reversal_worse_from_the_addition_teacher"] = {
-        "two_teachers_reversal_accuracy": two["reversal"]["after"],
+        "step": end, "two_teachers_reversal_accuracy": own,
         "one_teacher_reversal_accuracy": one["reversal"]["after"],
-        "difference": two["reversal"]["after"] - one["reversal"]["after"],
-        "met": two["reversal"]["after"] - one["reversal"]["after"] >= 0.1}
+        "difference": own - one["reversal"]["after"], "met": own - one["reversal"]["after"] >= 0.1}
     return out
+
+
+def matched(solo: list, two: list) -> list[dict]:
+    """(s, solo gap closed at step s, two-teacher gap closed at step 2s) wherever both were evaluated."""
+    at = dict((step, g) for step, g in two)
+    return [{"solo_step": st, "solo": g, "two_teacher_step": 2 * st, "two_teacher": at[2 * st]}
+            for st, g in solo if 2 * st in at]
 
 
 def markdown_table(result: dict) -> str:
@@ -111,7 +123,7 @@ def markdown_table(result: dict) -> str:
         for task in TASKS:
             f = result[key][task]
             teacher = who or ("addition" if task == "reversal" else "its own")
-            steps = result["solo_steps"] if key == "solo" else result["two_teacher_steps"]
+            steps = result[{"solo": "solo_steps", "two_teachers": "two_teacher_steps"}.get(key, "one_teacher_steps")]
             rows.append(f"| {run.format(task)} | {task} | {teacher} | {cell(f['teacher'])} | {cell(f['before'])} | "
                         f"{cell(f['after'])} | {cell(f['gap_closed'], '{:.0%}') if who else '-'} | "
                         f"{cell(f['steps_to_90'], '{}') if who else '-'} | {steps} |")
@@ -129,6 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--solo-steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--baseline-steps", type=int, default=None, help="steps of run 4 (default: run 3's)")
     ap.add_argument("--zoo-dir", default=os.environ.get("OPD_ZOO_DIR", str(Path.home() / ".cache/opd")))
     ap.add_argument("--root", default="runs/exp_two_teachers")
     ap.add_argument("--name", default="toy")
@@ -154,12 +167,14 @@ def main() -> None:
     need = [solo[t]["steps_to_90"] or args.solo_steps for t in TASKS]
     steps = int(TARGET_STEPS_RATIO * max(need))
     runs["two-teachers"] = train(root, "two-teachers", ["experiment=toy_two_teachers", f"steps={steps}", *common])
-    runs["one-teacher"] = train(root, "one-teacher", ["experiment=toy_two_teachers", f"steps={steps}",
+    baseline = args.baseline_steps or steps
+    runs["one-teacher"] = train(root, "one-teacher", ["experiment=toy_two_teachers", f"steps={baseline}",
                                                       f"teachers.reversal.path={teachers['addition']}", *common])
     two = {t: task_figures(runs["two-teachers"], f"{t}/") for t in TASKS}
     one = {t: task_figures(runs["one-teacher"], f"{t}/") for t in TASKS}  # "teacher": the addition model's
     result = {"command": " ".join(sys.argv), "overrides": args.overrides, "solo_steps": args.solo_steps,
-              "eval_every": args.eval_every, "two_teacher_steps": steps, "environment": environment(),
+              "eval_every": args.eval_every, "two_teacher_steps": steps, "one_teacher_steps": baseline,
+              "environment": environment(),
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "student": student, "teachers": teachers,
               "zoo": zoo_markers([student, *teachers.values()]), "solo": solo, "two_teachers": two,
               "one_teacher": one, "targets": verdicts(solo, two, one, steps),
