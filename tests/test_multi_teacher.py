@@ -260,7 +260,7 @@ def test_real_toy_teachers_score_their_own_rows(tiny_overrides, tiny_zoo):
     from opd.teacher import TeacherScorer
     from opd.zoo import load_tokenizer
 
-    cfg = load_config(tiny_overrides + ["teacher.logprobs=sampled"])
+    cfg = load_config(tiny_overrides + ["teacher.logprobs=topk", "teacher.topk=4"])
     models = {"math": str(tiny_zoo.teacher), "words": str(tiny_zoo.student)}
     pools = {n: [_Local(TeacherScorer, f"teacher-{n}", (p, cfg.teacher, cfg.rollout, "cpu"))] for n, p in models.items()}
     tok = load_tokenizer(tiny_zoo.student)
