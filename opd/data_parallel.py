@@ -91,8 +91,9 @@ def _routed(pools: Pools, names: Sequence[str], split: Callable[[Sequence[Any], 
     """Calls for every teacher's group of rows (`split(replicas, rows)`: that group's calls and
     their merge), and the merge of all their answers back into row order (`join`)."""
     if not names:  # no names: the one teacher has every row
-        (only,) = pools.values()
-        return split(only, None)
+        if len(pools) != 1:
+            raise ValueError(f"rows that name no teacher, with several teachers ({sorted(pools)})")
+        return split(next(iter(pools.values())), None)
     groups = by_teacher(names)
     parts = [split(pools[name], rows) for name, rows in groups.items()]
     calls = [c for part_calls, _ in parts for c in part_calls]
@@ -115,7 +116,6 @@ def routed_generate_calls(pools: Pools, prompts: PromptBatch, sampling: Sampling
     """`generate` calls for prompts that each name a teacher (`prompts.teachers`; none: the one
     teacher), each teacher answering its own, and the merge into prompt order (n per prompt)."""
     split = lambda reps, rows: generate_calls(reps, prompts if rows is None else prompts.select(rows), sampling)  # noqa: E731
-
     return _routed(pools, prompts.teachers, split, lambda outs, groups: join_by_prompt(outs, groups, sampling.n))
 
 
