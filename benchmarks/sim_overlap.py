@@ -48,7 +48,7 @@ class SleepWorkers:
     def generate(self, prompts, sampling):
         return self.generate_async(prompts, sampling)()
 
-    def score(self, rollouts):
+    def score(self, rollouts, teachers=()):
         from opd.types import TeacherScores
 
         time.sleep(self.p["teacher"])

@@ -8,6 +8,8 @@ clear `ActorError` naming the actor and the call, never a silent hang (`ActorCal
 
 Rollout workers and the `resources.teacher_workers` teacher replicas are data parallel: a
 call's batch is shared among them and the answers joined in order (`opd.data_parallel`).
+With several teachers (`teachers`), each has its own `resources.teacher_workers` replicas
+and scores the rows that name it.
 One whose process dies is rebuilt here, up to `resources.max_actor_restarts` times each,
 and its share of the call is sent again (every verb but `train` is a pure function of its
 arguments and the weights); a rebuilt rollout worker first takes the learner's current
@@ -23,18 +25,19 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from opd import learner_group as group
+from opd.config import ONE_TEACHER
 from opd.console import filter_benign_vllm_warnings, redirect_output
-from opd.data_parallel import generate_calls, score_calls
+from opd.data_parallel import by_teacher, generate_calls, join_by_prompt, routed_generate_calls, routed_score_calls
 from opd.types import (ActorDied, ActorError, CheckpointState, LearnerDied, PromptBatch, RolloutBatch,
                        SamplingSettings, TeacherScores, TrainBatch, WeightUpdate)
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
     import numpy as np
 
-    from opd.config import ResourcesConfig, TrainConfig
+    from opd.config import ResourcesConfig, TeacherConfig, TrainConfig
 
 
 def start_ray(resources: Any, debug: bool = False) -> bool:
@@ -175,21 +178,23 @@ def teacher_class(served: bool) -> type:
     return TeacherScorer
 
 
-def check_resources(r: ResourcesConfig) -> None:
+def check_resources(r: ResourcesConfig, n_teachers: int = 1) -> None:
     """Refuse at start what the Ray cluster cannot hold: an actor that can never be scheduled
-    would otherwise only surface as a timeout much later."""
+    would otherwise only surface as a timeout much later. `n_teachers`: teachers, each with
+    resources.teacher_workers replicas."""
     import ray
 
-    have = ray.cluster_resources()
-    asks = {"CPU": (r.rollout_workers * r.rollout_num_cpus + r.teacher_workers * r.teacher_num_cpus
+    have, reps = ray.cluster_resources(), n_teachers * r.teacher_workers
+    asks = {"CPU": (r.rollout_workers * r.rollout_num_cpus + reps * r.teacher_num_cpus
                     + r.learner_workers * r.learner_num_cpus, "cpus"),
-            "GPU": (r.rollout_workers * r.rollout_num_gpus + r.teacher_workers * r.teacher_num_gpus
+            "GPU": (r.rollout_workers * r.rollout_num_gpus + reps * r.teacher_num_gpus
                     + r.learner_workers * r.learner_num_gpus, "gpus")}
+    teachers = f"{n_teachers} teachers x " if n_teachers > 1 else ""
     for kind, (need, unit) in asks.items():
         if need > have.get(kind, 0.0) + 1e-9:
             raise ValueError(
                 f"resources: the actors ask for {need:g} {kind} (resources.rollout_workers x "
-                f"resources.rollout_num_{unit} + resources.teacher_workers x resources.teacher_num_{unit} + "
+                f"resources.rollout_num_{unit} + {teachers}resources.teacher_workers x resources.teacher_num_{unit} + "
                 f"resources.learner_workers x "
                 f"resources.learner_num_{unit}) "
                 f"but the Ray cluster has {have.get(kind, 0.0):g}")
@@ -284,16 +289,18 @@ class Workers(ActorCalls):
 
     teacher_eval: Optional[tuple[RolloutBatch, RolloutBatch]]  # the teacher's greedy and sampled held-out completions
 
-    def __init__(self, cfg: TrainConfig, student_path: str, teacher_path: str,
+    def __init__(self, cfg: TrainConfig, student_path: str, teacher_path: str | Mapping[str, str],
                  teacher_eval_prompts: Optional[PromptBatch] = None, start_path: Optional[str] = None):
         """`student_path`: the weights to start from (a checkpoint when resuming);
+        `teacher_path`: the teacher's, or with `teachers` each one's by name;
         `start_path`: the run's original student (the learner's divergence anchor)."""
         from opd.learner import Learner
         from opd.rollout import RolloutWorker, cpu_engine_env
 
         cpu_engine_env()
         r, self.cfg = cfg.resources, cfg
-        self.student_path, self.teacher_path = student_path, teacher_path
+        self.student_path = student_path
+        self.teacher_paths = dict(teacher_path) if isinstance(teacher_path, Mapping) else {ONE_TEACHER: teacher_path}
         self.start_path = start_path or student_path
         self.use_ray, self.timeout, self.max_restarts = r.use_ray, r.remote_timeout_s, r.max_actor_restarts
         self.rollouts: list[_Actor] = []
@@ -303,11 +310,11 @@ class Workers(ActorCalls):
         self.log_dir = (str(Path(cfg.run_dir).resolve() / "logs")
                         if r.use_ray and cfg.log_level != "debug" else None)
         if r.use_ray:
-            check_resources(r)
+            check_resources(r, len(self.teacher_paths))
         # the teacher's held-out completions come first, while every CPU/GPU is still free (a
         # short-lived engine started later could wait forever for a slot); a served teacher's
         # come from the server, once the teacher pool is up
-        served = cfg.teacher.backend == "server"
+        served = any(t.backend == "server" for t in cfg.teacher_configs().values())
         self.teacher_eval = self._teacher_eval(teacher_eval_prompts) if teacher_eval_prompts and not served else None
         ncpu = str(os.cpu_count() or 1)
         plain = {"OMP_NUM_THREADS": ncpu, "TOKENIZERS_PARALLELISM": "false"}
@@ -318,11 +325,8 @@ class Workers(ActorCalls):
                   _rollout_env(int(ncpu)), self.start_path if adapter_rank else student_path, cfg.rollout, i,
                   cfg.student.trust_remote_code, adapter_rank, log_dir=self.log_dir)
             for i in range(r.rollout_workers)]
-        self.teachers = [  # one replica keeps the plain name
-            _make(teacher_class(served), "teacher" if r.teacher_workers == 1 else f"teacher-{i}", r.use_ray,
-                  r.teacher_num_cpus, r.teacher_num_gpus, _rollout_env(int(ncpu)), teacher_path, cfg.teacher,
-                  cfg.rollout, cfg.optim.device, log_dir=self.log_dir)
-            for i in range(r.teacher_workers)]
+        self.pools = {name: self._teacher_pool(name, t) for name, t in cfg.teacher_configs().items()}
+        self.teachers = [a for pool in self.pools.values() for a in pool]  # every teacher's replicas
         self.placement, opts = group.placement(cfg, r.startup_timeout_s) if r.use_ray else (None, None)
         N = r.learner_workers
         self.learners = [_make(Learner, name, r.use_ray, r.learner_num_cpus, r.learner_num_gpus, plain,
@@ -333,6 +337,16 @@ class Workers(ActorCalls):
         self._join_learners()
         if teacher_eval_prompts and served:
             self.teacher_eval = self._teacher_eval(teacher_eval_prompts)
+
+    def _teacher_pool(self, name: str, t: TeacherConfig) -> list[_Actor]:
+        """Teacher `name`'s resources.teacher_workers replicas; actors `teacher`, `teacher-<i>`
+        (the one teacher) or `teacher-<name>`, `teacher-<name>-<i>`."""
+        r, ncpu = self.cfg.resources, os.cpu_count() or 1
+        base = "teacher" if name == ONE_TEACHER and not self.cfg.teachers else f"teacher-{name}"
+        return [_make(teacher_class(t.backend == "server"), base if r.teacher_workers == 1 else f"{base}-{i}",
+                      r.use_ray, r.teacher_num_cpus, r.teacher_num_gpus, _rollout_env(ncpu), self.teacher_paths[name],
+                      t, self.cfg.rollout, self.cfg.optim.device, log_dir=self.log_dir)
+                for i in range(r.teacher_workers)]
 
     def _join_learners(self) -> None:
         """Form the learner ranks' process group (N > 1) and record where each one runs."""
@@ -394,14 +408,16 @@ class Workers(ActorCalls):
         refs = self._submit(calls)
         return lambda: merge(self._results(calls, refs))
 
-    def score(self, rollouts: RolloutBatch) -> TeacherScores:
-        """Share the rollouts over the teacher replicas by token count and join their scores."""
-        calls, merge = score_calls(self.teachers, rollouts)
+    def score(self, rollouts: RolloutBatch, teachers: Sequence[str] = ()) -> TeacherScores:
+        """Row n scored by teacher `teachers[n]` (none: the one teacher), each teacher's rows
+        shared over its replicas by token count; the scores joined in row order."""
+        calls, merge = routed_score_calls(self.pools, rollouts, teachers)
         return merge(self.gather(calls))
 
     def teacher_generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
-        """Split the prompts over the teacher replicas, as `generate` does, and join the results."""
-        calls, merge = generate_calls(self.teachers, prompts, sampling)
+        """Each prompt answered by the teacher it names, split over that teacher's replicas as
+        `generate` does; the results joined in prompt order."""
+        calls, merge = routed_generate_calls(self.pools, prompts, sampling)
         return merge(self.gather(calls))
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
@@ -448,20 +464,30 @@ class Workers(ActorCalls):
                                     batch.input_ids_BS.shape)
 
     def _teacher_eval(self, prompts: PromptBatch) -> tuple[RolloutBatch, RolloutBatch]:
-        """The teacher's greedy and sampled held-out completions, from a short-lived vLLM engine
-        (a served teacher: from the server, through the teacher pool)."""
+        """The teachers' greedy and sampled held-out completions, each prompt's from its own
+        teacher: from a short-lived vLLM engine per teacher, one at a time (with a served
+        teacher among them: every teacher's from the teacher pools)."""
         from opd.evaluation import eval_settings
+
+        n, teachers = self.cfg.rollout.eval_max_new_tokens, self.cfg.teacher_configs()
+        if any(t.backend == "server" for t in teachers.values()):
+            return tuple(self.teacher_generate(prompts, eval_settings(n, greedy)) for greedy in (True, False))
+        groups = by_teacher(prompts.teachers) or {ONE_TEACHER: list(range(len(prompts.prompt_ids)))}
+        outs = [self._engine_eval(name, prompts.select(rows), [eval_settings(n, g) for g in (True, False)])
+                for name, rows in groups.items()]
+        return tuple(join_by_prompt([o[k] for o in outs], list(groups.values()), 1) for k in (0, 1))
+
+    def _engine_eval(self, name: str, prompts: PromptBatch, settings: list[SamplingSettings]) -> list[RolloutBatch]:
+        """Teacher `name`'s completions of `prompts` under each of `settings`, from a short-lived engine."""
         from opd.rollout import RolloutWorker
 
-        r, n = self.cfg.resources, self.cfg.rollout.eval_max_new_tokens
-        if self.cfg.teacher.backend == "server":
-            return tuple(self.teacher_generate(prompts, eval_settings(n, greedy)) for greedy in (True, False))
-        engine = _make(RolloutWorker, "teacher-eval", self.use_ray, r.teacher_num_cpus, r.teacher_num_gpus,
-                       _rollout_env(os.cpu_count() or 1), self.teacher_path, self.cfg.rollout, 0,
-                       self.cfg.teacher.trust_remote_code, log_dir=self.log_dir)
+        r = self.cfg.resources
+        engine = _make(RolloutWorker, "teacher-eval" if name == ONE_TEACHER else f"teacher-eval-{name}",
+                       self.use_ray, r.teacher_num_cpus, r.teacher_num_gpus, _rollout_env(os.cpu_count() or 1),
+                       self.teacher_paths[name], self.cfg.rollout, 0,
+                       self.cfg.teacher_configs()[name].trust_remote_code, log_dir=self.log_dir)
         try:
-            return tuple(self.gather([(engine, "generate", (prompts, eval_settings(n, greedy))) for greedy in (True, False)],
-                                     r.startup_timeout_s))
+            return self.gather([(engine, "generate", (prompts, s)) for s in settings], r.startup_timeout_s)
         finally:
             engine.kill()
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
+from opd.data_parallel import by_teacher
 from opd.tasks import answer_correct
 from opd.types import PairBatch, PromptBatch, RolloutBatch, TeacherScores, TrainBatch
 
@@ -181,6 +182,19 @@ def teacher_kl_metrics(rollouts: RolloutBatch, scores: TeacherScores) -> dict[st
     return {"teacher/kl": float(flat.mean()),
             "teacher/logp_mean": float(np.mean([scores.logprobs_NT[n, :l].mean() for n, l in
                                                 enumerate(rollouts.lengths) if l] or [0.0]))}
+
+
+def per_teacher_metrics(rollouts: RolloutBatch, scores: TeacherScores, teachers: Sequence[str]) -> dict[str, float]:
+    """teacher/<name>/kl (as teacher/kl, over that teacher's rows), /rows and /tokens for each
+    teacher that scored some of the rollouts (row n: `teachers[n]`; none: {})."""
+    out = {}
+    for name, rows in by_teacher(teachers).items():
+        lps = [(n, np.asarray(rollouts.sampler_logprobs[n], np.float64)) for n in rows]
+        diff = sum(float((lp - scores.logprobs_NT[n, : len(lp)]).sum()) for n, lp in lps)
+        tokens = sum(len(lp) for _, lp in lps)
+        out.update({f"teacher/{name}/kl": diff / tokens if tokens else 0.0,
+                    f"teacher/{name}/rows": float(len(rows)), f"teacher/{name}/tokens": float(tokens)})
+    return out
 
 
 def select_pairs(rollouts: RolloutBatch, scores: TeacherScores, prompts: PromptBatch, G: int,

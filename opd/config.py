@@ -12,6 +12,9 @@ dataclass's `cross_checks`). A bad value is refused with the key's full name and
 range, e.g. `rollout.temperature must be > 0, got -1`. Inner code receives these dataclasses
 (plain values), never an OmegaConf node.
 
+Several teachers: `teachers` maps a name to a teacher config of the `teacher` schema; each
+prompt names its teacher (opd/tasks.py). With `teachers` empty, `teacher` is the one teacher.
+
 Compose a config in Python (tests, notebooks) with `load_config(["loss=smpo", ...])`.
 """
 
@@ -68,7 +71,11 @@ class ZooModelConfig:
     lr: float = knob(MISSING, gt(0))
     eval_every: int = knob(MISSING, ge(1))  # SFT steps between held-out evaluations
     stop_at_exact_match: float = knob(MISSING, between(0, 1))  # stop SFT once held-out exact match reaches this
+    #                                                             (task=mixed: on every task)
     seed: int = knob(MISSING, ge(0))
+    task_weights: list[float] = knob(rule=Rule(lambda v: all(w > 0 for w in v), "must hold weights > 0"),
+                                     factory=list)  # task=mixed: each task's share of the SFT batches,
+    #                                                 in task.mix's order ([]: equal shares)
 
     def cross_checks(self, prefix: str = "") -> list[str]:
         """Attention heads that divide the hidden size, and KV heads that divide the heads."""
@@ -164,6 +171,21 @@ class TeacherConfig(ModelConfig):
             errs.append(f"{prefix}temperature must be 1.0 with {prefix}backend={self.backend} "
                         f"(prompt_logprobs ignore temperature), got {self.temperature}")
         return errs
+
+
+ONE_TEACHER = "teacher"  # the name of the `teacher` block when `teachers` is empty
+TEACHER_NAME = re.compile(r"[A-Za-z0-9_]+")  # a teacher's name: part of metric keys and actor names
+
+
+def teacher_agreement(teachers: dict[str, TeacherConfig]) -> list[str]:
+    """Teachers whose scores could not join in one batch: another kind of log-probs, another
+    k or another temperature than the first teacher's (the loss reads one kind of score)."""
+    (first, a), errs = next(iter(teachers.items())), []
+    for name, t in teachers.items():
+        keys = ["logprobs", "temperature"] + (["topk"] if a.logprobs == TeacherLogprobs.TOPK else [])
+        errs += [f"teachers.{name}.{k} must equal teachers.{first}.{k} ({getattr(a, k)}): every teacher's "
+                 f"scores join in one batch, got {getattr(t, k)}" for k in keys if getattr(t, k) != getattr(a, k)]
+    return errs
 
 
 @dataclass
@@ -348,7 +370,9 @@ class CheckConfig:
 class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the one teacher (`teachers` empty)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)  # several teachers, by name; each
+    #   prompt names one (task.default_teacher, task.teacher_by_task, a prompt file's `teacher`)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -372,26 +396,59 @@ class TrainConfig:
     loggers: list[str] = knob(rule=subset("tensorboard", "wandb"), factory=list)  # extra metric sinks
     #                                                           (metrics.jsonl is always written)
 
+    def teacher_configs(self) -> dict[str, TeacherConfig]:
+        """The teachers by name: `teachers`, or the one `teacher` (named ONE_TEACHER)."""
+        return dict(self.teachers) or {ONE_TEACHER: self.teacher}
+
+    def teacher_key(self, name: str) -> str:
+        """The config key of teacher `name`: `teachers.<name>`, or `teacher`."""
+        return f"teachers.{name}" if self.teachers else "teacher"
+
+    def routing_checks(self) -> list[str]:
+        """Teacher names that exist, scores that join, and a teacher for every built-in prompt."""
+        t, names = self.task, sorted(self.teachers)
+        errs = [f"teachers.{n}: a teacher's name must hold only letters, digits and _" for n in names
+                if not TEACHER_NAME.fullmatch(n)]
+        if not names:
+            return [f"task.{k} needs `teachers` (several teachers by name), got {v}; with the one `teacher` "
+                    f"set it to null / {{}}" for k, v in (("default_teacher", t.default_teacher),
+                                                          ("teacher_by_task", t.teacher_by_task)) if v]
+        errs += teacher_agreement(self.teachers)
+        named = [("task.default_teacher", t.default_teacher)] + [
+            (f"task.teacher_by_task.{k}", v) for k, v in t.teacher_by_task.items()]
+        errs += [f"{key} must be one of teachers {names}, got {v!r}" for key, v in named
+                 if v is not None and v not in self.teachers]
+        if t.default_teacher is None and (lost := [k for k in t.tasks() if k not in t.teacher_by_task]):
+            errs.append(f"task.teacher_by_task names no teacher for {lost} and task.default_teacher is null: "
+                        f"their prompts would have no teacher")
+        return errs
+
     def cross_checks(self, prefix: str = "") -> list[str]:
         """The rules that relate two sections; each message names both keys."""
         r, ln, es = self.rollout, self.length, self.early_stop
-        errs = []
+        errs = self.routing_checks()
+        logprobs = next(iter(self.teacher_configs().values())).logprobs  # every teacher's (routing_checks)
         buffer = ln.penalties.overlong_buffer
         if buffer is not None and buffer > r.max_new_tokens:
             errs.append(f"length.penalties.overlong_buffer must be <= rollout.max_new_tokens "
                         f"({r.max_new_tokens}), got {buffer}")
-        if ln.mode == "auto" and ln.remedies.topk_kl_coef > 0 and self.teacher.logprobs == "sampled":
+        if ln.mode == "auto" and ln.remedies.topk_kl_coef > 0 and logprobs == "sampled":
             errs.append("length.remedies.topk_kl_coef > 0 (the top-k KL length remedy) needs "
                         "teacher.logprobs=topk or full, got sampled; or set length.remedies.topk_kl_coef=0")
+        w = self.student.zoo.task_weights
+        if w and (self.task.name != "mixed" or len(w) != len(self.task.mix)):
+            errs.append(f"student.zoo.task_weights needs task=mixed and one weight per task of task.mix "
+                        f"({self.task.tasks()}), got {w}")
         if es.enabled and es.after_steps >= self.steps:
             errs.append(f"early_stop.after_steps must be < steps ({self.steps}), got {es.after_steps}")
         if r.overlap and self.loss.on_policy_fraction < 1:
             errs.append(f"rollout.overlap needs loss.on_policy_fraction=1 (every step from student "
                         f"rollouts), got {self.loss.on_policy_fraction}; or set rollout.overlap=false")
         rs = self.resources
-        if self.teacher.backend == "server" and rs.teacher_num_gpus > 0:
-            errs.append(f"teacher.backend=server runs no model in this run (the server holds it): "
-                        f"resources.teacher_num_gpus must be 0, got {rs.teacher_num_gpus:g}")
+        served = [n for n, t in self.teacher_configs().items() if t.backend == "server"]
+        if served and rs.teacher_num_gpus > 0:
+            errs.append(f"{self.teacher_key(served[0])}.backend=server runs no model in this run (the server "
+                        f"holds it): resources.teacher_num_gpus must be 0, got {rs.teacher_num_gpus:g}")
         if rs.learner_workers > 1 and not rs.use_ray:
             errs.append(f"resources.learner_workers > 1 (a sharded learner, got {rs.learner_workers}) needs "
                         f"resources.use_ray=true: its ranks are processes")

@@ -8,7 +8,8 @@ A field says what it accepts where it is declared::
 :func:`problems` walks a tree of such dataclasses and returns one message per value outside
 its rule, naming the field by its dotted path and saying what is allowed
 (``rollout.temperature must be > 0, got -1.0``), and one per attribute that is not a field
-(Hydra lets ``+rollout.tempreture=0.5`` into a structured config). Rules that relate fields
+(Hydra lets ``+rollout.tempreture=0.5`` into a structured config); a field that maps names to
+dataclasses (``teachers.<name>``) is walked like a nested one. Rules that relate fields
 of one dataclass are its ``cross_checks(prefix)`` method, run once every field passes.
 
 Standard library only, so that every module can declare its fields with it.
@@ -96,11 +97,15 @@ def require(obj: Any) -> None:
 
 
 def _children(obj: Any):
-    """(name, value) of the fields of `obj` that are dataclasses themselves."""
+    """(name, value) of the fields of `obj` that are dataclasses themselves, and of the
+    dataclasses in a field that maps names to them (`teachers.<name>`)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             yield f.name, value
+        elif isinstance(value, dict):
+            yield from ((f"{f.name}.{k}", v) for k, v in value.items()
+                        if dataclasses.is_dataclass(v) and not isinstance(v, type))
 
 
 def _field_problems(obj: Any, prefix: str) -> list[str]:

@@ -7,11 +7,14 @@ objects in this process.
 - `score` (the teacher pool): rollouts go in shares of about equal token count (prompt +
   completion, what a teacher's forward pass costs), longest rollout first onto the least
   loaded share; each share keeps the batch's row order.
+- several teachers (`routed_score_calls`, `routed_generate_calls`): the rows are first grouped
+  by the teacher each names, each group shared among that teacher's own replicas as above,
+  and every answer put back in the batch's order. All the groups' calls go out together.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -70,3 +73,54 @@ def merge_scores(outs: list[TeacherScores], shares: list[list[int]]) -> TeacherS
     if len(outs) == 1 and (order == np.arange(len(order))).all():
         return outs[0]
     return TeacherScores.concat(*outs).select(order)
+
+
+Pools = Mapping[str, Sequence[Any]]  # each teacher's replicas, by name
+
+
+def by_teacher(names: Sequence[str]) -> dict[str, list[int]]:
+    """The row indices of each teacher, in row order (teachers in order of first appearance)."""
+    groups: dict[str, list[int]] = {}
+    for n, name in enumerate(names):
+        groups.setdefault(name, []).append(n)
+    return groups
+
+
+def _routed(pools: Pools, names: Sequence[str], split: Callable[[Sequence[Any], list[int]], tuple[Calls, Callable]],
+            join: Callable[[list, list[list[int]]], Any]) -> tuple[Calls, Callable[[list], Any]]:
+    """Calls for every teacher's group of rows (`split(replicas, rows)`: that group's calls and
+    their merge), and the merge of all their answers back into row order (`join`)."""
+    if not names:  # no names: the one teacher has every row
+        if len(pools) != 1:
+            raise ValueError(f"rows that name no teacher, with several teachers ({sorted(pools)})")
+        return split(next(iter(pools.values())), None)
+    groups = by_teacher(names)
+    parts = [split(pools[name], rows) for name, rows in groups.items()]
+    calls = [c for part_calls, _ in parts for c in part_calls]
+
+    def merge(outs: list) -> Any:
+        cuts = np.cumsum([0] + [len(c) for c, _ in parts])
+        return join([m(outs[a:b]) for (_, m), a, b in zip(parts, cuts[:-1], cuts[1:])], list(groups.values()))
+
+    return calls, merge
+
+
+def routed_score_calls(pools: Pools, rollouts: RolloutBatch, names: Sequence[str]) -> tuple[Calls, Callable]:
+    """`score` calls for rollouts whose row n is scored by teacher `names[n]` (on its replicas,
+    by token count), and the merge of the answers into the batch's row order."""
+    split = lambda reps, rows: score_calls(reps, rollouts if rows is None else rollouts.select(rows))  # noqa: E731
+    return _routed(pools, names, split, merge_scores)
+
+
+def routed_generate_calls(pools: Pools, prompts: PromptBatch, sampling: SamplingSettings) -> tuple[Calls, Callable]:
+    """`generate` calls for prompts that each name a teacher (`prompts.teachers`; none: the one
+    teacher), each teacher answering its own, and the merge into prompt order (n per prompt)."""
+    split = lambda reps, rows: generate_calls(reps, prompts if rows is None else prompts.select(rows), sampling)  # noqa: E731
+    return _routed(pools, prompts.teachers, split, lambda outs, groups: join_by_prompt(outs, groups, sampling.n))
+
+
+def join_by_prompt(outs: list[RolloutBatch], groups: list[list[int]], G: int) -> RolloutBatch:
+    """Undo a split of prompts into `groups` (outs[i]: G completions of each prompt of
+    groups[i], in that order): the completions in prompt order."""
+    at = np.argsort(np.array([p for g in groups for p in g], np.int64), kind="stable")  # prompt -> place
+    return RolloutBatch.concat(*outs).select([int(j) * G + g for j in at for g in range(G)])

@@ -23,16 +23,18 @@ from opd.errors import ConfigError, exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     from opd.actors import Workers
     from opd.config import load_config
-    from opd.evaluation import Evaluator, table
+    from opd.evaluation import Evaluator, table, teacher_tables
     from opd.prompt_files import load_splits
     from opd.tasks import prompt_batch
-    from opd.zoo import load_tokenizer, resolve_model_paths
+    from opd.zoo import load_tokenizer, resolve_model_paths, teacher_paths
 
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     cfg = replace(cfg, resources=replace(cfg.resources, use_ray=False, rollout_workers=1))
-    student, teacher = resolve_model_paths(cfg)
+    student, paths = resolve_model_paths(cfg)[0], teacher_paths(cfg)
+    teacher = paths if cfg.teachers else next(iter(paths.values()))
     tok = load_tokenizer(student, cfg.student.trust_remote_code)
-    _, heldout = load_splits(cfg.task, tok, cfg.rollout.max_model_len - cfg.rollout.max_new_tokens)
+    _, heldout = load_splits(cfg.task, tok, cfg.rollout.max_model_len - cfg.rollout.max_new_tokens,
+                             teachers=list(cfg.teachers))
     if not heldout:
         raise ConfigError("no held-out prompts with answers (task.heldout_file) to evaluate on")
     prompts = prompt_batch(tok, heldout)
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         workers.shutdown()
     print(f"student {student}\nteacher {teacher}\n" + table(views))
+    if cfg.teachers:
+        print(teacher_tables(views, list(cfg.teachers)))
     print(json.dumps(views))
 
 

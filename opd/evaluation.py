@@ -17,17 +17,21 @@ every evaluation reports, on the held-out prompts:
 few held-out prompts, under the rollouts' cap, as length statistics.
 
 The teacher gets the same view (its own greedy and sampled completions) once, at start.
+With several teachers every view is also given per teacher, over the prompts that name it
+(keys `<name>/kl`, `<name>/accuracy/greedy`, ...): the teacher's own view on its prompts,
+and the student's against that teacher.
 Pure functions over typed batches: no Ray, no I/O.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Collection, Optional
+from typing import TYPE_CHECKING, Callable, Collection, Optional, Sequence
 
 import numpy as np
 
 from opd.batch import build_train_batch, teacher_kl_metrics
+from opd.data_parallel import by_teacher
 from opd.length import LengthStats, StatsConfig, rollout_stats
 from opd.tasks import answer_correct
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
@@ -91,6 +95,12 @@ def student_view(prompts: PromptBatch, sampled: RolloutBatch, greedy: RolloutBat
             **model_view(prompts, sampled, greedy, eos_ids, max_new_tokens, stats_cfg)}
 
 
+def per_teacher(teachers: Sequence[str], view: Callable[[list[int]], dict[str, float]]) -> dict[str, float]:
+    """`view(rows)` of each teacher's prompts (prompt p: `teachers[p]`), its keys prefixed
+    `<name>/` ({} for the one teacher)."""
+    return {f"{name}/{k}": v for name, rows in by_teacher(teachers).items() for k, v in view(rows).items()}
+
+
 def mean_nll(logprobs_BS: np.ndarray, mask_BS: np.ndarray) -> float:
     """Per-token NLL: -sum(log p * mask) / sum(mask) (nan for an empty mask)."""
     n = float(mask_BS.sum())
@@ -115,9 +125,14 @@ class Evaluator:
         greedy = self.workers.generate(self.heldout, eval_settings(self.n, greedy=True))
         batch = build_train_batch(self.workers.teacher_eval[0], None, self.pad, self.eos, on_policy=False,
                                   temperature=1.0)
-        nll = mean_nll(self.workers.student_logprobs(batch), batch.loss_mask_BS)
-        return {**student_view(self.heldout, sampled, greedy, self.workers.score(sampled), nll, self.eos_ids,
-                               self.n, self.stats_cfg), **self._configured()}
+        logprobs, mask, h = self.workers.student_logprobs(batch), batch.loss_mask_BS, self.heldout
+        scores = self.workers.score(sampled, h.teachers)
+
+        def view(rows: list[int]) -> dict[str, float]:  # one row per held-out prompt throughout
+            return student_view(h.select(rows), sampled.select(rows), greedy.select(rows), scores.select(rows),
+                                mean_nll(logprobs[rows], mask[rows]), self.eos_ids, self.n, self.stats_cfg)
+
+        return {**view(list(range(len(h.prompt_ids)))), **self._configured(), **per_teacher(h.teachers, view)}
 
     def probe(self, n_prompts: int, max_new_tokens: int) -> LengthStats:
         """Length statistics of the student's greedy completions of the first `n_prompts`
@@ -140,11 +155,15 @@ class Evaluator:
         NLL of its own greedy answers is the floor of the student's."""
         if self.heldout is None:
             return {}
-        greedy, sampled = self.workers.teacher_eval
-        own = self.workers.score(greedy)
-        nll = float(-np.mean(np.concatenate([own.logprobs_NT[i, :l] for i, l in enumerate(greedy.lengths)])))
-        return {"nll_teacher_greedy": nll,
-                **model_view(self.heldout, sampled, greedy, self.eos_ids, self.n, self.stats_cfg)}
+        (greedy, sampled), h = self.workers.teacher_eval, self.heldout
+        own = self.workers.score(greedy, h.teachers)
+
+        def view(rows: list[int]) -> dict[str, float]:
+            nll = float(-np.mean(np.concatenate([own.logprobs_NT[i, :greedy.lengths[i]] for i in rows])))
+            return {"nll_teacher_greedy": nll, **model_view(h.select(rows), sampled.select(rows),
+                                                            greedy.select(rows), self.eos_ids, self.n, self.stats_cfg)}
+
+        return {**view(list(range(len(h.prompt_ids)))), **per_teacher(h.teachers, view)}
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -195,6 +214,15 @@ def table(evals: dict[str, dict[str, float]]) -> str:
             cells += [_cell(a.get(key)), "-" if g is None else f"{g:.0%}"]
         lines.append(f"  {label:42s}" + "".join(f" {c:>10s}" for c in cells))
     return "\n".join(lines)
+
+
+def teacher_tables(evals: dict[str, dict[str, float]], teachers: Sequence[str]) -> str:
+    """`table` for each teacher's prompts (their `<name>/` keys), one after the other."""
+    def mine(view: dict[str, float], name: str) -> dict[str, float]:
+        return {k[len(name) + 1:]: v for k, v in view.items() if k.startswith(f"{name}/")}
+
+    return "\n".join(f"teacher {name}'s prompts:\n" + table({k: mine(v, name) for k, v in evals.items()})
+                     for name in teachers)
 
 
 def flatten(prefix: str, values: dict[str, float]) -> dict[str, float]:

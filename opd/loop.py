@@ -3,7 +3,7 @@
     for each step:
         prompts   <- the task's train prompts
         rollouts  <- the student samples G completions per prompt (vLLM rollout workers)
-        scores    <- the teacher's log-probs of those exact tokens
+        scores    <- the teacher's log-probs of those exact tokens (each prompt's own teacher)
         plan      <- the length monitor's statistics, events and penalties
         batch     <- rollouts + scores + penalties (+ SMPO pairs)
         metrics   <- one learner step (distillation + SMPO + SFT)
@@ -96,7 +96,7 @@ class Distillation:
         """The student's rollouts, scored by the teacher and observed by the length monitor,
         as a batch shaped by the monitor's plan."""
         rollouts = self.student_rollouts(prompts, step)
-        scores = self.workers.score(rollouts)
+        scores = self.workers.score(rollouts, prompts.rollout_teachers(self.cfg.rollout.samples_per_prompt))
         stats, events, plan = self.monitor.observe(rollouts.completion_ids, rollouts.finish_reasons, step)
         observed = {**stats.as_metrics(), **plan.as_metrics(), **self.monitor.metrics()}
         batch, metrics = self.batches.on_policy(prompts, rollouts, scores, stats, plan, step)

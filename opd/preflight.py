@@ -23,9 +23,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name", as the hub s
 
 
 def check_start(cfg: TrainConfig) -> None:
-    served = cfg.teacher.backend == "server"  # teacher.path names the served model, not a local one
-    errs = [e for e in (_model_problem("student.path", cfg.student.path),
-                        None if served else _model_problem("teacher.path", cfg.teacher.path)) if e]
+    # a served teacher's path names the served model, not a local one
+    keys = [("student.path", cfg.student.path)] + [(f"{cfg.teacher_key(n)}.path", t.path) for n, t in
+                                                   cfg.teacher_configs().items() if t.backend != "server"]
+    errs = [e for e in (_model_problem(key, path) for key, path in keys) if e]
     errs += _prompt_file_problems(cfg.task)
     if cfg.resume and cfg.resume != "auto" and (why := checkpoint_problem(Path(cfg.resume))):
         errs.append(f"resume={cfg.resume}: {why}")

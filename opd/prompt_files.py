@@ -9,6 +9,11 @@ tokens is a bad line. Format checks (`opd/formatting.py`, config group `format`)
 cut off mid-markup or carrying chat-template leftovers; `format.on_prompt_file` warns about
 them (file and line), skips them (counted with the other skipped lines) or refuses the file.
 
+With several teachers, a line may name the one that scores it (`"teacher": "math"`); a line
+that names none gets `task.default_teacher`. A name that is not in `teachers` (or a line
+with none, and no default) stops the run with the file and line, whatever `on_bad_line`
+says: the file and the config disagree, the line itself is fine (`TeacherRoute`).
+
 `load_splits` gives the (train, held-out) examples of a `task` config: a built-in task's
 streams, or the prompt files.
 """
@@ -18,11 +23,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from opd.errors import UserError
 from opd.formatting import ACTIONS, check_example
-from opd.tasks import ON_BAD_LINE, Example, TaskConfig, build_task, check_extraction, encode_prompt
+from opd.tasks import ON_BAD_LINE, Example, TaskConfig, builtin_task, check_extraction, encode_prompt
 
 
 class DataError(UserError, ValueError):
@@ -62,6 +67,40 @@ class FormatRule:
                              raw_prompt=ex.messages is None)
 
 
+@dataclass(frozen=True)
+class TeacherRoute:
+    """Which teachers a prompt may name (`teachers`' names; empty: the one teacher, unnamed)
+    and the one it gets when it names none (`task.default_teacher`)."""
+
+    names: tuple[str, ...] = ()
+    default: Optional[str] = None
+
+    def teacher(self, named: Optional[str]) -> str | None:
+        """The teacher of a prompt that names `named` (None: no name); ValueError if there is none."""
+        if not self.names:
+            if named is not None:
+                raise ValueError(f"names teacher {named!r}, but the config has no `teachers` (one teacher, "
+                                 f"unnamed): add teachers.{named}, or drop the field")
+            return None
+        if named is None and self.default is None:
+            raise ValueError(f"names no teacher and task.default_teacher is null; name one of {list(self.names)}")
+        name = self.default if named is None else named
+        if name not in self.names:
+            raise ValueError(f"names teacher {name!r}, which is not one of the configured teachers "
+                             f"{list(self.names)}")
+        return name
+
+    def route(self, examples: Sequence[Example], where: Callable[[Example], str]) -> list[Example]:
+        """Each example with its teacher; DataError naming `where(example)` (file:line) otherwise."""
+        out = []
+        for ex in examples:
+            try:
+                out.append(replace(ex, teacher=self.teacher(ex.teacher)))
+            except ValueError as e:
+                raise DataError(f"{where(ex)}: {e}") from None
+        return out
+
+
 def _parse_line(raw: str, default_extract: str = "exact") -> Example | str:
     """Parse one JSONL line; returns an Example (source unset) or the reason it is bad."""
     try:
@@ -73,6 +112,9 @@ def _parse_line(raw: str, default_extract: str = "exact") -> Example | str:
     answer = obj.get("answer")
     if answer is not None and not isinstance(answer, str):
         return f"field 'answer' must be a string, got {type(answer).__name__}"
+    teacher = obj.get("teacher")
+    if teacher is not None and not (isinstance(teacher, str) and teacher):
+        return f"field 'teacher' must be a teacher's name (a non-empty string), got {teacher!r}"
     extract = obj.get("extract", default_extract)
     try:
         check_extraction(extract if isinstance(extract, str) else repr(extract))
@@ -90,13 +132,15 @@ def _parse_line(raw: str, default_extract: str = "exact") -> Example | str:
             turns.append((m["role"], m["content"]))
         if not any(c.strip() for _, c in turns):
             return "empty prompt: every message content is blank"
-        return Example(messages=tuple(turns), text=None, answer=answer, source="", extract=extract)
+        return Example(messages=tuple(turns), text=None, answer=answer, source="", extract=extract,
+                       teacher=teacher)
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str):
             return f"field 'prompt' must be a string, got {type(obj['prompt']).__name__}"
         if not obj["prompt"].strip():
             return "empty prompt"
-        return Example(messages=None, text=obj["prompt"], answer=answer, source="", extract=extract)
+        return Example(messages=None, text=obj["prompt"], answer=answer, source="", extract=extract,
+                       teacher=teacher)
     return "missing field: a line needs 'prompt' (string) or 'messages' (chat list)"
 
 
@@ -105,10 +149,11 @@ def load_prompt_file(path: str | Path, on_bad_line: str = "error",
                      max_prompt_tokens: Optional[int] = None,
                      require_answer: bool = False,
                      extract: str = "exact",
-                     fmt: Optional[FormatRule] = None) -> tuple[list[Example], LoadReport]:
+                     fmt: Optional[FormatRule] = None,
+                     route: TeacherRoute = TeacherRoute()) -> tuple[list[Example], LoadReport]:
     """Read a JSONL prompt file. `count_tokens` + `max_prompt_tokens` reject prompts that
     cannot fit the engine (`max_model_len - max_new_tokens`) instead of truncating them;
-    `fmt` runs the format checks on each line."""
+    `fmt` runs the format checks on each line; `route` gives each line its teacher."""
     if on_bad_line not in ON_BAD_LINE:
         raise ValueError(f"task.on_bad_line must be one of {list(ON_BAD_LINE)}, got {on_bad_line!r}")
     if fmt is not None and fmt.action not in ACTIONS:
@@ -129,7 +174,7 @@ def load_prompt_file(path: str | Path, on_bad_line: str = "error",
                     raise DataError(f"{path}:{lineno}: {why}")
                 report.skipped.append((lineno, why))
             elif fmt is None or _passes_format(fmt, ex, path, lineno, report):
-                out.append(replace(ex, source=f"{path.name}:{lineno}"))
+                out += route.route([replace(ex, source=f"{path.name}:{lineno}")], lambda _: f"{path}:{lineno}")
     report.loaded = len(out)
     if not out:
         raise DataError(f"{path}: no usable prompt ({len(report.skipped)} lines skipped)")
@@ -168,23 +213,24 @@ def _passes_format(fmt: FormatRule, ex: Example, path: Path, lineno: int, report
 
 
 def load_splits(task_cfg: TaskConfig, tokenizer: Any = None, max_prompt_tokens: Optional[int] = None,
-                fmt: Optional[FormatRule] = None) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples for a TaskConfig; `fmt`: format checks on prompt files."""
+                fmt: Optional[FormatRule] = None,
+                teachers: Sequence[str] = ()) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples for a TaskConfig, each naming its teacher (one of
+    `teachers`; none when that is empty); `fmt`: format checks on prompt files."""
+    route = TeacherRoute(tuple(teachers), task_cfg.default_teacher if teachers else None)
     if task_cfg.name != "file":
-        t = build_task(task_cfg.name, task_cfg.seed, task_cfg.train_size, task_cfg.heldout_size,
-                       task_cfg.max_digits, task_cfg.min_chars, task_cfg.max_chars,
-                       task_cfg.answer_extraction)
-        return t.train(), t.heldout()
+        t, where = builtin_task(task_cfg), lambda ex: f"task {ex.source} (task.teacher_by_task)"
+        return route.route(t.train(), where), route.route(t.heldout(), where)
     count = (lambda ex: len(encode_prompt(tokenizer, ex))) if tokenizer is not None else None
     train, rep = load_prompt_file(task_cfg.train_file, task_cfg.on_bad_line, count, max_prompt_tokens,
-                                  extract=task_cfg.answer_extraction, fmt=fmt)
+                                  extract=task_cfg.answer_extraction, fmt=fmt, route=route)
     if rep.skipped or rep.warned:
         print(rep.summary(), flush=True)
     held: list[Example] = []
     if task_cfg.heldout_file:
         held, rep = load_prompt_file(task_cfg.heldout_file, task_cfg.on_bad_line, count,
                                      max_prompt_tokens, require_answer=True,
-                                     extract=task_cfg.answer_extraction, fmt=fmt)
+                                     extract=task_cfg.answer_extraction, fmt=fmt, route=route)
         if rep.skipped or rep.warned:
             print(rep.summary(), flush=True)
     return train[: task_cfg.train_size], held[: task_cfg.heldout_size]

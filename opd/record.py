@@ -17,6 +17,7 @@ from opd.batch import effective_weights
 from opd.console import Console
 from opd.evaluation import flatten
 from opd.evaluation import table as eval_table
+from opd.evaluation import teacher_tables
 from opd.report import STEP_PHASES
 from opd.run_io import RunDir, read_metrics
 from opd.sweep import best_finished_run, early_stop_decision
@@ -75,6 +76,8 @@ class RunRecord:
         self.console = Console(self.cfg.steps, self.cfg.log_every, start_step=start_step)
         if heldout:
             self.console.note("held-out before training:\n" + eval_table(self.summary.eval))
+            if self.cfg.teachers:
+                self.console.note(teacher_tables(self.summary.eval, list(self.cfg.teachers)))
 
     def log_step(self, step: int, result: StepResult, timer: PhaseTimer, events: list[dict]) -> None:
         """The step's metrics line (with its gradient share and phase times) and console line;
@@ -103,8 +106,9 @@ class RunRecord:
     def log_eval(self, step: int, view: dict[str, float]) -> None:
         """A held-out view of the student during training."""
         self.run_dir.log(StepMetrics(step, flatten("eval/", view)))
+        each = "".join(f"; {n} {view.get(f'{n}/accuracy/greedy', math.nan):.3f}" for n in self.cfg.teachers)
         self.console.note(f"step {step}: held-out KL {view.get('kl', math.nan):.3f}, accuracy (greedy) "
-                          f"{view.get('accuracy/greedy', math.nan):.3f}")
+                          f"{view.get('accuracy/greedy', math.nan):.3f}{each}")
 
     def early_stop(self, step: int) -> bool:
         """The early-stop rule (`early_stop.*`, opd/sweep.py) at step `after_steps`: its

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from opd import length
-from opd.batch import RowWeights, answer_rollouts, build_train_batch, select_pairs, teacher_kl_metrics, with_extra_rows
+from opd.batch import (RowWeights, answer_rollouts, build_train_batch, per_teacher_metrics, select_pairs,
+                       teacher_kl_metrics, with_extra_rows)
 from opd.formatting import RolloutFormat, check_rollouts
 from opd.tasks import answer_correct, encode_answer
 from opd.types import LoopWorkers, PromptBatch, RolloutBatch, SamplingSettings, TeacherScores, TrainBatch
@@ -101,11 +102,13 @@ class StepBatches:
 
     def rollout_metrics(self, prompts: PromptBatch, rollouts: RolloutBatch, scores: TeacherScores,
                         step: int) -> dict[str, float]:
-        """The rollouts against the teacher and the prompts' answers, their tokens and age."""
+        """The rollouts against the teacher (and each teacher, with several) and the prompts'
+        answers, their tokens and age."""
         G, n_tok = self.cfg.rollout.samples_per_prompt, sum(rollouts.lengths)
         hits = [answer_correct(t, prompts.answers[n // G], prompts.extraction(n // G))
                 for n, t in enumerate(rollouts.texts)]
         return {**teacher_kl_metrics(rollouts, scores), "rollout/train_accuracy": float(np.mean(hits)),
+                **per_teacher_metrics(rollouts, scores, prompts.rollout_teachers(G)),
                 "rollout/tokens": float(n_tok), "rollout/tokens_per_s": n_tok / max(1e-9, rollouts.seconds),
                 "rollout/weight_version": float(rollouts.weight_version), "rollout/on_policy": 1.0,
                 # step - 1: the newest weights a rollout of this step can come from

@@ -4,7 +4,9 @@ Built-in synthetic tasks with verifiable answers, deterministic from a seed:
 - `addition`: "37+58" -> "95" (operands of up to `max_digits` digits), for the toy zoo;
 - `reversal`: "abcde" -> "edcba" (lowercase strings of `min_chars`..`max_chars`), toy zoo;
 - `arith_chat`: "What is 22 - 11? Reply with the number only." -> "11", a chat question
-  that a small real instruct model (SmolLM2-135M-Instruct) can attempt.
+  that a small real instruct model (SmolLM2-135M-Instruct) can attempt;
+- `mixed`: the built-in tasks of `task.mix` at once, their prompts interleaved (each gives
+  `train_size` train and `heldout_size` held-out prompts, the same ones it gives alone).
 Held-out prompts are drawn first and excluded from the train stream, so accuracy on
 them measures generalisation, not memorisation.
 
@@ -15,6 +17,11 @@ normalised), `last_number` (the last number in the text, compared as a number), 
 rarely the bare string.
 
 Users' JSONL prompt files (`task=file`) are read by `opd/prompt_files.py`.
+
+With several teachers (the config's `teachers`), each prompt names the one that scores it
+(`Example.teacher`): a prompt file's `teacher` field, or for built-in tasks
+`task.teacher_by_task` (a mixed task's addition prompts to one teacher, its reversal prompts
+to another); `task.default_teacher` where a prompt names none.
 
 The config's `task` section (TaskConfig, nested by opd/config.py) is defined here, next to
 the tasks and choices its fields allow.
@@ -30,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import MISSING
 
-from opd.constraints import Rule, between, ge, knob, one_of
+from opd.constraints import Rule, between, ge, knob, one_of, subset
 from opd.errors import ConfigError
 
 
@@ -43,14 +50,16 @@ class Example:
     answer: Optional[str]  # reference answer (None: unchecked)
     source: str  # where it came from: "addition:heldout:3" or "data.jsonl:12"
     extract: str = "exact"  # how the answer is extracted from a completion (see module doc)
+    teacher: Optional[str] = None  # the teacher that scores it (a name in `teachers`); None: the one teacher
 
     def chat(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in (self.messages or ())]
 
 
-def user_example(content: str, answer: Optional[str], source: str, extract: str = "exact") -> Example:
+def user_example(content: str, answer: Optional[str], source: str, extract: str = "exact",
+                 teacher: Optional[str] = None) -> Example:
     return Example(messages=(("user", content),), text=None, answer=answer, source=source,
-                   extract=extract)
+                   extract=extract, teacher=teacher)
 
 
 def normalize_answer(s: str) -> str:
@@ -148,6 +157,8 @@ class SyntheticTask:
     extract: str = "exact"
     _heldout: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
+    teacher: Optional[str] = None  # the teacher its prompts name (task.teacher_by_task)
+
     def heldout(self) -> list[Example]:
         if not self._heldout:
             rng, seen, held = random.Random(f"{self.seed}:heldout"), set(), []
@@ -162,7 +173,7 @@ class SyntheticTask:
                 raise ConfigError(f"task.heldout_size={self.heldout_size}: only {len(held)} "
                                  f"distinct {self.name} questions found")
             self._heldout = held
-        return [user_example(q, a, f"{self.name}:heldout:{i}", self.extract) for i, (q, a) in
+        return [user_example(q, a, f"{self.name}:heldout:{i}", self.extract, self.teacher) for i, (q, a) in
                 enumerate(self._heldout)]
 
     def train(self) -> list[Example]:
@@ -172,14 +183,44 @@ class SyntheticTask:
             tries += 1
             q, a = self.make(rng)
             if q not in held:
-                out.append(user_example(q, a, f"{self.name}:train:{len(out)}", self.extract))
+                out.append(user_example(q, a, f"{self.name}:train:{len(out)}", self.extract, self.teacher))
         if len(out) < self.train_size:
             raise ConfigError(f"task.train_size={self.train_size}: only {len(out)} train prompts "
                              f"in {tries} draws (are all {self.name} questions held out?)")
         return out
 
 
+@dataclass
+class MixedTask:
+    """Several synthetic tasks at once: their train and held-out prompts, interleaved
+    (a1, r1, a2, r2, ...), so that any prefix of either split holds every task."""
+
+    parts: list[SyntheticTask]
+
+    def train(self) -> list[Example]:
+        return _interleave([t.train() for t in self.parts])
+
+    def heldout(self) -> list[Example]:
+        return _interleave([t.heldout() for t in self.parts])
+
+
+def _interleave(lists: list[list[Example]]) -> list[Example]:
+    return [ex for row in zip(*lists) for ex in row] + [ex for xs in lists for ex in xs[min(map(len, lists)):]]
+
+
 BUILTIN_TASKS = ("addition", "reversal", "arith_chat")
+
+
+def builtin_task(task_cfg: "TaskConfig") -> SyntheticTask | MixedTask:
+    """The built-in task of a `task` config (task.mix for `mixed`), each part's prompts naming
+    the teacher `task.teacher_by_task` gives it."""
+    def one(name: str) -> SyntheticTask:
+        t = build_task(name, task_cfg.seed, task_cfg.train_size, task_cfg.heldout_size, task_cfg.max_digits,
+                       task_cfg.min_chars, task_cfg.max_chars, task_cfg.answer_extraction)
+        t.teacher = task_cfg.teacher_by_task.get(name)
+        return t
+
+    return MixedTask([one(n) for n in task_cfg.mix]) if task_cfg.name == "mixed" else one(task_cfg.name)
 
 
 def build_task(name: str, seed: int, train_size: int, heldout_size: int, max_digits: int = 2,
@@ -216,8 +257,11 @@ def prompt_batch(tokenizer: Any, examples: Sequence[Example]):
     """The typed PromptBatch of some examples (chat template applied)."""
     from opd.types import PromptBatch
 
+    named = [e.teacher for e in examples if e.teacher is not None]
+    if named and len(named) < len(examples):  # load_splits names a teacher for every prompt or none
+        raise ValueError("a prompt batch mixes prompts that name a teacher and prompts that do not")
     return PromptBatch([encode_prompt(tokenizer, e) for e in examples], [e.answer for e in examples],
-                       [e.source for e in examples], [e.extract for e in examples])
+                       [e.source for e in examples], [e.extract for e in examples], named)
 
 
 def encode_answer(tokenizer: Any, answer: str) -> list[int]:
@@ -229,7 +273,8 @@ def encode_answer(tokenizer: Any, answer: str) -> list[int]:
 class TaskConfig:
     """The `task` section of the config (values in conf/task/)."""
 
-    name: str = knob(MISSING, one_of(*BUILTIN_TASKS, "file"))  # a built-in task | "file" (prompt files)
+    name: str = knob(MISSING, one_of(*BUILTIN_TASKS, "mixed", "file"))  # a built-in task | "mixed"
+    #                                                    (the tasks of task.mix) | "file" (prompt files)
     seed: int = knob(MISSING, ge(0))  # seed of the train/held-out prompt streams
     train_size: int = knob(MISSING, ge(1))  # number of train prompts (built-in tasks)
     heldout_size: int = knob(MISSING, ge(1))  # number of held-out prompts used for exact match
@@ -242,10 +287,25 @@ class TaskConfig:
     #                                                         "skip": skip and count
     answer_extraction: str = knob("exact", Rule(check_extraction, "must be 'exact', 'last_number' or "
                                                 "'regex:<pattern>' (a valid regex)"))  # how answers are read
+    mix: list[str] = knob(rule=subset(*BUILTIN_TASKS), factory=list)  # task=mixed: the built-in tasks mixed
+    default_teacher: Optional[str] = None  # the teacher of a prompt that names none (a name in `teachers`)
+    teacher_by_task: dict[str, str] = field(default_factory=dict)  # built-in tasks: the teacher of
+    #                                   each task's prompts, e.g. {addition: math, reversal: strings}
+
+    def tasks(self) -> list[str]:
+        """The built-in tasks whose prompts this task holds ([] for task=file)."""
+        return list(self.mix) if self.name == "mixed" else [] if self.name == "file" else [self.name]
 
     def cross_checks(self, prefix: str = "") -> list[str]:
-        """The string lengths' order, and a prompt file for task=file."""
+        """The string lengths' order, a prompt file for task=file, two tasks for task=mixed,
+        and a teacher rule only for tasks it holds."""
         errs = []
+        if self.name == "mixed" and len(set(self.mix)) < 2:
+            errs.append(f"{prefix}mix must list at least two different built-in tasks when {prefix}name "
+                        f"is 'mixed', got {self.mix}")
+        if stray := sorted(set(self.teacher_by_task) - set(self.tasks())):
+            errs.append(f"{prefix}teacher_by_task names tasks that {prefix}name={self.name} does not hold: "
+                        f"{stray} (it holds {self.tasks()})")
         if self.min_chars > self.max_chars:
             errs.append(f"{prefix}min_chars must be <= {prefix}max_chars ({self.max_chars}), got {self.min_chars}")
         if self.name == "file" and not self.train_file:

@@ -12,7 +12,7 @@ Backends:
 Temperature: the teacher's log-probs are log_softmax(logits / teacher.temperature). vLLM's
 `prompt_logprobs` ignore sampling temperature, so the vllm and server backends accept only 1.0.
 
-At start, `check_tokenizers` compares the teacher's and the student's tokenizers
+At start, `check_tokenizers` compares each teacher's tokenizer with the student's
 (vocabulary, special tokens, chat template) and refuses a mismatch with the reason; models
 whose embedding tables differ only by padding rows past the tokenizer's vocabulary are
 accepted, and logits are cut to the shared vocabulary.
@@ -93,10 +93,16 @@ def check_pair(student_path: str, teacher_path: str, student_trust: bool = False
     from opd.zoo import load_tokenizer
 
     tok = load_tokenizer(student_path, student_trust)
-    note = check_tokenizers(tok, load_tokenizer(teacher_path, teacher_trust),
-                            embedding_rows(student_path, student_trust),
-                            embedding_rows(teacher_path, teacher_trust))
-    return tok, note
+    return tok, check_model_pair(tok, student_path, teacher_path, student_trust, teacher_trust)
+
+
+def check_model_pair(student_tok: Any, student_path: str, teacher_path: str, student_trust: bool = False,
+                     teacher_trust: bool = False) -> str:
+    """`check_pair` with the student's tokenizer already loaded (one per teacher); the note."""
+    from opd.zoo import load_tokenizer
+
+    return check_tokenizers(student_tok, load_tokenizer(teacher_path, teacher_trust),
+                            embedding_rows(student_path, student_trust), embedding_rows(teacher_path, teacher_trust))
 
 
 def put_prompt_logprobs(out: TeacherScores, n: int, completion: Sequence[int],

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig
 
-from opd.config import CONF_DIR, register_configs, to_dataclass
+from opd.config import CONF_DIR, ONE_TEACHER, register_configs, to_dataclass
 from opd.errors import exit_on_user_error
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
@@ -40,40 +40,49 @@ def prepare_run(cfg: TrainConfig):
     from opd.preflight import check_start
     from opd.run_io import RunDir, resolve_resume
     from opd.prompt_files import FormatRule, load_splits
-    from opd.zoo import resolve_model_paths
+    from opd.zoo import load_tokenizer, resolve_model_paths, teacher_paths
 
     check_start(cfg)
     run = RunDir(cfg.run_dir, cfg.loggers, config=as_dict(cfg))
-    student_path, teacher_path = resolve_model_paths(cfg)
-    if why := check_targets(student_path, cfg.student):
-        raise ConfigError(f"cannot start:\n  {why}")
-    check_at_start(cfg, student_path, teacher_path)  # opd-check's cheap rows (check.enabled)
+    student_path, paths = resolve_model_paths(cfg)[0], teacher_paths(cfg)
     resume = resolve_resume(cfg.resume, run)
     if resume is not None:
         student_path = str(resume)  # the checkpoint is a Hugging Face model dir
-    tok, teacher_path, note = _check_teacher(cfg, student_path, teacher_path)
-    print(f"student: {student_path}\nteacher: {teacher_path}\n{note}", flush=True)
+    tok = load_tokenizer(student_path, cfg.student.trust_remote_code)
+    checked = {name: _check_teacher(cfg, name, tok, student_path, path) for name, path in paths.items()}
+    if why := check_targets(student_path, cfg.student):
+        raise ConfigError(f"cannot start:\n  {why}")
+    for path in paths.values():  # opd-check's cheap rows against each teacher (check.enabled)
+        check_at_start(cfg, student_path, path)
+    print(f"student: {student_path}", flush=True)
+    for name, (path, note) in checked.items():
+        print(f"{cfg.teacher_key(name)}: {path}\n{note}", flush=True)
     max_prompt = cfg.rollout.max_model_len - cfg.rollout.max_new_tokens
     f = cfg.format
     rule = FormatRule(tuple(f.checks), f.on_prompt_file, tuple(f.extra_tokens))
-    train, heldout = load_splits(cfg.task, tok, max_prompt, rule)
+    train, heldout = load_splits(cfg.task, tok, max_prompt, rule, teachers=list(cfg.teachers))
+    teacher_path = {n: p for n, (p, _) in checked.items()} if cfg.teachers else checked[ONE_TEACHER][0]
     return run, student_path, teacher_path, resume, tok, train, heldout
 
 
-def _check_teacher(cfg: TrainConfig, student_path: str, teacher_path: Any) -> tuple[Any, str, str]:
-    """The student's tokenizer, checked against the teacher's (a served teacher's through its
-    server); returns it, the teacher's path (the served model's name) and a one-line note."""
-    if cfg.teacher.backend != "server":
-        from opd.teacher import check_pair
+def _check_teacher(cfg: TrainConfig, name: str, tok: Any, student_path: str, teacher_path: Any) -> tuple[str, str]:
+    """Teacher `name`'s tokenizer checked against the student's `tok` (a served teacher's
+    through its server); a mismatch is refused naming the teacher's key. Returns the teacher's
+    path (a served model's name) and a one-line note."""
+    from opd.teacher import TokenizerMismatch
 
-        tok, note = check_pair(student_path, teacher_path, cfg.student.trust_remote_code,
-                               cfg.teacher.trust_remote_code)
-        return tok, teacher_path, note
-    from opd.teacher_server import check_server
-    from opd.zoo import load_tokenizer
+    t = cfg.teacher_configs()[name]
+    try:
+        if t.backend != "server":
+            from opd.teacher import check_model_pair
 
-    tok = load_tokenizer(student_path, cfg.student.trust_remote_code)
-    return (tok, *check_server(cfg.teacher, cfg.rollout, tok))
+            return teacher_path, check_model_pair(tok, student_path, teacher_path, cfg.student.trust_remote_code,
+                                                  t.trust_remote_code)
+        from opd.teacher_server import check_server
+
+        return check_server(t, cfg.rollout, tok)
+    except TokenizerMismatch as e:
+        raise TokenizerMismatch(f"{cfg.teacher_key(name)} ({teacher_path}): {e}") from None
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -107,8 +116,8 @@ def run_training(cfg: TrainConfig) -> dict:
         loop = Distillation(cfg, workers, tok, train, heldout, run)
         summary = loop.run(state).as_dict()
         summary.update(total_seconds=time.time() - t0, run_dir=str(run.path.resolve()), steps=cfg.steps,
-                       environment=environment(), student_path=student_path,
-                       teacher_path=teacher_path, learner_ranks=workers.learner_ranks, **params)
+                       environment=environment(), student_path=student_path, teacher_path=teacher_path,
+                       teachers=list(cfg.teachers), learner_ranks=workers.learner_ranks, **params)
         run.write_json("summary.json", summary)
         _write_report(run.path)
         return summary
@@ -174,11 +183,13 @@ def _write_report(run_dir: Any) -> None:
 
 
 def print_table(s: dict) -> None:
-    from opd.evaluation import table
+    from opd.evaluation import table, teacher_tables
 
     if s.get("eval", {}).get("before"):
         print("\nheld-out, teacher vs student before and after training")
         print(table(s["eval"]))
+        if s.get("teachers"):
+            print(teacher_tables(s["eval"], s["teachers"]))
     else:
         print("\nno held-out prompts: nothing was evaluated (task.heldout_file)")
     if s.get("starved_steps"):

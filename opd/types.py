@@ -71,6 +71,8 @@ class PromptBatch:
     answers: list[Optional[str]]  # [P] reference answers (None when unchecked)
     sources: list[str]  # [P] "addition:train:17" or "data.jsonl:12"
     extract: list[str] = field(default_factory=list)  # [P] answer extraction ("exact" if empty)
+    teachers: list[str] = field(default_factory=list)  # [P] the teacher of each prompt, a name in
+    #                                                    `teachers` (empty: the one teacher)
 
     def extraction(self, p: int) -> str:
         return self.extract[p] if self.extract else "exact"
@@ -78,7 +80,16 @@ class PromptBatch:
     def rows(self, index: slice) -> "PromptBatch":
         """The prompts at `index` (a slice), e.g. one rollout worker's share."""
         return PromptBatch(self.prompt_ids[index], self.answers[index], self.sources[index],
-                           self.extract[index])
+                           self.extract[index], self.teachers[index])
+
+    def select(self, idx: Sequence[int]) -> "PromptBatch":
+        """The prompts at `idx`, in that order (e.g. one teacher's)."""
+        return PromptBatch(*(_take(getattr(self, f.name), idx) if getattr(self, f.name) else []
+                             for f in fields(self)))
+
+    def rollout_teachers(self, G: int) -> list[str]:
+        """The teacher of each of G rollouts per prompt (rollout n answers prompt n // G)."""
+        return [t for t in self.teachers for _ in range(G)]
 
 
 @dataclass(frozen=True)
@@ -401,11 +412,13 @@ class LoopWorkers(Protocol):
     def generate_async(self, prompts: PromptBatch, sampling: SamplingSettings) -> Callable[[], RolloutBatch]:
         """Start `generate` from the current weights; calling the result waits for the rollouts."""
 
-    def score(self, rollouts: RolloutBatch) -> TeacherScores:
-        """The teacher's log-probs of the rollouts' exact tokens."""
+    def score(self, rollouts: RolloutBatch, teachers: Sequence[str] = ()) -> TeacherScores:
+        """The teacher's log-probs of the rollouts' exact tokens; row n by teacher `teachers[n]`
+        (empty: the one teacher)."""
 
     def teacher_generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
-        """The teacher's own completions of `prompts` (weight_version -1)."""
+        """The teacher's own completions of `prompts` (weight_version -1), each prompt's from
+        the teacher it names (`prompts.teachers`)."""
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         """One learner step on `batch`; its metrics."""

@@ -50,7 +50,7 @@ class FakeWorkers:
         out = self.generate(prompts, sampling)  # generated now, from the current weights
         return lambda: out
 
-    def score(self, rollouts):
+    def score(self, rollouts, teachers=()):
         T = max(rollouts.lengths)
         return TeacherScores(np.full((len(rollouts.lengths), T), -2.0, np.float32), 1.0, seconds=0.01)
 

@@ -33,7 +33,7 @@ BUILD_THREADS = 2  # torch threads of every build: part of what makes a build re
 @dataclass(frozen=True)
 class ZooPaths:
     tokenizer: Path
-    teacher: Path
+    teacher: Optional[Path]  # None with several teachers (`teachers`): each is built by name
     student: Path
 
 

@@ -17,6 +17,9 @@ minutes, everything the default experiment and the tests need, in Hugging Face f
   the 2-layer, 128-wide student, one learned addition to 0.94 with 600 more SFT steps on the
   ground truth and another stayed near 0.76 after 1,500, and distillation inherits that
   ceiling (docs/results.md §0); the layer-dropped copy learns it from every build.
+  For `task=mixed` (with `zoo.student_init=scratch`) it is one student for all the mixed
+  tasks (SFT on their interleaved prompts, stopped once every task has reached the weak
+  start), and each teacher is the one of its own task.
 
 Artefacts are keyed by a hash of everything that shapes them (format version, task,
 architecture, recipe, `zoo.seed`): reused when present, rebuilt when the config changes,
@@ -140,11 +143,12 @@ def build_seed(z: ZooModelConfig, zoo_seed: int) -> int:
     return z.seed + 7919 * zoo_seed
 
 
-def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldout: Sequence[Example],
+def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldout: Sequence[Sequence[Example]],
               log_prefix: str, seed: int, model: Any = None) -> tuple[Any, dict]:
     """SFT `model` (default: a new Qwen2 model of `z`'s architecture) with `z`'s recipe until
-    the held-out exact match reaches `z.stop_at_exact_match` or `z.sft_steps` run out. `seed`
-    sets a new model's initialisation (through the caller's `reproducible`) and the data order."""
+    the held-out exact match of every task (`heldout`: each task's held-out prompts; one list
+    for one task) reaches `z.stop_at_exact_match`, or `z.sft_steps` run out. `seed` sets a new
+    model's initialisation (through the caller's `reproducible`) and the data order."""
     from transformers import Qwen2ForCausalLM
 
     if model is None:
@@ -152,11 +156,12 @@ def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldo
     pairs = encode_sft(tokenizer, train)
     opt = torch.optim.AdamW(model.parameters(), lr=z.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    rng, t0, em, step = random.Random(seed), time.time(), 0.0, 0
+    rng, t0, each, step = random.Random(seed), time.time(), [0.0] * len(heldout), 0
+    draw = _weighted_draw(tokenizer, train, z.task_weights, rng) if z.task_weights else None
     model.train()
     for step in range(1, z.sft_steps + 1):
-        ids, attn, labels = sft_batch([pairs[rng.randrange(len(pairs))] for _ in range(z.batch_size)],
-                                      tokenizer.pad_token_id)
+        picked = [draw() if draw else pairs[rng.randrange(len(pairs))] for _ in range(z.batch_size)]
+        ids, attn, labels = sft_batch(picked, tokenizer.pad_token_id)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,18 +169,34 @@ def sft_train(tokenizer: Any, z: ZooModelConfig, train: Sequence[Example], heldo
         opt.step()
         sched.step()
         if step % z.eval_every == 0 or step == z.sft_steps:
-            em = greedy_exact_match(model, tokenizer, heldout)
+            each = [greedy_exact_match(model, tokenizer, part) for part in heldout]
             print(f"[{log_prefix}] step {step:5d}  loss {loss.item():.4f}  held-out exact match "
-                  f"{em:.3f}  ({time.time() - t0:.0f}s)", flush=True)
-            if em >= z.stop_at_exact_match:
+                  f"{' / '.join(f'{e:.3f}' for e in each)}  ({time.time() - t0:.0f}s)", flush=True)
+            if min(each) >= z.stop_at_exact_match:
                 break
-    return model, {"heldout_exact_match": em, "sft_steps": step, "seconds": time.time() - t0}
+    em = sum(e * len(part) for e, part in zip(each, heldout)) / max(1, sum(map(len, heldout)))
+    per_task = {"heldout_exact_match_per_task": each} if len(heldout) > 1 else {}
+    return model, {"heldout_exact_match": em, **per_task, "sft_steps": step, "seconds": time.time() - t0}
+
+
+def _weighted_draw(tokenizer: Any, train: Sequence[Example], weights: Sequence[float], rng: random.Random):
+    """A function drawing one SFT pair: a task by `weights` (in the order the tasks' prompts
+    first appear), then one of its prompts."""
+    by_task: dict[str, list] = {}
+    for ex, pair in zip(train, encode_sft(tokenizer, train)):
+        by_task.setdefault(ex.source.split(":")[0], []).append(pair)
+    if len(weights) != len(by_task):
+        raise ValueError(f"zoo task_weights: {len(weights)} weights for {len(by_task)} tasks ({list(by_task)})")
+    parts = list(by_task.values())
+    return lambda: (lambda part: part[rng.randrange(len(part))])(rng.choices(parts, weights)[0])
 
 
 # ------------------------------------------------------------------ the zoo
 def _task_spec(task_cfg: TaskConfig) -> dict:
     keys = ("name", "seed", "train_size", "heldout_size", "max_digits", "min_chars", "max_chars")
-    return {k: getattr(task_cfg, k) for k in keys}
+    # a mixed task's models stop SFT once every task reaches the mark; other tasks' keys stay as they were
+    mixed = {"mix": list(task_cfg.mix), "stop": "every task"} if task_cfg.name == "mixed" else {}
+    return {**{k: getattr(task_cfg, k) for k in keys}, **mixed}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +218,9 @@ class LayerDrop:
 
 def model_spec(role: str, task_cfg: TaskConfig, z: ZooModelConfig, tokenizer_dir: Path,
                zoo_seed: int = 0, init: Optional[LayerDrop] = None) -> dict:
+    recipe = {k: v for k, v in dataclasses.asdict(z).items() if k != "task_weights" or v}  # [] keeps old keys
     spec = {"format": ZOO_FORMAT, "build": TOY_BUILD, "role": role, "task": _task_spec(task_cfg),
-            "zoo": dataclasses.asdict(z), "zoo_seed": zoo_seed, "tokenizer": tokenizer_dir.name}
+            "zoo": recipe, "zoo_seed": zoo_seed, "tokenizer": tokenizer_dir.name}
     return spec if init is None else {**spec, "init": init.spec()}
 
 
@@ -214,21 +236,19 @@ def ensure_model(role: str, zoo_dir: str | Path, task_cfg: TaskConfig, z: ZooMod
     """Path of the zoo model for (role, task, recipe, zoo seed, starting point); built
     (atomically and reproducibly) if missing: from `init`'s layer-dropped teacher when given,
     else from scratch. Its marker records the SFT result and a weights checksum."""
-    from opd.tasks import build_task
+    from opd.tasks import MixedTask, builtin_task
 
     spec = model_spec(role, task_cfg, z, tokenizer_dir, zoo_seed, init)
     final = Path(zoo_dir).expanduser() / f"{task_cfg.name}-{role}-{spec_hash(spec)}"
 
     def build(tmp: Path) -> None:
         tok = load_tokenizer(tokenizer_dir)
-        task = build_task(task_cfg.name, task_cfg.seed, task_cfg.train_size,
-                          task_cfg.heldout_size, task_cfg.max_digits, task_cfg.min_chars,
-                          task_cfg.max_chars)
+        task = builtin_task(dataclasses.replace(task_cfg, answer_extraction="exact"))
         seed = build_seed(z, zoo_seed)
         with reproducible(seed):
+            parts = [t.heldout() for t in task.parts] if isinstance(task, MixedTask) else [task.heldout()]
             start = None if init is None else init.model()
-            model, stats = sft_train(tok, z, task.train(), task.heldout(), f"prepare {role}", seed,
-                                     start)
+            model, stats = sft_train(tok, z, task.train(), parts, f"prepare {role}", seed, start)
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
