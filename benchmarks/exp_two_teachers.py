@@ -156,9 +156,7 @@ def main() -> None:
     from opd.run_io import environment
     from opd.zoo import resolve_model_paths, teacher_paths
 
-    # the solo runs take experiment=toy_two_teachers' batch too, so that steps compare
-    base = [f"zoo_dir={args.zoo_dir}", f"eval_every={args.eval_every}", "checkpoint_every=0",
-            "rollout.prompts_per_step=64", "rollout.samples_per_prompt=4", *args.overrides]
+    base = [f"zoo_dir={args.zoo_dir}", f"eval_every={args.eval_every}", "checkpoint_every=0", *args.overrides]
     mixed = load_config(["experiment=toy_two_teachers", *base])
     student, teachers = resolve_model_paths(mixed)[0], teacher_paths(mixed)  # built here if missing
     common = [f"student.path={student}", *base]

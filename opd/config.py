@@ -51,9 +51,9 @@ class ZooConfig:
     keep_layers: list[int] = knob(rule=Rule(lambda v: all(k >= 0 for k in v), "must hold layer indices >= 0"),
                                   factory=list)  # the student's teacher layers (layer-dropped students)
     keep_every: int = knob(3, ge(1))  # when keep_layers is empty: layers 0, k, 2k, ...
-    student_init: str = knob("teacher", one_of("teacher", "scratch"))  # toy: the student starts as
-    #   the teacher's kept layers, healed by SFT to its weak start (teacher), or from student.zoo's
-    #   own architecture, initialised at random (scratch); smollm2 students are always the teacher's
+    student_init: str = knob("scratch", one_of("scratch", "teacher"))  # toy: the student is
+    #   student.zoo's own architecture, initialised at random (scratch), or the teacher's kept
+    #   layers, healed by SFT to its weak start (teacher); smollm2 students are always the teacher's
     seed: int = knob(0, ge(0))  # toy: moves every model's build seed (init, data order); 0 = the recipe's own
 
 

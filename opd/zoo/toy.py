@@ -9,14 +9,10 @@ minutes, everything the default experiment and the tests need, in Hugging Face f
 - a teacher (Qwen2 architecture) trained by SFT until its held-out exact match reaches
   `teacher.zoo.stop_at_exact_match`;
 - a student that SFT trains only until it reaches a weak start
-  (`student.zoo.stop_at_exact_match`), so that distillation has a gap to close. By default
-  (`zoo.student_init=teacher`) it starts as the teacher with only some layers kept
-  (`zoo.keep_layers`: layers 0, 2 and 3 of 4), as the real pair's student does,
-  and the SFT heals that copy; `scratch` builds student.zoo's own smaller architecture at
-  random instead. A student from scratch depends on its initialisation: of three zoo builds of
-  the 2-layer, 128-wide student, one learned addition to 0.94 with 600 more SFT steps on the
-  ground truth and another stayed near 0.76 after 1,500, and distillation inherits that
-  ceiling (docs/results.md §0); the layer-dropped copy learns it from every build.
+  (`student.zoo.stop_at_exact_match`), so that distillation has a gap to close: student.zoo's
+  own smaller architecture at random (`zoo.student_init=scratch`), or the teacher with only
+  some layers kept (`teacher`: `zoo.keep_layers` / `zoo.keep_every`), as the real pair's
+  student is, healed by that SFT (docs/results.md §0 compares the two).
   For `task=mixed` (with `zoo.student_init=scratch`) it is one student for all the mixed
   tasks (SFT on their interleaved prompts, stopped once every task has reached the weak
   start), and each teacher is the one of its own task.
