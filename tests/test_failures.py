@@ -205,8 +205,8 @@ def test_too_many_bad_steps_stop_the_run_with_a_checkpoint(tiny_overrides, tiny_
     over = tiny_overrides + FAST + [f"run_dir={tmp_path}", "steps=5", "checkpoint_every=0", "optim.max_bad_steps=2"]
     real_score, real_train, trained = Workers.score, Workers.train, {"steps": 0}
 
-    def nan_score(self, rollouts):  # the teacher goes bad after the first step
-        s = real_score(self, rollouts)
+    def nan_score(self, rollouts, teachers=()):  # the teacher goes bad after the first step
+        s = real_score(self, rollouts, teachers)
         if trained["steps"] < 1:
             return s
         return replace(s, full_logprobs_NTV=np.full_like(s.full_logprobs_NTV, np.nan))
