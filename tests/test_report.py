@@ -91,3 +91,13 @@ def test_length_png_draws_the_controller_under_the_truncation(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     png = plot_length(load_run(run), run)
     assert png == run / "length.png" and png.stat().st_size > 5000
+
+
+def test_gap_closed_reports_real_gaps_only():
+    from opd.evaluation import gap_closed
+
+    assert gap_closed(0.965, 0.25, 0.9) == pytest.approx((0.9 - 0.25) / (0.965 - 0.25))
+    assert gap_closed(3.525, 3.535, 3.500) is None  # a mean length already at the teacher's
+    assert gap_closed(1.0, 0.995, 1.0) is None  # one sample in 200
+    assert gap_closed(28.5, 48.0, 30.0) == pytest.approx((30.0 - 48.0) / (28.5 - 48.0))
+    assert gap_closed(0.9, 0.1, float("nan")) is None
