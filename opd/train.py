@@ -52,8 +52,7 @@ def prepare_run(cfg: TrainConfig):
     checked = {name: _check_teacher(cfg, name, tok, student_path, path) for name, path in paths.items()}
     if why := check_targets(student_path, cfg.student):
         raise ConfigError(f"cannot start:\n  {why}")
-    for path in paths.values():  # opd-check's cheap rows against each teacher (check.enabled)
-        check_at_start(cfg, student_path, path)
+    check_at_start(cfg, student_path, paths)  # opd-check's cheap rows (check.enabled)
     print(f"student: {student_path}", flush=True)
     for name, (path, note) in checked.items():
         print(f"{cfg.teacher_key(name)}: {path}\n{note}", flush=True)

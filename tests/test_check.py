@@ -38,7 +38,7 @@ def _row(rows, name) -> Row:
 
 def test_student_eos_other_than_teachers_fails_row_1(tiny_cfg, tiny_zoo, tmp_path):
     student = _student_copy(tiny_zoo, tmp_path, lambda d: _set_eos(d, "<unk>"))
-    row = _row(cheap_rows(tiny_cfg, str(student), str(tiny_zoo.teacher)), "tokenizers")
+    row = _row(cheap_rows(tiny_cfg, str(student), {"teacher": str(tiny_zoo.teacher)}), "tokenizers")
     assert row.verdict is Verdict.FAIL
     text = "\n".join(row.found)
     assert "eos '<unk>' vs '<eos>'" in text, text
@@ -50,11 +50,11 @@ def test_chat_template_changed_in_one_model_fails_row_1_at_its_first_difference(
         p.write_text(p.read_text().replace("'<|assistant|>'", "'<|assistant|> '"))
 
     student = _student_copy(tiny_zoo, tmp_path, edit)
-    row = _row(cheap_rows(tiny_cfg, str(student), str(tiny_zoo.teacher)), "tokenizers")
+    row = _row(cheap_rows(tiny_cfg, str(student), {"teacher": str(tiny_zoo.teacher)}), "tokenizers")
     assert row.verdict is Verdict.FAIL
     where = next(f for f in row.found if "render" in f)
     assert "at character" in where, row.found
-    cheap = {r.name: r.verdict for r in cheap_rows(tiny_cfg, str(tiny_zoo.student), str(tiny_zoo.teacher))}
+    cheap = {r.name: r.verdict for r in cheap_rows(tiny_cfg, str(tiny_zoo.student), {"teacher": str(tiny_zoo.teacher)})}
     assert cheap == {"tokenizers": Verdict.OK, "memory": Verdict.OK, "data": Verdict.OK}
 
 
@@ -65,7 +65,7 @@ def test_memory_forecast_counts_lora_s_trained_params_and_shards_per_rank(tiny_o
     lora = load_config(tiny_overrides + ["length=monitor", "student.lora.enabled=true", "student.lora.r=4"])
     whole, adapters = (param_counts(str(tiny_zoo.student), False, c.student.lora) for c in (full, lora))
     assert adapters.trainable < adapters.total and whole.trainable == whole.total
-    teacher = ParamCounts(1000, 1000)
+    teacher = {"teacher": ParamCounts(1000, 1000)}
     f1, f2 = (forecast(c, p, teacher, on_gpu=False) for c, p in ((full, whole), (lora, adapters)))
     assert f1.learner_rank == 20 * whole.total and f2.learner_rank == 4 * adapters.total + 16 * adapters.trainable
     two = replace(full, resources=replace(full.resources, learner_workers=2, use_ray=True))
@@ -77,6 +77,24 @@ def test_memory_forecast_counts_lora_s_trained_params_and_shards_per_rank(tiny_o
     big = replace(f1, learner_rank=2 * GIB)
     row = memory_row(on_gpu, big, Devices(64 * GIB, 60 * GIB, gpu=(GIB,)))
     assert row.verdict is Verdict.FAIL and "resources.learner_workers" in " ".join(row.todo)
+
+
+def test_several_teachers_get_a_tokenizer_row_each_and_one_memory_forecast(tiny_overrides, tiny_zoo, tmp_path):
+    """With `teachers`, row 1 is checked against every teacher (a mismatched one fails under its
+    name), and the one memory row holds every teacher's replicas."""
+    from opd.check.memory import DTYPE_BYTES, param_counts
+
+    cfg = load_config([*tiny_overrides, "+teacher@teachers.a=zoo_teacher", "+teacher@teachers.b=zoo_teacher",
+                       "task.default_teacher=a"])
+    bad = _student_copy(tiny_zoo, tmp_path, lambda d: _set_eos(d, "<unk>"))
+    rows = cheap_rows(cfg, str(tiny_zoo.student), {"a": str(tiny_zoo.teacher), "b": str(bad)})
+    assert [(r.name, r.verdict) for r in rows if r.name.startswith("tokenizers")] == [
+        ("tokenizers: a", Verdict.OK), ("tokenizers: b", Verdict.FAIL)]
+    memory = [r for r in rows if r.name == "memory"]
+    size = {n: param_counts(p, False).total * DTYPE_BYTES[cfg.teachers[n].dtype]
+            for n, p in (("a", str(tiny_zoo.teacher)), ("b", str(bad)))}  # b: the student's copy, smaller
+    assert len(memory) == 1 and memory[0].data["teachers"] == size and size["a"] != size["b"]
+    assert sum(r.name == "data" for r in rows) == 1
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from opd.check.report import Row, Verdict, raise_on_fail, table, write_json
 
@@ -34,35 +34,50 @@ if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import TrainConfig
 
 
-def cheap_rows(cfg: TrainConfig, student: str, teacher: Optional[str]) -> list[Row]:
-    """Rows 1, 5 and 6 without loading weights or generating (a served teacher's tokenizer is
-    checked against its server by opd-train's start-up instead)."""
-    from opd.check import data, memory, tokenizers
-    from opd.teacher import embedding_rows
+def cheap_rows(cfg: TrainConfig, student: str, teachers: Mapping[str, Optional[str]]) -> list[Row]:
+    """Rows 1 (one per teacher), 5 and 6 without loading weights or generating; `teachers`: each
+    teacher's path by name, as `opd.zoo.teacher_paths` gives them (a served teacher's
+    tokenizer is checked against its server by opd-train's start-up instead)."""
+    from opd.check import data, memory
     from opd.zoo import load_tokenizer
 
-    served = cfg.teacher.backend == "server"
     s_tok = load_tokenizer(student, cfg.student.trust_remote_code)
-    rows = []
-    if not served:
-        t_tok = load_tokenizer(teacher, cfg.teacher.trust_remote_code)
-        chats = [ex.chat() for ex in data.task_examples(cfg)[0][:3] if ex.messages is not None]
-        rows.append(tokenizers.tokenizer_row(s_tok, t_tok, embedding_rows(student, cfg.student.trust_remote_code),
-                                             embedding_rows(teacher, cfg.teacher.trust_remote_code), chats))
+    t_cfgs = cfg.teacher_configs()
+    local = {n: p for n, p in teachers.items() if t_cfgs[n].backend != "server"}
+    rows = [_tokenizer_row(cfg, s_tok, student, name, path) for name, path in local.items()]
     d = memory.devices()
     s_params = memory.param_counts(student, cfg.student.trust_remote_code, cfg.student.lora)
-    t_params = None if served else memory.param_counts(teacher, cfg.teacher.trust_remote_code)
+    t_params = {n: memory.param_counts(p, t_cfgs[n].trust_remote_code) if n in local else None
+                for n, p in teachers.items()}
     rows.append(memory.memory_row(cfg, memory.forecast(cfg, s_params, t_params, bool(d.gpu)), d))
     rows.append(data.data_row(cfg, s_tok))
     return rows
 
 
-def generation_rows(cfg: TrainConfig, student: str, teacher: Optional[str],
+def _tokenizer_row(cfg: TrainConfig, s_tok: Any, student: str, name: str, teacher: str) -> Row:
+    """Row 1 for teacher `name`: "tokenizers", or "tokenizers: <name>" with several teachers."""
+    from opd.check import data, tokenizers
+    from opd.teacher import embedding_rows
+    from opd.zoo import load_tokenizer
+
+    trust = cfg.teacher_configs()[name].trust_remote_code
+    chats = [ex.chat() for ex in data.task_examples(cfg)[0][:3] if ex.messages is not None]
+    row = tokenizers.tokenizer_row(s_tok, load_tokenizer(teacher, trust),
+                                   embedding_rows(student, cfg.student.trust_remote_code),
+                                   embedding_rows(teacher, trust), chats)
+    return replace(row, name=row_name(cfg, "tokenizers", name))
+
+
+def row_name(cfg: TrainConfig, row: str, teacher: str) -> str:
+    """A per-teacher row's name: `row`, or "<row>: <teacher>" when there are several."""
+    return f"{row}: {teacher}" if cfg.teachers else row
+
+
+def generation_rows(cfg: TrainConfig, student: str, teachers: Mapping[str, Optional[str]],
                     make_engine: Optional[Callable[..., Any]] = None) -> list[Row]:
-    """Rows 2, 3, 4 and the answer extraction of 6: the student's engine, the teacher's
-    scorer and the learner, on held-out prompts. `make_engine(path, rollout_cfg)`: the
-    student's rollout engine (default a new `RolloutWorker`)."""
-    from opd.actors import teacher_class
+    """Rows 2, 3, 4 and the answer extraction of 6: the student's engine, each teacher's
+    scorer (on the prompts routed to it) and the learner, on held-out prompts.
+    `make_engine(path, rollout_cfg)`: the student's rollout engine (default a new `RolloutWorker`)."""
     from opd.evaluation import eval_settings
     from opd.rollout import RolloutWorker, shutdown_engine
     from opd.zoo import load_tokenizer
@@ -70,17 +85,40 @@ def generation_rows(cfg: TrainConfig, student: str, teacher: Optional[str],
     r = cfg.rollout
     tok = load_tokenizer(student, cfg.student.trust_remote_code)
     prompts = heldout_prompts(cfg, tok)
-    seqs = prompts.rows(slice(0, cfg.check.sequences))
     engine = (make_engine or (lambda p, rc: RolloutWorker(p, rc, 0, cfg.student.trust_remote_code)))(student, r)
-    scorer = teacher_class(cfg.teacher.backend == "server")(teacher, replace(cfg.teacher, temperature=1.0), r,
-                                                               cfg.optim.device)
     try:
-        plain = engine.generate(seqs, eval_settings(r.max_new_tokens, greedy=False, seed=r.seed))
-        rows = [teacher_parity(cfg, scorer, teacher, plain), *learner_rows(cfg, student, plain, tok)]
-        return rows + sampled_rows(cfg, engine, scorer, prompts, tok)
+        plain = engine.generate(prompts.rows(slice(0, cfg.check.sequences)),
+                                eval_settings(r.max_new_tokens, greedy=False, seed=r.seed))
+        rows = learner_rows(cfg, student, plain, tok)
+        for name, path in teachers.items():
+            mine = prompts.select([i for i, t in enumerate(prompts.teachers) if t == name]) if cfg.teachers else prompts
+            rows += [replace(row, name=row_name(cfg, row.name, name))
+                     for row in teacher_rows(one_teacher(cfg, name), engine, path, mine, tok)]
+        return rows
     finally:
         if make_engine is None:  # an engine of our own: stopped here
             shutdown_engine(engine.llm)
+
+
+def one_teacher(cfg: TrainConfig, name: str) -> TrainConfig:
+    """`cfg` with teacher `name` as its one teacher (rows that check one teacher at a time)."""
+    return replace(cfg, teacher=cfg.teacher_configs()[name], teachers={})
+
+
+def teacher_rows(cfg: TrainConfig, engine: Any, teacher: Optional[str], prompts: Any, tok: Any) -> list[Row]:
+    """Row 2's teacher half, row 4 and row 6's answer extraction for cfg's one teacher."""
+    from opd.actors import teacher_class
+    from opd.evaluation import eval_settings
+    from opd.rollout import shutdown_engine
+
+    r = cfg.rollout
+    scorer = teacher_class(cfg.teacher.backend == "server")(teacher, replace(cfg.teacher, temperature=1.0), r,
+                                                               cfg.optim.device)
+    try:
+        plain = engine.generate(prompts.rows(slice(0, cfg.check.sequences)),
+                                eval_settings(r.max_new_tokens, greedy=False, seed=r.seed))
+        return [teacher_parity(cfg, scorer, teacher, plain), *sampled_rows(cfg, engine, scorer, prompts, tok)]
+    finally:
         shutdown_engine(getattr(scorer, "llm", None))
 
 
@@ -105,7 +143,8 @@ def heldout_prompts(cfg: TrainConfig, tok: Any) -> Any:
     from opd.prompt_files import load_splits
     from opd.tasks import prompt_batch
 
-    train, heldout = load_splits(cfg.task, tok, cfg.rollout.max_model_len - cfg.rollout.max_new_tokens)
+    train, heldout = load_splits(cfg.task, tok, cfg.rollout.max_model_len - cfg.rollout.max_new_tokens,
+                                 teachers=list(cfg.teachers))
     return prompt_batch(tok, (heldout or train)[: cfg.check.prompts])
 
 
@@ -141,20 +180,20 @@ def learner_rows(cfg: TrainConfig, student: str, rollouts: Any, tok: Any) -> lis
 
 def run_check(cfg: TrainConfig, full: bool = True, make_engine: Optional[Callable[..., Any]] = None) -> list[Row]:
     """Every row (`full`), or the cheap ones; the models are the zoo's when the config names none."""
-    from opd.zoo import resolve_model_paths
+    from opd.zoo import resolve_model_paths, teacher_paths
 
-    student, teacher = resolve_model_paths(cfg)
-    rows = cheap_rows(cfg, student, teacher)
-    if full and all(r.verdict is not Verdict.FAIL for r in rows if r.name == "tokenizers"):
-        rows += generation_rows(cfg, student, teacher, make_engine)
+    student, teachers = resolve_model_paths(cfg)[0], teacher_paths(cfg)
+    rows = cheap_rows(cfg, student, teachers)
+    if full and all(r.verdict is not Verdict.FAIL for r in rows if r.name.startswith("tokenizers")):
+        rows += generation_rows(cfg, student, teachers, make_engine)
     return rows
 
 
-def check_at_start(cfg: TrainConfig, student: str, teacher: Optional[str]) -> None:
+def check_at_start(cfg: TrainConfig, student: str, teachers: Mapping[str, Optional[str]]) -> None:
     """opd-train's start: the cheap rows; a line per row that is not ok, CheckFailed on a fail."""
     if not cfg.check.enabled:
         return
-    rows = cheap_rows(cfg, student, teacher)
+    rows = cheap_rows(cfg, student, teachers)
     for r in rows:
         if r.verdict is Verdict.WARN:
             print(f"check {r.name}: warn: " + "; ".join(r.found[-1:] + r.todo), flush=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from opd.check.report import Row, Verdict
 from opd.prompt_files import DataError, FormatRule, load_prompt_file, too_long
-from opd.tasks import Example, answer_correct, build_task, encode_prompt, extract_answer
+from opd.tasks import Example, answer_correct, builtin_task, encode_prompt, extract_answer
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import TrainConfig
@@ -27,8 +27,7 @@ def task_examples(cfg: TrainConfig) -> tuple[list[Example], list[str], list[str]
     lines kept with a format warning. Bad lines are collected, not raised."""
     t, f = cfg.task, cfg.format
     if t.name != "file":
-        task = build_task(t.name, t.seed, t.train_size, t.heldout_size, t.max_digits, t.min_chars,
-                          t.max_chars, t.answer_extraction)
+        task = builtin_task(t)
         return task.train() + task.heldout(), [], []
     rule = FormatRule(tuple(f.checks), f.on_prompt_file, tuple(f.extra_tokens))
     out, bad, warned = [], [], []

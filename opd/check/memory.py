@@ -2,13 +2,13 @@
 
 Bytes of the student's training state (fp32 weights 4 a parameter, gradients 4 and AdamW's
 two moments 8 a *trained* parameter: a LoRA student's adapters only; the divergence anchor's
-frozen copy 4 more), per learner rank when sharded (`resources.learner_workers`); the
-teacher's weights in its dtype; the rollout engines' weights in `rollout.dtype` and their KV
-caches. Compared with the machine's memory: CPU RAM here, each GPU's memory where actors ask
+frozen copy 4 more), per learner rank when sharded (`resources.learner_workers`); each
+teacher's replicas' weights in its dtype; the rollout engines' weights in `rollout.dtype` and
+their KV caches. Compared with the machine's memory: CPU RAM here, each GPU's memory where actors ask
 for GPUs. Activations come on top and are not counted.
 
     counts = param_counts(model_path, cfg.student)    # built on the meta device: nothing loaded
-    row = memory_row(forecast(cfg, student, teacher), devices())
+    row = memory_row(cfg, forecast(cfg, student, {"teacher": teacher}, on_gpu=False), devices())
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ class Forecast:
     params: int  # the student's parameters
     trainable: int  # of them, those that train (a LoRA student: its adapters)
     anchor: bool  # the learner holds a frozen copy of the starting student
-    teacher: int  # one teacher replica's weights (+ its engine's KV cache); 0 when served
-    teacher_workers: int
+    teachers: dict[str, int]  # by name: one replica's weights (+ its engine's KV cache); 0 when served
+    teacher_workers: int  # replicas of each teacher
     engine: int  # one rollout engine's weights + KV cache (on CPU; on a GPU the engine takes its share)
     rollout_workers: int
 
     @property
     def total(self) -> int:
-        return (self.learner_rank * self.learner_ranks + self.teacher * self.teacher_workers
+        return (self.learner_rank * self.learner_ranks + sum(self.teachers.values()) * self.teacher_workers
                 + self.engine * self.rollout_workers)
 
 
@@ -69,17 +69,20 @@ def param_counts(model_path: str, trust_remote_code: bool, lora_cfg: Any = None)
     return ParamCounts(c["total_params"], c["trainable_params"])
 
 
-def forecast(cfg: TrainConfig, student: ParamCounts, teacher: Optional[ParamCounts], on_gpu: bool) -> Forecast:
-    """The bytes each part of the run holds under `cfg` (pure)."""
+def forecast(cfg: TrainConfig, student: ParamCounts, teachers: dict[str, Optional[ParamCounts]],
+             on_gpu: bool) -> Forecast:
+    """The bytes each part of the run holds under `cfg` (pure); `teachers` by name as in
+    `cfg.teacher_configs()` (None: served)."""
     r, rs = cfg.rollout, cfg.resources
     anchor = (cfg.length.mode == "auto" and cfg.length.remedies.anchor_coef > 0 and not cfg.student.lora.enabled)
     state = 4 * student.total + 16 * student.trainable + 4 * student.total * anchor
     kv = 0 if on_gpu else int(r.kv_cache_gib * GIB)
-    served = cfg.teacher.backend == "server" or teacher is None
-    t_bytes = 0 if served else teacher.total * DTYPE_BYTES[cfg.teacher.dtype] + kv * (cfg.teacher.backend == "vllm")
+    t_cfgs = cfg.teacher_configs()
+    t_bytes = {n: 0 if p is None or t_cfgs[n].backend == "server" else
+               p.total * DTYPE_BYTES[t_cfgs[n].dtype] + kv * (t_cfgs[n].backend == "vllm") for n, p in teachers.items()}
     return Forecast(learner_rank=-(-state // rs.learner_workers), learner_ranks=rs.learner_workers,
                     params=student.total, trainable=student.trainable, anchor=anchor,
-                    teacher=t_bytes, teacher_workers=rs.teacher_workers,
+                    teachers=t_bytes, teacher_workers=rs.teacher_workers,
                     engine=student.total * DTYPE_BYTES[r.dtype] + kv, rollout_workers=rs.rollout_workers)
 
 
@@ -113,9 +116,11 @@ def _gpu_problems(cfg: TrainConfig, f: Forecast, gpu: int) -> list[str]:
         out.append(f"a learner rank holds {_gib(f.learner_rank)} of training state, more than its "
                    f"{_gib(gpu * rs.learner_num_gpus)} of GPU memory: raise resources.learner_workers "
                    f"(FSDP2 shards it), or train LoRA adapters (student.lora.enabled=true)")
-    if rs.teacher_num_gpus > 0 and f.teacher > gpu * rs.teacher_num_gpus:
-        out.append(f"the teacher's {_gib(f.teacher)} of weights exceed its {_gib(gpu * rs.teacher_num_gpus)} "
-                   f"of GPU memory: give it more (resources.teacher_num_gpus), teacher.dtype=bfloat16, or serve it")
+    for name, size in f.teachers.items():
+        if rs.teacher_num_gpus > 0 and size > gpu * rs.teacher_num_gpus:
+            key = cfg.teacher_key(name)
+            out.append(f"{key}'s {_gib(size)} of weights exceed its {_gib(gpu * rs.teacher_num_gpus)} of GPU "
+                       f"memory: give it more (resources.teacher_num_gpus), {key}.dtype=bfloat16, or serve it")
     share = cfg.rollout.gpu_memory_utilization * gpu * max(rs.rollout_num_gpus, 1)
     if rs.rollout_num_gpus > 0 and f.engine > share:
         out.append(f"a rollout engine's weights ({_gib(f.engine)}) exceed its share of GPU memory "
@@ -130,11 +135,12 @@ def memory_row(cfg: TrainConfig, f: Forecast, d: Devices) -> Row:
     anchor = " + the anchor's copy" if f.anchor else ""
     found = [f"learner: {_gib(f.learner_rank)} per rank x {f.learner_ranks} (fp32 weights, gradients, "
              f"AdamW{anchor}; {f.trainable / 1e6:.2f}M of {f.params / 1e6:.2f}M parameters train)",
-             f"teacher: {_gib(f.teacher)} x {f.teacher_workers}" + (" (served: none here)" if not f.teacher else ""),
+             *[f"{cfg.teacher_key(n)}: {_gib(size)} x {f.teacher_workers}" + (" (served: none here)" if not size else "")
+               for n, size in f.teachers.items()],
              f"rollout engines: {_gib(f.engine)} x {f.rollout_workers} (weights in {cfg.rollout.dtype}"
              + (f" + {cfg.rollout.kv_cache_gib:g} GiB KV cache)" if not d.gpu else ")")]
     on_cpu = [f.learner_rank * f.learner_ranks * (rs.learner_num_gpus == 0),
-              f.teacher * f.teacher_workers * (rs.teacher_num_gpus == 0),
+              sum(f.teachers.values()) * f.teacher_workers * (rs.teacher_num_gpus == 0),
               f.engine * f.rollout_workers * (rs.rollout_num_gpus == 0)]
     need = sum(on_cpu)
     found.append(f"in RAM: {_gib(need)} plus activations, of {_gib(d.ram_total)} ({_gib(d.ram_available)} available)")

@@ -51,11 +51,12 @@ NAME_W, VERDICT_W = 22, 6
 def table(rows: Sequence[Row]) -> str:
     """The rows as a table: name, verdict, then what was found (indented continuation
     lines) and what to do (`->`)."""
-    pad = " " * (NAME_W + VERDICT_W + 2)
-    lines = [f"{'row':<{NAME_W}} {'verdict':<{VERDICT_W}} found / what to do", "-" * 96]
+    name_w = max([NAME_W, *(len(r.name) for r in rows)])  # per-teacher rows are longer
+    pad = " " * (name_w + VERDICT_W + 2)
+    lines = [f"{'row':<{name_w}} {'verdict':<{VERDICT_W}} found / what to do", "-" * 96]
     for r in rows:
         body = r.found + [f"-> {t}" for t in r.todo] or [""]
-        lines.append(f"{r.name:<{NAME_W}} {r.verdict.value:<{VERDICT_W}} {body[0]}")
+        lines.append(f"{r.name:<{name_w}} {r.verdict.value:<{VERDICT_W}} {body[0]}")
         lines += [pad + b for b in body[1:]]
     counts = {v: sum(r.verdict is v for r in rows) for v in Verdict}
     lines.append("-" * 96)
