@@ -54,6 +54,7 @@ class ZooConfig:
     student_init: str = knob("scratch", one_of("scratch", "teacher"))  # toy: the student is
     #   student.zoo's own architecture, initialised at random (scratch), or the teacher's kept
     #   layers, healed by SFT to its weak start (teacher); smollm2 students are always the teacher's
+    init_teacher: Optional[str] = None  # student_init=teacher with several `teachers`: whose layers
     seed: int = knob(0, ge(0))  # toy: moves every model's build seed (init, data order); 0 = the recipe's own
 
 
@@ -410,12 +411,14 @@ class TrainConfig:
         errs = [f"teachers.{n}: a teacher's name must hold only letters, digits and _" for n in names
                 if not TEACHER_NAME.fullmatch(n)]
         if not names:
-            return [f"task.{k} needs `teachers` (several teachers by name), got {v}; with the one `teacher` "
-                    f"set it to null / {{}}" for k, v in (("default_teacher", t.default_teacher),
-                                                          ("teacher_by_task", t.teacher_by_task)) if v]
+            return [f"{k} needs `teachers` (several teachers by name), got {v}; with the one `teacher` "
+                    f"set it to null / {{}}" for k, v in (("task.default_teacher", t.default_teacher),
+                                                          ("task.teacher_by_task", t.teacher_by_task),
+                                                          ("zoo.init_teacher", self.zoo.init_teacher)) if v]
         errs += teacher_agreement(self.teachers)
         named = [("task.default_teacher", t.default_teacher)] + [
             (f"task.teacher_by_task.{k}", v) for k, v in t.teacher_by_task.items()]
+        named.append(("zoo.init_teacher", self.zoo.init_teacher))
         errs += [f"{key} must be one of teachers {names}, got {v!r}" for key, v in named
                  if v is not None and v not in self.teachers]
         if t.default_teacher is None and (lost := [k for k in t.tasks() if k not in t.teacher_by_task]):

@@ -150,6 +150,27 @@ def test_a_layer_dropped_student_starts_as_the_teachers_kept_layers(tiny_zoo, ti
                 spec_hash(model_spec("student", cfg.task, z, tok))}) == 3
 
 
+def test_a_student_for_several_teachers_starts_from_the_one_named_by_zoo_init_teacher(tiny_zoo, tiny_overrides):
+    """With `teachers`, zoo.student_init=teacher cuts the student from teachers.<zoo.init_teacher>
+    (here the tiny addition teacher, under the name `sums`); without the name it is refused,
+    naming the key and the teachers, and a name that is not a teacher is refused by validation."""
+    from conftest import TEACHER_ZOO
+    from opd.errors import ConfigError
+
+    two = [*tiny_overrides, "zoo.student_init=teacher", "zoo.keep_layers=[1]", "student.zoo.sft_steps=0",
+           *(f"+teacher@teachers.{n}=zoo_teacher" for n in ("sums", "other")), "task.default_teacher=sums",
+           *(f"teachers.{n}.zoo.{k}={v}" for n in ("sums", "other") for k, v in TEACHER_ZOO.items())]
+    paths = ensure_zoo(load_config([*two, "zoo.init_teacher=sums"]))
+    teacher, student = _tensors(tiny_zoo.teacher), _tensors(paths.student)
+    for name, tensor in student.items():
+        assert torch.equal(tensor, teacher[name.replace("layers.0.", "layers.1.")]), name
+    assert zoo_info(paths.student)["spec"]["init"] == {"teacher": tiny_zoo.teacher.name, "layers": [1]}
+    with pytest.raises(ConfigError, match=r"zoo.init_teacher.*\['other', 'sums'\]"):
+        ensure_zoo(load_config(two))
+    with pytest.raises(ConfigError, match=r"zoo.init_teacher must be one of teachers \['other', 'sums'\], got 'x'"):
+        load_config([*two, "zoo.init_teacher=x"])
+
+
 # ------------------------------------------------------------------ reproducible builds
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file

@@ -57,14 +57,18 @@ def ensure_zoo(cfg: TrainConfig) -> ZooPaths:
 
 
 def _student_init(cfg: TrainConfig, teacher: Optional[Path]) -> Optional[LayerDrop]:
-    """zoo.student_init=teacher: the teacher's kept layers (zoo.keep_layers / keep_every)."""
+    """zoo.student_init=teacher: the kept layers (zoo.keep_layers / keep_every) of the one zoo
+    teacher, or with `teachers` of teachers.<zoo.init_teacher>."""
     if cfg.zoo.student_init == "scratch":
         return None
+    layers = cfg.teacher.zoo.layers
     if teacher is None:
-        raise ConfigError("zoo.student_init=teacher starts the student from the one zoo teacher; a "
-                          "student for several teachers is built from scratch: set zoo.student_init=scratch")
-    return LayerDrop(teacher, tuple(kept_layers(cfg.teacher.zoo.layers, cfg.zoo.keep_layers,
-                                                cfg.zoo.keep_every)))
+        name = cfg.zoo.init_teacher
+        if name is None:
+            raise ConfigError(f"zoo.student_init=teacher with several teachers needs zoo.init_teacher, the "
+                              f"teacher whose layers the student starts from: one of {sorted(cfg.teachers)}")
+        teacher, layers = zoo_teacher(cfg, name), cfg.teachers[name].zoo.layers
+    return LayerDrop(teacher, tuple(kept_layers(layers, cfg.zoo.keep_layers, cfg.zoo.keep_every)))
 
 
 def zoo_teacher(cfg: TrainConfig, name: str) -> Path:
