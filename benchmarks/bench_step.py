@@ -56,18 +56,20 @@ def plain_vllm(cfg, student_path: str, prompt_ids: list[list[int]], step_seed: i
     return best, rows
 
 
-def loop_phases(run_dir: str) -> tuple[dict, dict]:
-    """Median seconds per phase over the measured steps (the first warms up), and the mean
-    of the token counts and the learner's peak memory."""
+def loop_phases(run_dir: str) -> tuple[dict, dict, dict]:
+    """Median seconds per phase over the measured steps (the first warms up), their min and
+    max, and the mean of the token counts and the learner's peak memory."""
     lines = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [l for l in lines if "time/step" in l][1:]
     mean = lambda k: float(np.mean([s.get(k, 0.0) for s in steps]))  # noqa: E731
     phases = {p: float(np.median([s.get(f"time/{p}", 0.0) for s in steps])) for p in PHASES}
+    spread = {p: {f: float(fn([s.get(f"time/{p}", 0.0) for s in steps])) for f, fn in (("min", min), ("max", max))}
+              for p in PHASES}
     shape = {k: mean(k) for k in ("rollout/tokens", "rollout/tokens_per_s", "learner/seq_tokens",
                                   "learner/padded_tokens", "sync/mb")}
     shape["learner/peak_rss_mb"] = max(s.get("learner/peak_rss_mb", 0.0) for s in steps)
     shape["steps_measured"] = len(steps)
-    return phases, shape
+    return phases, spread, shape
 
 
 def raw_phases(cfg, student: str, teacher: str, rows, pad_id: int, plain_tps: float, repeats: int) -> dict:
@@ -122,7 +124,7 @@ def main() -> None:
         f"run_dir=runs/bench-{stamp}"] + overrides
     cfg = load_config(overrides)
     summary = run_training(cfg)
-    phases, shape = loop_phases(cfg.run_dir)
+    phases, spread, shape = loop_phases(cfg.run_dir)
     student, teacher = resolve_model_paths(cfg)
     tok = load_tokenizer(student)
     train, _ = load_splits(cfg.task, tok)
@@ -132,7 +134,8 @@ def main() -> None:
     result = {
         "benchmark": "bench_step", "experiment": args.experiment, "overrides": overrides,
         "config": as_dict(cfg), "environment": environment(), "steps_measured": shape.pop("steps_measured"),
-        "seconds_per_phase": phases, "loop_means": shape, "raw": raw, **compare(phases, shape, raw),
+        "seconds_per_phase": phases, "spread_per_phase": spread, "loop_means": shape, "raw": raw,
+        **compare(phases, shape, raw),
         "rollout_tokens_per_s": shape["rollout/tokens_per_s"], "plain_vllm_tokens_per_s": plain_tps,
         "rollout_overhead_ratio": plain_tps / shape["rollout/tokens_per_s"],
         "sync_mb": shape["sync/mb"], "learner_peak_rss_mb": shape["learner/peak_rss_mb"],

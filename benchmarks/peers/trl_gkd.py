@@ -1,21 +1,32 @@
-"""Peer benchmark: TRL's GKDTrainer on opd's models, prompts, batch and loss; seconds per step.
+"""Peer benchmark: TRL's GKDTrainer at its best fair settings against opd on the same work,
+and against opd at its recommended settings; seconds per step.
 
     make bench-peer ARGS="--experiment smollm2_cpu zoo_dir=/tmp/zoo"
     .venv/bin/python benchmarks/peers/trl_gkd.py --experiment smollm2_cpu zoo_dir=/tmp/zoo \
-        [--opd-json benchmarks/results/bench_step-smollm2_cpu-<time>.json] [--steps 5]
+        [--opd-json MATCHED.json RECOMMENDED.json] [--steps 7]
 
 Two halves, two interpreters:
 - the driver (opd's venv) composes opd's config, resolves the same student and teacher,
   encodes the same prompts (each repeated samples_per_prompt times, so a TRL batch holds as
-  many rollouts as an opd step) and, unless `--opd-json` names one, runs
-  `benchmarks/bench_step.py` with the same experiment and overrides first;
+  many rollouts as an opd step) and, unless `--opd-json` names them, runs
+  `benchmarks/bench_step.py` twice:
+  - **matched**: the same work as TRL: `length=off` (no length remedies, no teacher-mixture
+    generation), the loss over the teacher's full distribution from a transformers forward
+    as TRL's (`teacher.backend=transformers teacher.logprobs=full`,
+    no tail bucket) at the experiment's `loss.jsd_beta`, every model in fp32;
+  - **recommended**: the experiment as it is (e.g. top-20 + tail from a vLLM teacher,
+    `length=auto`), labelled as doing other work than TRL;
 - the worker (`--worker JOB OUT`, run by `.venv-trl/bin/python`, TRL 1.16 and nothing of
   opd) trains `trl.experimental.gkd.GKDTrainer` for `--steps` steps: lmbda=1 (every step
   samples from the student with HF `generate`, max_new_tokens and temperature as opd's
   rollouts, top_k=0), beta = opd's `loss.jsd_beta` on the teacher's full distribution,
-  opd's learning rate, fp32, on CPU.
-Writes JSON (both configs, environments, TRL's seconds per step, opd's, and the ratio) to
-benchmarks/results/trl_gkd-<experiment>-<time>.json.
+  opd's learning rate, fp32, on CPU. Its fair settings: `gradient_checkpointing=False`
+  (TRL's default True makes GKDTrainer generate with `use_cache=False`, without a KV cache,
+  and recompute activations in backward). Generation and the rest of each step are timed
+  apart (the student's `generate` is wrapped), and TRL's whole effective config and its
+  generation config are recorded.
+Writes JSON (both opd runs' JSON paths and configs, TRL's config, the environments, seconds
+per step with their spread, and both ratios) to benchmarks/results/trl_gkd-<experiment>-<time>.json.
 """
 
 from __future__ import annotations
@@ -32,6 +43,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TRL_PY = ROOT / ".venv-trl" / "bin" / "python"
+
+
+def spread(xs: list[float]) -> dict:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 # ---------------------------------------------------------------------- the worker (TRL venv)
@@ -70,6 +86,21 @@ def _step_timer():
     return StepTimer()
 
 
+def _timed_generate(model) -> list[float]:
+    """Wrap `model.generate` (on the instance) so that each call's wall seconds are recorded."""
+    real, seconds = model.generate, []
+
+    def generate(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - t0)
+
+    model.generate = generate
+    return seconds
+
+
 def worker(job_path: str, out_path: str) -> None:
     import torch
     from datasets import Dataset
@@ -87,17 +118,22 @@ def worker(job_path: str, out_path: str) -> None:
         max_steps=job["steps"], learning_rate=job["lr"], lr_scheduler_type="constant", warmup_steps=0,
         lmbda=1.0, beta=job["beta"], temperature=job["temperature"], max_new_tokens=job["max_new_tokens"],
         use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no", logging_steps=1,
-        dataloader_num_workers=0, disable_dropout=True, seed=job["seed"])
+        dataloader_num_workers=0, disable_dropout=True, seed=job["seed"], gradient_checkpointing=False)
     data = Dataset.from_list([{"prompt_ids": p} for p in job["prompt_ids"]])
     timer = _step_timer()
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
                          processing_class=tok, data_collator=_collator(tok.pad_token_id), callbacks=[timer])
+    gen = _timed_generate(student)
     trainer.train()
-    measured = timer.seconds[1:] or timer.seconds  # the first step warms up
-    result = {"seconds_per_step": timer.seconds, "median_seconds_per_step": statistics.median(measured),
+    if len(gen) != len(timer.seconds):
+        raise SystemExit(f"TRL generated {len(gen)} times in {len(timer.seconds)} steps: cannot split its steps")
+    rest = [s - g for s, g in zip(timer.seconds, gen)]
+    result = {"seconds_per_step": timer.seconds, "generate_seconds": gen, "train_seconds": rest,
+              **{f"{k}_spread": spread(v[1:] or v) for k, v in  # the first step warms up
+                 (("seconds_per_step", timer.seconds), ("generate", gen), ("train", rest))},
+              "median_seconds_per_step": statistics.median(timer.seconds[1:] or timer.seconds),
               "versions": {m: __import__(m).__version__ for m in ("trl", "torch", "transformers", "accelerate")},
-              "gkd_config": {k: getattr(args, k) for k in ("lmbda", "beta", "temperature", "max_new_tokens",
-                                                          "learning_rate", "per_device_train_batch_size")},
+              "gkd_config": args.to_dict(), "generation_config": trainer.generation_config.to_dict(),
               "torch_threads": torch.get_num_threads()}
     Path(out_path).write_text(json.dumps(result, indent=2))
 
@@ -132,21 +168,32 @@ def run_trl(job: dict) -> dict:
         return json.loads(op.read_text())
 
 
-def run_opd(experiment: str | None, overrides: list[str], stamp: str) -> Path:
-    """bench_step.py on the same experiment and overrides; its JSON path."""
-    out = ROOT / "benchmarks" / "results" / f"bench_step-{experiment or 'default'}-{stamp}.json"
+MATCHED = ["length=off", "teacher.backend=transformers", "teacher.logprobs=full", "loss.tail_bucket=false",
+           "student.dtype=float32", "teacher.dtype=float32", "rollout.dtype=float32"]  # opd doing TRL's work
+
+
+def run_opd(experiment: str | None, overrides: list[str], out: Path) -> Path:
+    """bench_step.py on the experiment and overrides; its JSON path."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--out", str(out)]
     cmd += ([f"--experiment={experiment}"] if experiment else []) + overrides
     subprocess.run(cmd, check=True, cwd=ROOT)
     return out
 
 
+def opd_figures(path: Path) -> dict:
+    """An opd bench_step JSON's seconds per phase, their spread, and its settings."""
+    d = json.loads(path.read_text())
+    return {"json": str(path), "overrides": d["overrides"], "seconds_per_phase": d["seconds_per_phase"],
+            "spread": d.get("spread_per_phase"), "step": d["seconds_per_phase"]["step"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--experiment", default=None)
-    ap.add_argument("--steps", type=int, default=5, help="TRL steps (the first is not counted)")
-    ap.add_argument("--opd-json", default=None, help="a bench_step JSON of the same settings (else run it)")
+    ap.add_argument("--steps", type=int, default=7, help="TRL steps (the first is not counted)")
+    ap.add_argument("--opd-json", nargs=2, default=None, metavar=("MATCHED", "RECOMMENDED"),
+                    help="bench_step JSONs of the matched and the recommended settings (else run both)")
     ap.add_argument("--out", default=None)
     args, overrides = ap.parse_known_args()
     if args.worker:
@@ -154,22 +201,27 @@ def main() -> None:
     from opd.config import as_dict, load_config
     from opd.run_io import environment
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp, name = time.strftime("%Y%m%d-%H%M%S"), args.experiment or "default"
     cfg = load_config(([f"experiment={args.experiment}"] if args.experiment else []) + overrides)
-    opd_json = Path(args.opd_json) if args.opd_json else run_opd(args.experiment, overrides, stamp)
-    opd = json.loads(opd_json.read_text())
+    results = ROOT / "benchmarks" / "results"
+    paths = [Path(p) for p in args.opd_json] if args.opd_json else [
+        run_opd(args.experiment, [*overrides, *MATCHED], results / f"bench_step-{name}-matched-{stamp}.json"),
+        run_opd(args.experiment, overrides, results / f"bench_step-{name}-{stamp}.json")]
+    matched, recommended = (opd_figures(p) for p in paths)
     job = trl_job(cfg, args.steps)
     trl = run_trl(job)
-    opd_s, trl_s = opd["seconds_per_phase"]["step"], trl["median_seconds_per_step"]
+    trl_s = trl["median_seconds_per_step"]
     result = {"benchmark": "trl_gkd", "experiment": args.experiment, "overrides": overrides,
-              "config": as_dict(cfg), "environment": environment(), "opd_json": str(opd_json),
-              "rows_per_step": job["rows"], "max_new_tokens": job["max_new_tokens"],
-              "trl": trl, "opd_seconds_per_step": opd_s, "trl_seconds_per_step": trl_s,
-              "trl_over_opd": trl_s / opd_s}
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"trl_gkd-{args.experiment or 'default'}-{stamp}.json")
+              "matched_overrides": MATCHED, "config": as_dict(cfg), "environment": environment(),
+              "rows_per_step": job["rows"], "max_new_tokens": job["max_new_tokens"], "trl": trl,
+              "opd_matched": matched, "opd_recommended": {**recommended, "note": "other work than TRL's: "
+                                                          "the experiment's own loss, teacher and length settings"},
+              "trl_seconds_per_step": trl_s, "trl_over_opd_matched": trl_s / matched["step"],
+              "trl_over_opd_recommended": trl_s / recommended["step"]}
+    out = Path(args.out or results / f"trl_gkd-{name}-{stamp}.json")
     out.write_text(json.dumps(result, indent=2, default=str))
-    print(json.dumps({k: result[k] for k in ("rows_per_step", "opd_seconds_per_step", "trl_seconds_per_step",
-                                             "trl_over_opd")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("rows_per_step", "trl_seconds_per_step", "trl_over_opd_matched",
+                                             "trl_over_opd_recommended")}, indent=2))
     print(f"wrote {out}")
 
 

@@ -135,8 +135,8 @@ def memory_row(cfg: TrainConfig, f: Forecast, d: Devices) -> Row:
     anchor = " + the anchor's copy" if f.anchor else ""
     found = [f"learner: {_gib(f.learner_rank)} per rank x {f.learner_ranks} (fp32 weights, gradients, "
              f"AdamW{anchor}; {f.trainable / 1e6:.2f}M of {f.params / 1e6:.2f}M parameters train)",
-             *[f"{cfg.teacher_key(n)}: {_gib(size)} x {f.teacher_workers}" + (" (served: none here)" if not size else "")
-               for n, size in f.teachers.items()],
+             *[f"{cfg.teacher_key(n)}: {_gib(size)} x {f.teacher_workers}"
+               + (" (served: none here)" if not size else "") for n, size in f.teachers.items()],
              f"rollout engines: {_gib(f.engine)} x {f.rollout_workers} (weights in {cfg.rollout.dtype}"
              + (f" + {cfg.rollout.kv_cache_gib:g} GiB KV cache)" if not d.gpu else ")")]
     on_cpu = [f.learner_rank * f.learner_ranks * (rs.learner_num_gpus == 0),
