@@ -44,7 +44,8 @@ def cheap_rows(cfg: TrainConfig, student: str, teachers: Mapping[str, Optional[s
     s_tok = load_tokenizer(student, cfg.student.trust_remote_code)
     t_cfgs = cfg.teacher_configs()
     local = {n: p for n, p in teachers.items() if t_cfgs[n].backend != "server"}
-    rows = [_tokenizer_row(cfg, s_tok, student, name, path) for name, path in local.items()]
+    chats = [ex.chat() for ex in data.task_examples(cfg)[0][:3] if ex.messages is not None] if local else []
+    rows = [_tokenizer_row(cfg, s_tok, student, name, path, chats) for name, path in local.items()]
     d = memory.devices()
     s_params = memory.param_counts(student, cfg.student.trust_remote_code, cfg.student.lora)
     t_params = {n: memory.param_counts(p, t_cfgs[n].trust_remote_code) if n in local else None
@@ -54,14 +55,15 @@ def cheap_rows(cfg: TrainConfig, student: str, teachers: Mapping[str, Optional[s
     return rows
 
 
-def _tokenizer_row(cfg: TrainConfig, s_tok: Any, student: str, name: str, teacher: str) -> Row:
-    """Row 1 for teacher `name`: "tokenizers", or "tokenizers: <name>" with several teachers."""
-    from opd.check import data, tokenizers
+def _tokenizer_row(cfg: TrainConfig, s_tok: Any, student: str, name: str, teacher: str,
+                   chats: list[list[dict[str, str]]]) -> Row:
+    """Row 1 for teacher `name` on the sample `chats`: "tokenizers", or "tokenizers: <name>"
+    with several teachers."""
+    from opd.check import tokenizers
     from opd.teacher import embedding_rows
     from opd.zoo import load_tokenizer
 
     trust = cfg.teacher_configs()[name].trust_remote_code
-    chats = [ex.chat() for ex in data.task_examples(cfg)[0][:3] if ex.messages is not None]
     row = tokenizers.tokenizer_row(s_tok, load_tokenizer(teacher, trust),
                                    embedding_rows(student, cfg.student.trust_remote_code),
                                    embedding_rows(teacher, trust), chats)
