@@ -90,6 +90,7 @@ class ZooModelConfig:
 class ModelConfig:
     path: Optional[str] = None  # hub id or local path; null = the zoo model built for the task
     zoo: ZooModelConfig = field(default_factory=ZooModelConfig)
+    # the teacher's weights; the student's compute (bfloat16: autocast, fp32 master weights)
     dtype: str = knob(MISSING, one_of(*DTYPES))
     trust_remote_code: bool = False  # never on unless the user turns it on
 

@@ -112,7 +112,7 @@ class Learner:
 
     def _build(self) -> None:
         """The trained module, the optimizer and its schedule, on this rank's device."""
-        bf16 = self.device == "cuda" and self.cfg.student.dtype == "bfloat16"
+        bf16 = self.cfg.student.dtype == "bfloat16"  # on CPU as on CUDA
         if self.world > 1:
             self.whole = shard.shard(self.model, self.device, bf16)
             anchor = self.anchor and shard.shard(self.anchor, self.device, bf16, frozen=True)

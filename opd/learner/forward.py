@@ -111,13 +111,15 @@ class StudentForward:
 
     `student` is the student being trained, `anchor` the run's frozen starting student or None,
     each a `Whole` (sharded or not, `opd.learner.shard`): everything computed from a model runs
-    inside its forward. `autocast`: bf16 autocast on CUDA (the weights stay fp32).
+    inside its forward. `autocast`: bf16 autocast on the device, CPU or CUDA (the weights stay
+    fp32; the head's logits are cast to fp32 before every log-softmax).
     `vocab_size`: the tokenizer's, to which the head's logits are cut (models may pad their
     embedding rows)."""
 
     def __init__(self, student: Whole, anchor: Optional[Whole], device: str, autocast: bool, vocab_size: int):
         self.student, self.anchor, self.device = student, anchor, device
         self.autocast, self.vocab_size = autocast, vocab_size
+        self.device_type = torch.device(device).type
         model = student.model
         # the LM head on target positions only, where the model's logits are a plain head
         self.head_only_on_targets = (hasattr(model, "model") and not any(
@@ -177,7 +179,7 @@ class StudentForward:
 
     def _head_inputs(self, model: torch.nn.Module, ids_BS: torch.Tensor, win: Window,
                      sel_N: torch.Tensor) -> tuple[torch.Tensor, Callable]:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
             if self.head_only_on_targets:
                 x = model.model(input_ids=ids_BS[:, : win.columns]).last_hidden_state
                 head = model.get_output_embeddings()
@@ -188,7 +190,7 @@ class StudentForward:
 
     def _float_logits(self, head: torch.nn.Module) -> Callable:
         def logits(x_NX: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
                 return head(x_NX)[..., : self.vocab_size].float()
 
         return logits

@@ -13,8 +13,8 @@ student is made of, and who holds it:
   by the whole batch's count, so N ranks take the update one rank takes;
 - each rank keeps 1/N of the fp32 master weights, gradients and AdamW moments (dim-0 shards);
 - the divergence anchor, a frozen copy of the starting student, is sharded the same way;
-- on CUDA with `student.dtype=bfloat16` the gathered weights are bf16 for compute, the
-  master weights fp32 and the gradient reduction fp32.
+- with `student.dtype=bfloat16` (CPU or CUDA) the gathered weights are bf16 for compute,
+  the master weights fp32 and the gradient reduction fp32.
 
 The collective helpers here (`full_tensor`, `clip_global_norm`, `agree`) work unsharded too,
 so the learner's code is the same for N = 1 and N > 1.
@@ -86,7 +86,7 @@ def decoder_layers(model: torch.nn.Module) -> Iterable[torch.nn.Module]:
 
 def shard(model: torch.nn.Module, device: str, bf16: bool, frozen: bool = False) -> Whole:
     """`model` wrapped in FSDP2 over the default process group: one unit per decoder layer,
-    then the root (`Whole`); gradients summed across ranks. `bf16` (CUDA): bf16 compute,
+    then the root (`Whole`); gradients summed across ranks. `bf16`: bf16 compute,
     fp32 master weights and reduction. `frozen`: the anchor, which is only read."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
