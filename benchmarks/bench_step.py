@@ -12,7 +12,13 @@ transformers forward + backward + AdamW of the student, and one in-memory copy o
 student's weights. Writes JSON (config, environment, versions, git commit) with seconds per
 phase, the raw seconds scaled to the loop's mean token counts, each phase's ratio to its
 raw limit, step time / sum of raw phases, the weight sync's share of the step and the
-learner's peak memory (`learner/peak_rss_mb`, reported by the learner process).
+learner's peak memory (`learner/peak_rss_mb`, reported by the learner process); and, under
+`flops`, each phase's model FLOPs and FLOP/s against the matmul peak of its dtype measured
+in the same run (`model_flops.py`). The raw learner and teacher compute in the run's
+student.dtype and teacher.dtype (bfloat16: the learner under autocast, as opd's).
+
+    .venv/bin/python benchmarks/bench_step.py --experiment smollm2_cpu zoo_dir=/tmp/zoo \
+        student.dtype=bfloat16 teacher.dtype=bfloat16 rollout.dtype=bfloat16   # bf16 end to end
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ def loop_phases(run_dir: str) -> tuple[dict, dict, dict]:
     phases = {p: float(np.median([s.get(f"time/{p}", 0.0) for s in steps])) for p in PHASES}
     spread = {p: {f: float(fn([s.get(f"time/{p}", 0.0) for s in steps])) for f, fn in (("min", min), ("max", max))}
               for p in PHASES}
-    shape = {k: mean(k) for k in ("rollout/tokens", "rollout/tokens_per_s", "learner/seq_tokens",
+    shape = {k: mean(k) for k in ("rollout/tokens", "rollout/tokens_per_s", "learner/seq_tokens", "learner/tokens",
                                   "learner/padded_tokens", "sync/mb")}
     shape["learner/peak_rss_mb"] = max(s.get("learner/peak_rss_mb", 0.0) for s in steps)
     shape["steps_measured"] = len(steps)
@@ -80,9 +86,34 @@ def raw_phases(cfg, student: str, teacher: str, rows, pad_id: int, plain_tps: fl
     return {"batch": {"rows": len(rows), "seq_tokens": b.seq_tokens,
                       "completion_tokens": sum(len(c) for _, c in rows)},
             "generate": {"tokens_per_s": plain_tps},
-            "teacher": teacher_forward(teacher, b, repeats),
-            "learn": learner_step(student, b, cfg.optim.micro_batch_size, cfg.optim.lr, repeats),
+            "teacher": teacher_forward(teacher, b, repeats, cfg.teacher.dtype),
+            "learn": learner_step(student, b, cfg.optim.micro_batch_size, cfg.optim.lr, repeats, cfg.student.dtype),
             "sync": state_copy(student, repeats)}
+
+
+def against_peak(cfg, student: str, teacher: str, phases: dict, shape: dict, rows: int, repeats: int) -> dict:
+    """Each phase's model FLOPs per step (`model_flops.py`), its FLOP/s at the loop's median
+    seconds, and that as a fraction of the measured matmul peak of the dtype it computes in
+    (the learner's: student.dtype, bf16 by autocast; the teacher's: teacher.dtype; the
+    engines': rollout.dtype), measured here on a (2048 x hidden) @ (hidden x intermediate)."""
+    from model_flops import ModelShape, phase_flops
+    from raw_limits import matmul_peak
+
+    c = json.loads((Path(student) / "config.json").read_text())
+    dtypes = {"learn": cfg.student.dtype, "teacher": cfg.teacher.dtype, "generate": cfg.rollout.dtype}
+    peaks = {d: matmul_peak(2048, c["hidden_size"], c["intermediate_size"], d, repeats)
+             for d in sorted(set(dtypes.values()))}
+    flops = phase_flops(ModelShape.of(student), ModelShape.of(teacher), shape, rows)
+    out = {}
+    for p, f in flops.items():
+        rate = f / phases[p] / 1e9 if phases[p] else None
+        out[p] = {"gflop": f / 1e9, "gflop_per_s": rate, "dtype": dtypes[p],
+                  "fraction_of_peak": rate / peaks[dtypes[p]]["gflop_per_s"] if rate else None}
+    if cfg.teacher.backend in ("vllm", "server"):
+        out["teacher"]["note"] = ("an upper bound of the work done: the count runs the teacher over every "
+                                  "sequence token, and a vLLM teacher's prefix cache skips the prefixes "
+                                  "that rows share (the prompt template, a prompt's other samples)")
+    return {"matmul_peak": peaks, "phases": out}
 
 
 def compare(phases: dict, shape: dict, raw: dict) -> dict:
@@ -136,6 +167,7 @@ def main() -> None:
         "config": as_dict(cfg), "environment": environment(), "steps_measured": shape.pop("steps_measured"),
         "seconds_per_phase": phases, "spread_per_phase": spread, "loop_means": shape, "raw": raw,
         **compare(phases, shape, raw),
+        "flops": against_peak(cfg, student, teacher, phases, shape, len(rows), args.repeats),
         "rollout_tokens_per_s": shape["rollout/tokens_per_s"], "plain_vllm_tokens_per_s": plain_tps,
         "rollout_overhead_ratio": plain_tps / shape["rollout/tokens_per_s"],
         "sync_mb": shape["sync/mb"], "learner_peak_rss_mb": shape["learner/peak_rss_mb"],
@@ -146,7 +178,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({k: result[k] for k in ("seconds_per_phase", "ratio_to_raw", "step_over_raw_sum",
-                                             "sync_share_of_step", "learner_peak_rss_mb")}, indent=2))
+                                             "sync_share_of_step", "learner_peak_rss_mb", "flops")}, indent=2))
     print(f"wrote {out}")
 
 

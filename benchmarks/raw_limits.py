@@ -2,11 +2,15 @@
 
 Used by `bench_step.py`. Each measurement runs in a fresh spawned process (its own peak
 memory, no engine or Ray in it) with torch using every core:
-- `teacher_forward`: one no-grad forward of the teacher over the padded batch, logits over
-  every position (what a plain transformers scorer costs);
+- `teacher_forward`: one no-grad forward of the teacher, in its dtype, over the padded batch,
+  logits over every position (what a plain transformers scorer costs);
 - `learner_step`: the student's forward + backward (cross-entropy on the completion tokens,
-  logits over every position) over micro-batches of the same rows, then one AdamW step;
-- `state_copy`: one copy of the student's weights in memory (the limit of a weight sync).
+  logits over every position) over micro-batches of the same rows, then one AdamW step
+  (bf16 autocast when the student's dtype is bfloat16);
+- `state_copy`: one copy of the student's weights in memory (the limit of a weight sync);
+- `matmul_peak`: the best GFLOP/s of one torch matmul of a shape the model runs (tokens x
+  hidden by hidden x intermediate), per dtype: the machine's measured peak that the phases'
+  model FLOP/s are read against (`model_flops.py`).
 Every function returns the median seconds over `repeats` (after one warm-up) and the
 process's peak resident memory.
 """
@@ -63,18 +67,18 @@ def _peak_rss_mb() -> float:
     return peak_rss_mb()
 
 
-def _load(path: str):
+def _load(path: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
 
 
-def _teacher_forward(path: str, b: RawBatch, repeats: int) -> dict:
+def _teacher_forward(path: str, b: RawBatch, repeats: int, dtype: str) -> dict:
     import torch
 
-    model = _load(path).eval()
+    model = _load(path, dtype).eval()
     ids, attn, _ = _padded(b, range(len(b.seqs)))
 
     @torch.no_grad()
@@ -84,10 +88,11 @@ def _teacher_forward(path: str, b: RawBatch, repeats: int) -> dict:
     return {"seconds": _timed(run, repeats), "peak_rss_mb": _peak_rss_mb()}
 
 
-def _learner_step(path: str, b: RawBatch, micro_batch: int, lr: float, repeats: int) -> dict:
+def _learner_step(path: str, b: RawBatch, micro_batch: int, lr: float, repeats: int, dtype: str) -> dict:
     import torch
 
-    model = _load(path).train()
+    model = _load(path).train()  # fp32 master weights; bfloat16: autocast, as the learner
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     n = len(b.seqs)
     chunks = [_padded(b, range(i, min(n, i + micro_batch))) for i in range(0, n, micro_batch)]
@@ -95,7 +100,9 @@ def _learner_step(path: str, b: RawBatch, micro_batch: int, lr: float, repeats: 
     def run():
         opt.zero_grad(set_to_none=True)
         for ids, attn, labels in chunks:
-            model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
+            with bf16:
+                loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            loss.backward()
         opt.step()
 
     return {"seconds": _timed(run, repeats), "peak_rss_mb": _peak_rss_mb()}
@@ -108,18 +115,40 @@ def _state_copy(path: str, repeats: int) -> dict:
     return {"seconds": _timed(lambda: {k: v.clone() for k, v in sd.items()}, repeats), "mb": mb}
 
 
+def _matmul_peak(m: int, k: int, n: int, dtype: str, repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a = torch.randn(m, k).to(getattr(torch, dtype))
+    b = torch.randn(k, n).to(getattr(torch, dtype))
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(max(10, repeats)):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return {"shape": [m, k, n], "gflop_per_s": 2 * m * k * n / best / 1e9}
+
+
 def _in_fresh_process(fn, *args) -> dict:
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
         return ex.submit(fn, *args).result()
 
 
-def teacher_forward(path: str, b: RawBatch, repeats: int = 3) -> dict:
-    return _in_fresh_process(_teacher_forward, path, b, repeats)
+def teacher_forward(path: str, b: RawBatch, repeats: int = 3, dtype: str = "float32") -> dict:
+    return _in_fresh_process(_teacher_forward, path, b, repeats, dtype)
 
 
-def learner_step(path: str, b: RawBatch, micro_batch: int, lr: float, repeats: int = 3) -> dict:
-    return _in_fresh_process(_learner_step, path, b, micro_batch, lr, repeats)
+def learner_step(path: str, b: RawBatch, micro_batch: int, lr: float, repeats: int = 3,
+                 dtype: str = "float32") -> dict:
+    """`dtype`: the student's (`student.dtype`): bfloat16 runs under autocast."""
+    return _in_fresh_process(_learner_step, path, b, micro_batch, lr, repeats, dtype)
 
 
 def state_copy(path: str, repeats: int = 3) -> dict:
     return _in_fresh_process(_state_copy, path, repeats)
+
+
+def matmul_peak(m: int, k: int, n: int, dtype: str, repeats: int = 3) -> dict:
+    return _in_fresh_process(_matmul_peak, m, k, n, dtype, repeats)
