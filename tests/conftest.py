@@ -48,6 +48,10 @@ def tiny_overrides(tmp_path_factory) -> list[str]:
         *(f"student.zoo.{k}={v}" for k, v in STUDENT_ZOO.items()),
         # a small student of its own (tests/test_zoo.py builds the layer-dropped one)
         "zoo.student_init=scratch",
+        # the loss and micro-batch the tiny zoo's tests are measured with (the default
+        # experiment's, beta 0 in one micro-batch, is measured in docs/results.md §0)
+        "loss.jsd_beta=0.5",
+        "optim.micro_batch_size=64",
         "rollout.prompts_per_step=8",
         "rollout.samples_per_prompt=2",
     ]
