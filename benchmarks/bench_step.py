@@ -99,11 +99,10 @@ def against_peak(cfg, student: str, teacher: str, phases: dict, shape: dict, row
     from model_flops import ModelShape, phase_flops
     from raw_limits import matmul_peak
 
-    c = json.loads((Path(student) / "config.json").read_text())
+    s = ModelShape.of(student)
     dtypes = {"learn": cfg.student.dtype, "teacher": cfg.teacher.dtype, "generate": cfg.rollout.dtype}
-    peaks = {d: matmul_peak(2048, c["hidden_size"], c["intermediate_size"], d, repeats)
-             for d in sorted(set(dtypes.values()))}
-    flops = phase_flops(ModelShape.of(student), ModelShape.of(teacher), shape, rows)
+    peaks = {d: matmul_peak(2048, s.hidden, s.intermediate, d, repeats) for d in sorted(set(dtypes.values()))}
+    flops = phase_flops(s, ModelShape.of(teacher), shape, rows)
     out = {}
     for p, f in flops.items():
         rate = f / phases[p] / 1e9 if phases[p] else None

@@ -27,6 +27,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class ModelShape:
     hidden: int
+    intermediate: int
     layers: int
     vocab: int
     decoder_params: int  # attention and MLP weights of every layer (norms and biases left out)
@@ -39,7 +40,7 @@ class ModelShape:
         head_dim = c.get("head_dim") or h // heads
         kv = c.get("num_key_value_heads", heads) * head_dim
         per_layer = 2 * h * heads * head_dim + 2 * h * kv + 3 * h * inter  # q, o; k, v; gate, up, down
-        return cls(h, layers, c["vocab_size"], layers * per_layer)
+        return cls(h, inter, layers, c["vocab_size"], layers * per_layer)
 
     def forward(self, tokens: float, head_tokens: float, mean_seq: float) -> float:
         """FLOPs of one forward over `tokens` positions with the head on `head_tokens`."""

@@ -51,14 +51,14 @@ def _padded(b: RawBatch, rows: range):
     return ids, attn, labels
 
 
-def _timed(fn, repeats: int) -> float:
+def _timed(fn, repeats: int, summary=statistics.median) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return summary(times)
 
 
 def _peak_rss_mb() -> float:
@@ -121,13 +121,7 @@ def _matmul_peak(m: int, k: int, n: int, dtype: str, repeats: int) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     a = torch.randn(m, k).to(getattr(torch, dtype))
     b = torch.randn(k, n).to(getattr(torch, dtype))
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(max(10, repeats)):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
+    best = _timed(lambda: a @ b, max(10, repeats), min)  # a peak: the fastest run
     return {"shape": [m, k, n], "gflop_per_s": 2 * m * k * n / best / 1e9}
 
 

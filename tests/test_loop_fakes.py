@@ -11,11 +11,9 @@ itself decides, checked exactly.
   of `LoopWorkers`, under the same names and parameters.
 """
 
-import importlib.util
 import inspect
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from opd.run_io import RunDir
 from opd.steps import sampling_settings
 from opd.tasks import Example
 from opd.types import CheckpointState, LoopWorkers, RolloutBatch, TeacherScores, WeightUpdate
+from tests.conftest import benchmark_module
 
 
 class FakeWorkers:
@@ -217,11 +216,7 @@ def test_overlap_resumes_with_the_pending_rollouts(tiny_overrides, tok, tmp_path
 
 
 def _sleep_workers() -> type:
-    path = Path(__file__).parents[1] / "benchmarks" / "sim_overlap.py"
-    spec = importlib.util.spec_from_file_location("sim_overlap", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SleepWorkers
+    return benchmark_module("sim_overlap").SleepWorkers
 
 
 def _verbs(protocol: type) -> dict[str, list[str]]:

@@ -1,20 +1,9 @@
 """What benchmarks/bench_step.py reads its FLOP/s from (benchmarks/model_flops.py): the model
 FLOPs it counts for a forward equal torch's own count of the matmuls a forward runs."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-
-def _model_flops():
-    path = Path(__file__).parents[1] / "benchmarks" / "model_flops.py"
-    spec = importlib.util.spec_from_file_location("model_flops", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import benchmark_module
 
 
 def test_a_forward_counts_what_torch_counts(tiny_zoo):
@@ -22,7 +11,7 @@ def test_a_forward_counts_what_torch_counts(tiny_zoo):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_zoo.teacher), dtype=torch.float32, attn_implementation="eager").eval()
-    shape = _model_flops().ModelShape.of(str(tiny_zoo.teacher))
+    shape = benchmark_module("model_flops").ModelShape.of(str(tiny_zoo.teacher))
     B, T = 3, 11
     ids = torch.randint(7, 40, (B, T))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
