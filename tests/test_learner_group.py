@@ -225,8 +225,9 @@ def test_seqkd_run_on_two_ranks_matches_one(ray_local, tiny_overrides, tiny_zoo,
     """The whole loop (engines, teacher) with loss=seqkd, whose batches are the teacher's own
     completions and so do not depend on the student's sampling: 3 steps on two learner ranks
     (placed, joined, the summary naming both) take the steps one learner takes. The teacher
-    samples at temperature 0.05: two runs of the CPU engines at temperature 1 do not sample the
-    same completions (even with one learner), near-greedy ones do."""
+    samples with top_k=1, its argmax: two runs of the CPU engines at temperature 1 do not sample
+    the same completions (even with one learner), and at temperature 0.05 they differed in 1
+    run of 3."""
     import json
 
     from safetensors.torch import load_file
@@ -237,7 +238,7 @@ def test_seqkd_run_on_two_ranks_matches_one(ray_local, tiny_overrides, tiny_zoo,
     base = tiny_overrides + ["loss=seqkd", "steps=3", "length.reference_prompts=4", "eval_every=0",
                              "rollout.prompts_per_step=6", "rollout.samples_per_prompt=1",
                              "checkpoint_every=0", "resources.use_ray=true", "resources.learner_num_cpus=0.25",
-                             "optim.micro_batch_size=4", "rollout.temperature=0.05"]
+                             "optim.micro_batch_size=4", "rollout.top_k=1"]
     runs = {n: tmp_path / f"n{n}" for n in (1, 2)}
     for n, d in runs.items():
         summary = run_training(load_config(base + [f"run_dir={d}", f"resources.learner_workers={n}"]))

@@ -1,8 +1,8 @@
 """pad == eos on the tiny zoo: `tiny_zoo_pad_eos` is the tiny zoo with its tokenizer's pad
 token set to EOS, the real pair's case at the tiny zoo's cost. A completion's own EOS is a
 trained (and scored) token and the padding after it, the same id, is not; a short run on it
-starts exactly as the same run with a distinct pad token, and raises the student's log-prob
-of EOS after the held-out reference answers.
+starts exactly as the same run with a distinct pad token, and keeps training each stopped
+rollout's EOS.
 """
 
 import json
@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 
 from opd.actors import Workers
-from opd.batch import answer_rollouts, build_pairs, build_train_batch
+from opd.batch import build_pairs, build_train_batch
 from opd.config import load_config
-from opd.learner import Learner
-from opd.prompt_files import load_splits
-from opd.tasks import build_task, encode_answer, encode_prompt, prompt_batch
+from opd.tasks import build_task, prompt_batch
 from opd.teacher import TeacherScorer
 from opd.train import run_training
 from opd.types import SamplingSettings
@@ -69,8 +67,10 @@ def test_pad_equals_eos_completion_eos_is_trained_padding_is_not(tiny_cfg, tiny_
 def test_pad_equals_eos_run_trains_eos(tiny_overrides, tiny_zoo, tiny_zoo_pad_eos, tmp_path, monkeypatch):
     """A short run on the variant: its first step's loss, token count and KL equal the same
     step on the tiny zoo (padding is told from EOS by position, never by id), the loop's
-    batches train each stopped rollout's EOS, and the student's EOS after each held-out
-    reference answer becomes more likely.
+    batches train each stopped rollout's EOS.
+    (Whether 3 steps make EOS after the held-out answers more likely depends on the zoo build:
+    the tiny student already stops, and the rises were +0.02 nats on one CPU type and mixed on
+    another. Learning to stop is measured on the real pair, docs/results.md.)
     (Later steps differ a little: the model config's pad_token_id is the embedding's
     padding_idx, whose row gets no gradient as an input, and rollouts hold pad as a token.)"""
     batches, real_train = [], Workers.train
@@ -87,17 +87,8 @@ def test_pad_equals_eos_run_trains_eos(tiny_overrides, tiny_zoo, tiny_zoo_pad_eo
     for key in ("loss/rows_total", "learner/tokens", "teacher/kl", "length/mean", "length/truncated_frac"):
         assert same[0][key] == distinct[0][key], key
     tok = load_tokenizer(tiny_zoo_pad_eos.student)
-    first = batches[1]  # the variant run's first batch: every stopped rollout's EOS is trained
-    ends = [(b, int(np.flatnonzero(row)[-1])) for b, row in enumerate(first.loss_mask_BS)]
-    ends = [(b, t) for b, t in ends if first.input_ids_BS[b, t] == tok.eos_token_id]
-    assert len(ends) >= 4 and all((first.input_ids_BS[b, t + 1:] == tok.eos_token_id).all() for b, t in ends)
-    # the student learned to stop: its EOS after every held-out reference answer is more likely
-    cfg = load_config(tiny_overrides)
-    exs = load_splits(cfg.task)[1]
-    refs = answer_rollouts([encode_prompt(tok, e) for e in exs], [encode_answer(tok, e.answer) for e in exs])
-    ref = build_train_batch(refs, None, tok.pad_token_id, tok.eos_token_id, False, 1.0)
-    eos = [(n, len(p) + len(c) - 1) for n, (p, c) in enumerate(zip(refs.prompt_ids, refs.completion_ids))]
-    before = Learner(str(tiny_zoo_pad_eos.student), cfg).logprobs(ref)
-    after = Learner(str(tmp_path / "pad_eos" / "checkpoints" / "step-000003"), cfg).logprobs(ref)
-    rise = np.array([after[n, t] - before[n, t] for n, t in eos])
-    assert rise.min() > 0 and rise.mean() > 0.01, rise  # measured: min 0.02, mean 0.04 nats
+    for step, batch in enumerate(batches[1:], 1):  # the variant's batches: each stopped rollout's EOS is trained
+        ends = [(b, int(np.flatnonzero(row)[-1])) for b, row in enumerate(batch.loss_mask_BS)]
+        ends = [(b, t) for b, t in ends if batch.input_ids_BS[b, t] == tok.eos_token_id]
+        assert len(ends) >= 4, step
+        assert all((batch.input_ids_BS[b, t + 1:] == tok.eos_token_id).all() for b, t in ends), step
