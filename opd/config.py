@@ -289,6 +289,7 @@ class OptimConfig:
     grad_clip: float = knob(MISSING, ge(0))  # max global grad norm (0 = off)
     micro_batch_size: int = knob(MISSING, ge(1))  # sequences per forward/backward
     device: str = knob(MISSING, one_of("auto", "cpu", "cuda"))
+    gradient_checkpointing: bool = MISSING  # recompute each decoder layer's activations in backward
     max_bad_steps: int = knob(MISSING, ge(1))  # stop after this many steps in a row with a
     #                                            non-finite loss/grad
 

@@ -34,14 +34,15 @@ def ray_local(tiny_cfg):
         ray.shutdown()
 
 
-def _cfg(tiny_cfg, n, lora=False, dtype="float32", **loss):
+def _cfg(tiny_cfg, n, lora=False, dtype="float32", checkpointing=False, **loss):
     """The tiny config with `n` learner ranks and these loss settings (the anchor kept);
-    `lora`: a rank-4 LoRA student; `dtype`: the student's compute dtype."""
+    `lora`: a rank-4 LoRA student; `dtype`: the student's compute dtype; `checkpointing`:
+    activation checkpointing of the decoder layers."""
     length = replace(tiny_cfg.length, mode="auto", remedies=replace(tiny_cfg.length.remedies, anchor_coef=0.1))
     student = replace(tiny_cfg.student, dtype=dtype,
                       lora=replace(tiny_cfg.student.lora, enabled=lora, r=4, alpha=8))
     return replace(tiny_cfg, loss=replace(tiny_cfg.loss, **loss), length=length, student=student,
-                   optim=replace(tiny_cfg.optim, micro_batch_size=2, lr=3e-3),
+                   optim=replace(tiny_cfg.optim, micro_batch_size=2, lr=3e-3, gradient_checkpointing=checkpointing),
                    resources=replace(tiny_cfg.resources, learner_workers=n, use_ray=True, learner_num_cpus=0.5))
 
 
@@ -109,6 +110,7 @@ def _rel(a, b):
     (("rollouts",), dict(distill="jsd", lora=True)),  # a LoRA student; its anchor: the adapters off
     (("rollouts",), dict(distill="jsd", dtype="bfloat16")),  # bf16 compute: FSDP2's bf16 gathers
     #                                                          against one rank's autocast
+    (("rollouts",), dict(distill="jsd", checkpointing=True)),  # recomputed layers inside FSDP2's units
 ])
 def test_two_ranks_take_the_step_one_rank_takes(ray_local, tiny_cfg, tiny_zoo, kinds, loss):
     one = Learner(str(tiny_zoo.student), _cfg(tiny_cfg, 1, **loss))

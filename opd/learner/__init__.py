@@ -90,6 +90,8 @@ class Learner:
         self.model = AutoModelForCausalLM.from_pretrained(
             start_path if adapter else model_path, dtype=torch.float32,
             trust_remote_code=cfg.student.trust_remote_code)
+        if self.optim_cfg.gradient_checkpointing:  # non-reentrant: composes with autocast, FSDP2 and LoRA
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.peft = lora.wrap(self.model, cfg.student.lora, adapter) if cfg.student.lora.enabled else None
         self.model.train()
         self.vocab_size = len(self.tokenizer)
