@@ -1,14 +1,18 @@
-"""The learner's training state, full fine-tune against LoRA, on the real pair's student:
-the bytes of parameters, gradients and AdamW moments after one step, and the learner
-process's peak resident memory.
+"""The learner's memory on the real pair's student: full fine-tune against LoRA, with and
+without activation checkpointing; the bytes of parameters, gradients and AdamW moments after
+one step, and the learner process's peak resident memory before and after that step.
 
     .venv/bin/python benchmarks/lora_memory.py zoo_dir=/tmp/zoo --ranks 16 64
+    .venv/bin/python benchmarks/lora_memory.py zoo_dir=/tmp/zoo --ranks --checkpointing \
+        --rows 4 --prompt 64 --completion 1984
 
 Each learner runs in a process of its own (so each peak is its own), on
 `experiment=smollm2_cpu`'s student and config, one AdamW step on the same synthetic batch
-(32 rows of 40 prompt + 48 completion tokens, the experiment's shape, teacher top-20). JSON:
+(by default 32 rows of 40 prompt + 48 completion tokens, the experiment's shape, teacher
+top-20). `--checkpointing` measures each learner again with `optim.gradient_checkpointing=true`;
+the step's growth of the peak (after minus before) is where activations show. JSON:
 benchmarks/results/lora_memory-<time>.json (config, environment, per learner the trained and
-total parameters, the bytes by kind, the peak RSS).
+total parameters, the bytes by kind, the peaks, the step's seconds).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ def batch(vocab: int, rows: int = 32, prompt: int = 40, completion: int = 48):
     return build_train_batch(rollouts, scores, 0, 1, True, 1.0)
 
 
-def measure(overrides: list[str], rank: int, out: mp.Queue) -> None:
+def measure(overrides: list[str], rank: int, checkpointing: bool, shape: tuple[int, int, int],
+            out: mp.Queue) -> None:
     from opd.config import load_config
     from opd.learner import Learner, lora, peak_rss_mb, shard
     from opd.zoo import resolve_model_paths
@@ -49,33 +54,47 @@ def measure(overrides: list[str], rank: int, out: mp.Queue) -> None:
     if rank:
         cfg = replace(cfg, student=replace(cfg.student, lora=replace(cfg.student.lora, enabled=True, r=rank,
                                                                       alpha=2.0 * rank)))
+    cfg = replace(cfg, optim=replace(cfg.optim, gradient_checkpointing=checkpointing,
+                                     micro_batch_size=max(cfg.optim.micro_batch_size, shape[0])))
     learner = Learner(resolve_model_paths(cfg)[0], cfg)
-    learner.train_step(batch(learner.vocab_size))
-    out.put({"lora_rank": rank, **lora.counts(learner.model), **shard.local_bytes(learner.model, learner.opt),
-             "peak_rss_mb": peak_rss_mb()})
+    b, before = batch(learner.vocab_size, *shape), peak_rss_mb()
+    t0 = time.time()
+    learner.train_step(b)
+    out.put({"lora_rank": rank, "checkpointing": checkpointing, "shape": shape, "step_seconds": time.time() - t0,
+             **lora.counts(learner.model), **shard.local_bytes(learner.model, learner.opt),
+             "peak_rss_before_step_mb": before, "peak_rss_mb": peak_rss_mb()})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", nargs="*", type=int, default=[16])
+    ap.add_argument("--checkpointing", action="store_true", help="each learner also with activation checkpointing")
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=40, help="prompt tokens a row")
+    ap.add_argument("--completion", type=int, default=48, help="trained tokens a row")
     ap.add_argument("--out", default=None)
     args, overrides = ap.parse_known_args()
     from opd.config import as_dict, load_config
     from opd.run_io import environment
 
     ctx, rows = mp.get_context("spawn"), []
+    shape = (args.rows, args.prompt, args.completion)
     for rank in [0, *args.ranks]:  # 0: the full fine-tune
-        q = ctx.Queue()
-        p = ctx.Process(target=measure, args=(overrides, rank, q))
-        p.start()
-        rows.append(q.get())
-        p.join()
+        for ckpt in (False, True) if args.checkpointing else (False,):
+            q = ctx.Queue()
+            p = ctx.Process(target=measure, args=(overrides, rank, ckpt, shape, q))
+            p.start()
+            rows.append(q.get())
+            p.join()
     for r in rows:
         r["state_mb"] = (r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]) / 2**20
-        print(f"{'full' if not r['lora_rank'] else 'LoRA r=%d' % r['lora_rank']:10s} "
+        r["step_growth_mb"] = r["peak_rss_mb"] - r["peak_rss_before_step_mb"]
+        name = ("full" if not r["lora_rank"] else f"LoRA r={r['lora_rank']}") + (" ckpt" if r["checkpointing"] else "")
+        print(f"{name:15s} "
               f"{r['trainable_params'] / 1e6:6.2f}M of {r['total_params'] / 1e6:.2f}M trained: state "
               f"{r['state_mb']:7.1f} MB (params {r['param_bytes'] / 2**20:.1f}, grads {r['grad_bytes'] / 2**20:.1f}, "
-              f"AdamW {r['optimizer_bytes'] / 2**20:.1f}), peak RSS {r['peak_rss_mb']:.0f} MB")
+              f"AdamW {r['optimizer_bytes'] / 2**20:.1f}), peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"(+{r['step_growth_mb']:.0f} in the step), step {r['step_seconds']:.1f} s")
     cfg = load_config(["experiment=smollm2_cpu", *overrides])
     out = Path(args.out or f"benchmarks/results/lora_memory-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
