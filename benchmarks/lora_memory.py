@@ -54,8 +54,7 @@ def measure(overrides: list[str], rank: int, checkpointing: bool, shape: tuple[i
     if rank:
         cfg = replace(cfg, student=replace(cfg.student, lora=replace(cfg.student.lora, enabled=True, r=rank,
                                                                       alpha=2.0 * rank)))
-    cfg = replace(cfg, optim=replace(cfg.optim, gradient_checkpointing=checkpointing,
-                                     micro_batch_size=max(cfg.optim.micro_batch_size, shape[0])))
+    cfg = replace(cfg, optim=replace(cfg.optim, gradient_checkpointing=checkpointing))
     learner = Learner(resolve_model_paths(cfg)[0], cfg)
     b, before = batch(learner.vocab_size, *shape), peak_rss_mb()
     t0 = time.time()
