@@ -47,6 +47,9 @@ def test_wandb_offline_run_has_the_metrics_and_config(tiny_overrides, tiny_zoo, 
                                         "checkpoint_every=0", "length.reference_prompts=8",
                                         "loggers=[tensorboard,wandb]"])
     run_training(cfg)
+    import wandb
+
+    wandb.teardown()  # what a process's exit does: the W&B service writes out all it holds, then stops
     [wandb_file] = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     records = wandb_records(wandb_file)
     history = {}
@@ -55,7 +58,7 @@ def test_wandb_offline_run_has_the_metrics_and_config(tiny_overrides, tiny_zoo, 
             items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
             history[int(items["_step"])] = items
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert lines and {m["step"] for m in lines} <= set(history)
+    assert lines and {m["step"] for m in lines} <= set(history), [r.WhichOneof("record_type") for r in records]
     for m in lines:
         numbers = {k: v for k, v in m.items() if k not in ("step", "events") and isinstance(v, (int, float))}
         got = history[m["step"]]
