@@ -9,7 +9,7 @@ import pytest
 from opd.config import load_config
 from opd.train import run_training
 
-pytest.importorskip("wandb")
+wandb = pytest.importorskip("wandb")
 pytestmark = pytest.mark.slow
 
 BLOCK, HEADER, RECORD_HEADER = 32768, 7, 7  # the .wandb file: LevelDB's log format after a 7-byte header
@@ -47,8 +47,6 @@ def test_wandb_offline_run_has_the_metrics_and_config(tiny_overrides, tiny_zoo, 
                                         "checkpoint_every=0", "length.reference_prompts=8",
                                         "loggers=[tensorboard,wandb]"])
     run_training(cfg)
-    import wandb
-
     wandb.teardown()  # what a process's exit does: the W&B service writes out all it holds, then stops
     [wandb_file] = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     records = wandb_records(wandb_file)
