@@ -42,14 +42,33 @@ def _hidden_chunk(hidden_NH, head, gathers, references, start, end):
     logits = x if head is None else head(x)
     logits = logits.to(float_dtype(logits))
     temps = dict.fromkeys([t for _, t in gathers] + [r.temperature for r in references])
-    logp = {t: torch.log_softmax(logits / t, -1) for t in temps}
-    out = [logp[t].gather(-1, ids_NK[start:end].long()) for ids_NK, t in gathers]
+    logp = {t: _log_softmax(logits, t) for t in temps}
+    out = _gathers(logp, [(ids_NK[start:end], t) for ids_NK, t in gathers])
     for r in references:
         with torch.no_grad():
             ref = r.x_NX[start:end] if r.head is None else r.head(r.x_NX[start:end])
-            ref = torch.log_softmax(ref.to(logits.dtype) / r.temperature, -1)
+            ref = _log_softmax(ref.to(logits.dtype), r.temperature)
         out.append(torch.stack([gjsd(logp[r.temperature], ref, beta) for beta in r.betas], -1))
     return tuple(out)
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature) over the last axis; at temperature 1 without the
+    division's (N, V) copy."""
+    return torch.log_softmax(logits if temperature == 1 else logits / temperature, -1)
+
+
+def _gathers(logp: dict[float, torch.Tensor], gathers: Sequence[tuple[torch.Tensor, float]]) -> list[torch.Tensor]:
+    """Each (ids_NK, temperature)'s log-probs logp[temperature][ids]: the gathers of one
+    temperature as one gather over their ids side by side, then split back."""
+    out: list[Optional[torch.Tensor]] = [None] * len(gathers)
+    for t in dict.fromkeys(t for _, t in gathers):
+        idx = [i for i, (_, ti) in enumerate(gathers) if ti == t]
+        ids = [gathers[i][0].long() for i in idx]
+        parts = logp[t].gather(-1, torch.cat(ids, -1)).split([x.shape[-1] for x in ids], -1)
+        for i, part in zip(idx, parts):
+            out[i] = part
+    return out  # type: ignore[return-value]
 
 
 def logprobs_from_hidden(hidden_NH: torch.Tensor, head: Optional[Callable[[torch.Tensor], torch.Tensor]],
