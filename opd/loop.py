@@ -33,7 +33,8 @@ from opd.rollout import greedy_settings
 from opd.run_io import RunDir, newest_checkpoint, rng_state_from_json, rng_state_to_json
 from opd.steps import StepBatches, StepResult, sampling_settings
 from opd.tasks import Example, encode_answer, prompt_batch, sample_batch
-from opd.types import CheckpointState, LearnerDied, LoopWorkers, Pending, PromptBatch, RolloutBatch, Summary
+from opd.types import (CheckpointState, LearnerDied, LoopWorkers, Pending, PromptBatch, RolloutBatch,
+                       SamplingSettings, Summary)
 
 if TYPE_CHECKING:  # annotations only: no import cycle at run time
     from opd.config import FormatConfig, TrainConfig
@@ -176,16 +177,23 @@ class Distillation:
         return summary
 
     def reference_lengths(self) -> Optional[length.ReferenceLengths]:
-        """Teacher greedy generations on a sample of train prompts (or the dataset's answers):
-        lengths, truncation, EOS and repetition rates."""
-        n = self.cfg.length.reference_prompts
+        """The teacher's completions of a sample of train prompts, sampled as the rollouts are
+        (lengths, truncation, EOS and repetition rates) and greedy (the probe's rates); or the
+        dataset's answers."""
+        n, r = self.cfg.length.reference_prompts, self.cfg.rollout
         if n > 0:
             exs = random.Random(self.cfg.seed + 1).sample(self.train_set, min(n, len(self.train_set)))
-            out = self.workers.teacher_generate(prompt_batch(self.tok, exs), greedy_settings(self.cfg.rollout.max_new_tokens))
-            return length.reference_lengths(out.completion_ids, out.finish_reasons, self.evaluator.eos_ids,
-                                            self.cfg.length.stats)
+            prompts = prompt_batch(self.tok, exs)
+            sampled = self.teacher_lengths(prompts, sampling_settings(r, r.max_new_tokens, -1))
+            return sampled.with_greedy(self.teacher_lengths(prompts, greedy_settings(r.max_new_tokens)))
         answers = [encode_answer(self.tok, e.answer) for e in self.train_set[:256] if e.answer]
         return length.reference_lengths(answers) if answers else None
+
+    def teacher_lengths(self, prompts: PromptBatch, settings: SamplingSettings) -> length.ReferenceLengths:
+        """The teacher's completions of `prompts` under `settings`, as reference lengths and rates."""
+        out = self.workers.teacher_generate(prompts, settings)
+        return length.reference_lengths(out.completion_ids, out.finish_reasons, self.evaluator.eos_ids,
+                                        self.cfg.length.stats)
 
     def checkpoint(self) -> Optional[str]:
         if self.step == 0:

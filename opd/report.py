@@ -191,6 +191,8 @@ def plot_length(rec: RunRecord, out: Path) -> Optional[Path]:
     _line(ax2, rec.rows, "length/probe/repetitive", "repetitive, greedy probe", color="tab:purple", linestyle=":")
     _line(ax2, rec.rows, "length/reference/truncated_frac", "truncated, teacher (reference)", color="tab:red",
           linestyle="--", alpha=0.5)
+    _line(ax2, rec.rows, "length/reference/greedy_truncated_frac", "truncated, teacher greedy (probe's reference)",
+          color="tab:red", linestyle="-.", alpha=0.5)
     strengths = sorted({k for r in rec.rows for k in r if k.startswith("length/strength/")})
     for key in strengths:
         _line(ax3, rec.rows, key, f"strength: {key.rsplit('/', 1)[-1]}", linewidth=1)

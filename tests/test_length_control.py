@@ -74,7 +74,7 @@ def test_anti_windup_bounds_the_integral_and_releases_at_once():
     assert step - 60 <= 5
 
 
-def test_too_short_turns_stop_remedies_down_and_the_length_ratio_up():
+def test_too_short_turns_stop_remedies_down_and_the_length_ratio_and_mixture_up():
     mon = make_monitor("pi", t_ref=0.27)
     for step in range(5):  # too long first: the stop-teaching remedies go up
         mon.observe(*batch(0.9), step)
@@ -84,9 +84,12 @@ def test_too_short_turns_stop_remedies_down_and_the_length_ratio_up():
         _, _, plan = mon.observe(*batch(0.0, stop_len=5), step)
     down, errors = mon.strengths, mon.metrics()
     assert errors["length/ctrl/err_trunc"] < 0 and errors["length/ctrl/err_len"] < 0
-    assert all(down[k] == 0 for k in ("topk_kl", "mixture", "overlong", "stop_properly", "anchor"))
+    assert all(down[k] == 0 for k in ("topk_kl", "overlong", "stop_properly", "anchor"))
     assert down["length_ratio"] > 0 and plan.length_ratio_coef == pytest.approx(down["length_ratio"])
-    assert plan.topk_kl_coef == 0 and plan.mixture_fraction == 0 and plan.stop_properly is None
+    assert plan.topk_kl_coef == 0 and plan.stop_properly is None
+    # the teacher's own completions teach its lengths: the mixture follows either direction
+    assert down["mixture"] == down["length_ratio"]
+    assert plan.mixture_fraction == pytest.approx(down["length_ratio"] * mon.config.remedies.mixture_fraction)
     # the ratio penalty pulls short rollouts up toward the teacher's mean
     assert L.apply_sequence_penalty(plan, [5] * 4, ["stop"] * 4).max() < 0
 
@@ -152,6 +155,37 @@ def test_the_greedy_probes_loop_flag_reaches_the_controller():
     assert mon.strengths["topk_kl"] == 1.0 and mon.strengths["anchor"] == 1.0  # the probe's floor
     m = mon.metrics()
     assert (m["length/probe/repetitive"], m["length/probe/truncated"], m["length/probe/mean_len"]) == (1.0, 1.0, CAP)
+
+
+def test_the_probe_is_compared_with_the_teachers_greedy_rates():
+    """A teacher that truncates 40% of its samples but none of its greedy completions: a
+    student whose greedy completions are cut 30% of the time is over the teacher's greedy
+    rate, which the sampled rate alone would hide."""
+    def stats(trunc: float) -> L.LengthStats:  # the rollouts of batch(), the cut ones without a loop
+        ids, reasons = batch(trunc)
+        ids = [list(range(100, 100 + CAP)) if r == "length" else x for x, r in zip(ids, reasons)]
+        return L.rollout_stats(ids, reasons, {EOS}, CAP)
+
+    probe = stats(0.3)
+    assert (probe.truncated_frac, probe.repetition_frac) == (0.3, 0.0)
+    sampled = reference(0.4)
+    with_greedy = sampled.with_greedy(reference(0.0))
+    assert with_greedy.greedy_rates() == (0.0, 0.0) and sampled.greedy_rates() == (0.4, 0.0)
+    drives = {}
+    for name, ref in (("sampled only", sampled), ("with greedy", with_greedy)):
+        ctl = L.LengthController(reference=ref)
+        ctl.observe_probe(probe)
+        drives[name] = ctl.update(stats(0.4))  # the sampled rollouts at the teacher's rates
+    assert drives["sampled only"]["stop"] == 0
+    assert drives["with greedy"]["stop"] == pytest.approx(0.3)  # probe_gain 1 x the greedy excess
+
+
+def test_reference_with_greedy_rates_survives_a_checkpoint():
+    import dataclasses
+
+    ref = reference(0.27).with_greedy(reference(0.125))
+    assert L.ReferenceLengths(*json.loads(json.dumps(dataclasses.astuple(ref)))) == ref
+    assert L.ReferenceLengths(*dataclasses.astuple(reference(0.27))[:5]).greedy_rates() == (0.27, 0.0)
 
 
 def test_controller_state_survives_a_resume_exactly():

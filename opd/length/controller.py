@@ -1,10 +1,10 @@
 """The length controller: a proportional-integral rule that sets each remedy's strength so
 that the student's smoothed length statistics track the teacher's.
 
-Reference (the teacher's greedy completions of ``length.reference_prompts``,
-:class:`ReferenceLengths`): truncation rate T*, EOS rate E*, repetition rate R*, mean length
-L*. Measured (the student's rollouts, EMA over steps with ``ema_decay``): T, E, R, L.
-Each step::
+Reference (the teacher's completions of ``length.reference_prompts``, sampled with the
+rollouts' own settings, :class:`ReferenceLengths`): truncation rate T*, EOS rate E*,
+repetition rate R*, mean length L*. Measured (the student's rollouts, EMA over steps with
+``ema_decay``): T, E, R, L. Each step::
 
     e_trunc = T - T*      e_eos = E* - E      e_rep = R - R*      e_len = clip(L / L* - 1, -1, 1)
     e       = trunc_weight e_trunc + eos_weight e_eos + rep_weight e_rep + length_weight e_len
@@ -20,17 +20,23 @@ saturated in the error's direction (a fully truncated start saturates the propor
 alone, so the integral does not build up a debt that would over-stop the student later). The
 strengths in [0, 1] scale each remedy's configured coefficient (opd/length/monitor.py)::
 
-    stop   = max(u, 0), at least probe_gain * (greedy excess)   top-k KL, mixture, overlong,
+    stop   = max(u, 0), at least probe_gain * (greedy excess)   top-k KL, overlong,
                                                                 stop-properly, adaptive cap
     loop   = stop * clip(max(R, greedy R) - R*, 0, 1)           anchor, loop-tail rule, SMPO's
                                                                 bad-rejected choice
     short  = max(-u, 0)                                         length-ratio penalty against L*
+    track  = max(stop, short)                                   the teacher mixture
+
+The teacher mixture (rows the teacher answered, trained by SFT) teaches the teacher's own
+lengths, so it acts in both directions; it is also the one remedy that works with every loss
+(the overlong, length-ratio and stop-properly terms act on the policy-gradient term only).
 
 The greedy probe (``length.probe_every``) feeds its own signal: the excess of the greedy
-completions' truncation and repetition over the teacher's (T*, R*: the reference is greedy
-too) is a floor under ``stop`` until the next probe, so loops the sampled rollouts no longer
-show are still treated. ``length.control=switch`` keeps the hysteresis detector's on/off
-rule (:func:`switch_strengths`) for comparison; the errors are measured and logged either way.
+completions' truncation and repetition over the teacher's greedy rates
+(``ReferenceLengths.greedy_rates``) is a floor under ``stop`` until the next probe, so loops
+the sampled rollouts no longer show are still treated. ``length.control=switch`` keeps the
+hysteresis detector's on/off rule (:func:`switch_strengths`) for comparison; the errors are
+measured and logged either way.
 """
 from __future__ import annotations
 
@@ -42,8 +48,8 @@ from opd.constraints import between, ge, knob, require
 from opd.length.stats import LengthStats, ReferenceLengths
 
 CONTROLS = ("pi", "switch")  # length.control
-# actuator -> the strength that drives it ('stop', 'loop' or 'short'); see the module docstring
-ACTUATORS = {"topk_kl": "stop", "mixture": "stop", "overlong": "stop", "stop_properly": "stop",
+# actuator -> the strength that drives it ('stop', 'loop', 'short' or 'track'); see the module docstring
+ACTUATORS = {"topk_kl": "stop", "mixture": "track", "overlong": "stop", "stop_properly": "stop",
              "max_new_tokens": "stop", "anchor": "loop", "loop_tail": "loop", "length_ratio": "short"}
 
 
@@ -112,7 +118,7 @@ class LengthController:
         return terms
 
     def update(self, stats: LengthStats) -> dict[str, float]:
-        """One step of the rule; -> the strengths 'stop', 'loop', 'short' in [0, 1]."""
+        """One step of the rule; -> the strengths 'stop', 'loop', 'short', 'track' in [0, 1]."""
         c = self.config
         self.errors = self.measure(stats)
         e = _dead_band(self.errors["total"], c.dead_band)
@@ -125,14 +131,17 @@ class LengthController:
         greedy_trunc, greedy_rep = self.probe_excess()
         stop = max(u, 0.0, min(1.0, c.probe_gain * max(greedy_trunc, greedy_rep)))
         rep_excess = max(self.errors["rep"], greedy_rep)
-        return {"stop": stop, "loop": stop * min(1.0, max(0.0, rep_excess)), "short": max(-u, 0.0)}
+        short = max(-u, 0.0)
+        return {"stop": stop, "loop": stop * min(1.0, max(0.0, rep_excess)), "short": short,
+                "track": max(stop, short)}
 
     def probe_excess(self) -> tuple[float, float]:
-        """The last greedy probe's truncation and repetition above the teacher's (0, 0 without one)."""
+        """The last greedy probe's truncation and repetition above the teacher's greedy rates
+        (0, 0 without a probe)."""
         p, ref = self.state.probe, self.reference
         if p is None:
             return 0.0, 0.0
-        t_ref, r_ref = (ref.truncated_frac, ref.repetition_frac) if ref else (0.0, 0.0)
+        t_ref, r_ref = ref.greedy_rates() if ref else (0.0, 0.0)
         return max(0.0, p["truncated_frac"] - t_ref), max(0.0, p["repetition_frac"] - r_ref)
 
     def metrics(self, prefix: str = "length/") -> dict[str, float]:
@@ -143,7 +152,7 @@ class LengthController:
                for k, v in self.errors.items()}
         ref = self.reference
         if ref is not None:
-            out.update({f"{prefix}reference/{k}": float(v) for k, v in asdict(ref).items()})
+            out.update({f"{prefix}reference/{k}": float(v) for k, v in asdict(ref).items() if v is not None})
         return {**out, **self.probe_metrics(prefix)}
 
     def probe_metrics(self, prefix: str = "length/") -> dict[str, float]:
@@ -176,5 +185,5 @@ def switch_strengths(active: frozenset[str], has_reference: bool) -> dict[str, f
 
 
 def pi_strengths(drives: dict[str, float]) -> dict[str, float]:
-    """Each actuator's strength from the controller's 'stop' / 'loop' / 'short' (ACTUATORS)."""
+    """Each actuator's strength from the controller's 'stop' / 'loop' / 'short' / 'track' (ACTUATORS)."""
     return {name: float(drives[drive]) for name, drive in ACTUATORS.items()}

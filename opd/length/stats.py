@@ -9,7 +9,7 @@ monitor, the loop's off-policy steps and the held-out evaluation alike.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Collection, Optional, Sequence
 
 import numpy as np
@@ -144,13 +144,28 @@ def check_batch(n: int, finish_reasons: Sequence[str]) -> None:
 class ReferenceLengths:
     """The teacher's reference: mean and p95 (np.percentile, linear) length in tokens, and
     the share of its completions truncated, ending in EOS and looping (what the length
-    controller tracks; 0, 1 and 0 for answers that are never cut, e.g. a dataset's)."""
+    controller tracks; 0, 1 and 0 for answers that are never cut, e.g. a dataset's). These
+    come from completions sampled like the student's rollouts; ``greedy_*`` are the same
+    rates of the teacher's greedy completions, which the greedy probe is compared with
+    (None: the sampled rates stand in)."""
 
     mean: float
     p95: float
     truncated_frac: float = 0.0
     eos_frac: float = 1.0
     repetition_frac: float = 0.0
+    greedy_truncated_frac: Optional[float] = None
+    greedy_repetition_frac: Optional[float] = None
+
+    def with_greedy(self, greedy: "ReferenceLengths") -> "ReferenceLengths":
+        """This reference with the greedy rates of ``greedy`` (the teacher's greedy completions)."""
+        return replace(self, greedy_truncated_frac=greedy.truncated_frac,
+                       greedy_repetition_frac=greedy.repetition_frac)
+
+    def greedy_rates(self) -> tuple[float, float]:
+        """(truncation, repetition) the greedy probe is compared with."""
+        t, r = self.greedy_truncated_frac, self.greedy_repetition_frac
+        return (self.truncated_frac if t is None else t), (self.repetition_frac if r is None else r)
 
 
 def reference_lengths(token_ids_or_lengths: Sequence, finish_reasons: Optional[Sequence[str]] = None,
