@@ -60,7 +60,7 @@ def test_pi_settles_in_the_dead_band_where_switching_oscillates():
 
 def test_anti_windup_bounds_the_integral_and_releases_at_once():
     limit = 0.4
-    mon = make_monitor("pi", controller=L.ControllerConfig(integral_limit=limit, ki=0.2))
+    mon = make_monitor("pi", controller=L.ControllerConfig(integral_limit=limit, ki=0.2, kp=1.0))
     integrals = []
     for step in range(60):  # a plant the remedies cannot move: every rollout truncated
         mon.observe(*batch(1.0), step)
@@ -151,10 +151,17 @@ def test_the_greedy_probes_loop_flag_reaches_the_controller():
     for step in range(3):  # sampled rollouts at the teacher's rate: no error of their own
         mon.observe(*batch(0.1), step)
         healthy.observe(*batch(0.1), step)
+    gain = mon.config.controller.probe_gain
     assert healthy.strengths["topk_kl"] == 0 and healthy.strengths["anchor"] == 0
-    assert mon.strengths["topk_kl"] == 1.0 and mon.strengths["anchor"] == 1.0  # the probe's floor
+    assert mon.strengths["topk_kl"] == gain and mon.strengths["anchor"] == gain  # the probe's floor
     m = mon.metrics()
     assert (m["length/probe/repetitive"], m["length/probe/truncated"], m["length/probe/mean_len"]) == (1.0, 1.0, CAP)
+    # the probes are smoothed: one clean probe after a looping one halves the floor (EMA 0.5), it does not drop it
+    mon.observe_probe(L.rollout_stats(*batch(0.0), {EOS}, CAP))
+    mon.observe(*batch(0.1), 3)
+    decay = mon.config.controller.ema_decay
+    assert mon.metrics()["length/probe/truncated"] == pytest.approx(decay)
+    assert mon.strengths["topk_kl"] == pytest.approx(gain * decay)
 
 
 def test_the_probe_is_compared_with_the_teachers_greedy_rates():
@@ -177,7 +184,7 @@ def test_the_probe_is_compared_with_the_teachers_greedy_rates():
         ctl.observe_probe(probe)
         drives[name] = ctl.update(stats(0.4))  # the sampled rollouts at the teacher's rates
     assert drives["sampled only"]["stop"] == 0
-    assert drives["with greedy"]["stop"] == pytest.approx(0.3)  # probe_gain 1 x the greedy excess
+    assert drives["with greedy"]["stop"] == pytest.approx(ctl.config.probe_gain * 0.3)  # gain x the greedy excess
 
 
 def test_reference_with_greedy_rates_survives_a_checkpoint():

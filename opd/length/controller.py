@@ -33,8 +33,11 @@ lengths, so it acts in both directions; it is also the one remedy that works wit
 
 The greedy probe (``length.probe_every``) feeds its own signal: the excess of the greedy
 completions' truncation and repetition over the teacher's greedy rates
-(``ReferenceLengths.greedy_rates``) is a floor under ``stop`` until the next probe, so loops
-the sampled rollouts no longer show are still treated. ``length.control=switch`` keeps the
+(``ReferenceLengths.greedy_rates``), smoothed over probes with ``ema_decay``, is a floor under
+``stop`` until the next probe, so loops the sampled rollouts no longer show are still
+treated. A probe decodes a few prompts, and a student near the edge loops on all of them or
+on none, so its figures are smoothed and its gain is below 1: a floor of full strength from
+one probe would switch the remedies like the detector does. ``length.control=switch`` keeps the
 hysteresis detector's on/off rule (:func:`switch_strengths`) for comparison; the errors are
 measured and logged either way.
 """
@@ -59,7 +62,7 @@ class ControllerConfig:
 
     ema_decay: float = knob(0.5, between(0, 1, hi_open=True))  # measured <- decay * measured
     #                                                          + (1 - decay) * this batch's value
-    kp: float = knob(1.0, ge(0))  # proportional gain: strength per unit of error
+    kp: float = knob(0.5, ge(0))  # proportional gain: strength per unit of error
     ki: float = knob(0.05, ge(0))  # integral gain: strength added per step per unit of error
     dead_band: float = knob(0.05, between(0, 1))  # |error| below this: no action, no integration
     integral_limit: float = knob(1.0, between(0, 1))  # |integral| never exceeds this (anti-windup)
@@ -67,7 +70,8 @@ class ControllerConfig:
     eos_weight: float = knob(0.0, ge(0))  # of e_eos (0: EOS rate is mostly 1 - truncation already)
     rep_weight: float = knob(0.5, ge(0))  # of e_rep (loops also scale the 'loop' strength directly)
     length_weight: float = knob(0.5, ge(0))  # of e_len (needs a reference mean length)
-    probe_gain: float = knob(1.0, ge(0))  # stop-strength floor per unit of greedy excess over the teacher
+    probe_gain: float = knob(0.5, ge(0))  # stop-strength floor per unit of greedy excess over the
+    #                                       teacher (the probes' EMA)
 
 
 @dataclass
@@ -77,6 +81,11 @@ class ControllerState:
     ema: Optional[dict] = None  # truncated_frac, eos_frac, repetition_frac, mean
     integral: float = 0.0
     probe: Optional[dict] = None  # the last greedy probe: truncated_frac, repetition_frac, mean
+
+
+def _ema(last: Optional[dict], values: dict, decay: float) -> dict:
+    """``values`` folded into the running averages ``last`` (``values`` itself at first)."""
+    return values if last is None else {k: decay * last[k] + (1.0 - decay) * v for k, v in values.items()}
 
 
 def _dead_band(e: float, width: float) -> float:
@@ -94,16 +103,16 @@ class LengthController:
         self.errors: dict[str, float] = {}  # this step's error terms, for logging
 
     def observe_probe(self, greedy: LengthStats) -> None:
-        """Fold in a greedy probe: its figures hold until the next probe."""
-        self.state.probe = {"truncated_frac": greedy.truncated_frac, "repetition_frac": greedy.repetition_frac,
-                            "mean": greedy.mean}
+        """Fold a greedy probe into the probes' EMA: its figures hold until the next probe."""
+        values = {"truncated_frac": greedy.truncated_frac, "repetition_frac": greedy.repetition_frac,
+                  "mean": greedy.mean}
+        self.state.probe = _ema(self.state.probe, values, self.config.ema_decay)
 
     def measure(self, stats: LengthStats) -> dict[str, float]:
         """Smooth this batch into the EMAs; -> the error terms (positive: too long)."""
         values = {"truncated_frac": stats.truncated_frac, "eos_frac": stats.eos_frac,
                   "repetition_frac": stats.repetition_frac, "mean": stats.mean}
-        d, ema = self.config.ema_decay, self.state.ema
-        self.state.ema = values if ema is None else {k: d * ema[k] + (1.0 - d) * v for k, v in values.items()}
+        self.state.ema = _ema(self.state.ema, values, self.config.ema_decay)
         return self.error_terms()
 
     def error_terms(self) -> dict[str, float]:
