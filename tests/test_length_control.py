@@ -62,8 +62,8 @@ def test_anti_windup_bounds_the_integral_and_releases_at_once():
     limit = 0.4
     mon = make_monitor("pi", controller=L.ControllerConfig(integral_limit=limit, ki=0.2, kp=1.0))
     integrals = []
-    for step in range(60):  # a plant the remedies cannot move: every rollout truncated
-        mon.observe(*batch(1.0), step)
+    for step in range(60):  # a plant the remedies cannot move: nearly every rollout truncated
+        mon.observe(*batch(0.95), step)
         integrals.append(mon.metrics()["length/ctrl/integral"])
     assert max(abs(i) for i in integrals) <= limit
     assert mon.strengths["topk_kl"] == 1.0
@@ -72,6 +72,18 @@ def test_anti_windup_bounds_the_integral_and_releases_at_once():
         if mon.strengths["topk_kl"] <= limit:
             break
     assert step - 60 <= 5
+
+
+def test_the_integral_is_held_while_every_rollout_is_truncated():
+    """A student that loops at first: the cut batches saturate the measurement, and the
+    integral waits for the first batch with a stopped rollout."""
+    mon = make_monitor("pi")
+    for step in range(30):
+        mon.observe(*batch(1.0), step)
+        assert mon.metrics()["length/ctrl/integral"] == 0.0
+        assert mon.strengths["mixture"] > 0.5  # the proportional term acts meanwhile
+    mon.observe(*batch(0.9), 30)
+    assert mon.metrics()["length/ctrl/integral"] > 0
 
 
 def test_too_short_turns_stop_remedies_down_and_the_length_ratio_and_mixture_up():

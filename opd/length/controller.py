@@ -10,14 +10,18 @@ repetition rate R*, mean length L*. Measured (the student's rollouts, EMA over s
     e       = trunc_weight e_trunc + eos_weight e_eos + rep_weight e_rep + length_weight e_len
     e_db    = sign(e) max(0, |e| - dead_band)                      (dead band: no action near 0)
     I       = clip(I + ki e_db, -integral_limit, integral_limit)   (anti-windup: a clamped integral,
-                                                                   held while u is saturated)
+                                                                   held while u is saturated or
+                                                                   every rollout is truncated)
     u       = clip(kp e_db + I, -1, 1)
 
 ``e > 0`` means too long (truncated, not stopping, looping), ``e < 0`` too short. The
 integral holds the strength a student needs to stay at the teacher's rates; anti-windup is
-twofold: the integral is clamped, and it is not moved further while the output is already
-saturated in the error's direction (a fully truncated start saturates the proportional term
-alone, so the integral does not build up a debt that would over-stop the student later). The
+threefold: the integral is clamped; it is not moved further while the output is already
+saturated in the error's direction; and it is held while every rollout is truncated. The
+last is the measurement's own saturation: a batch cut at the cap says the student is too
+long but not by how much, and a student that loops for its first 20 steps would otherwise
+build up an integral (0.7 on the real pair) that keeps the stop strength up, and the student
+too short, long after it has learnt to stop. The
 strengths in [0, 1] scale each remedy's configured coefficient (opd/length/monitor.py)::
 
     stop   = max(u, 0), at least probe_gain * (greedy excess)   top-k KL, overlong,
@@ -131,7 +135,9 @@ class LengthController:
         c = self.config
         self.errors = self.measure(stats)
         e = _dead_band(self.errors["total"], c.dead_band)
-        integral = min(c.integral_limit, max(-c.integral_limit, self.state.integral + c.ki * e))
+        pinned = stats.truncated_frac >= 1.0  # every rollout at the cap: how far too long is unknown
+        step = 0.0 if pinned else c.ki * e
+        integral = min(c.integral_limit, max(-c.integral_limit, self.state.integral + step))
         u_new = c.kp * e + integral
         if not (abs(u_new) > 1.0 and u_new * e > 0 and integral * e > 0):  # no wind-up past saturation
             self.state.integral = integral
