@@ -12,16 +12,17 @@ repetition rate R*, mean length L*. Measured (the student's rollouts, EMA over s
     I       = clip(I + ki e_db, -integral_limit, integral_limit)   (anti-windup: a clamped integral,
                                                                    held while u is saturated or
                                                                    every rollout is truncated)
-    u       = clip(kp e_db + I, -1, 1)
+    u       = clip(kp e_db + I, -1, 1), and 1 while every rollout is truncated
 
 ``e > 0`` means too long (truncated, not stopping, looping), ``e < 0`` too short. The
 integral holds the strength a student needs to stay at the teacher's rates; anti-windup is
 threefold: the integral is clamped; it is not moved further while the output is already
 saturated in the error's direction; and it is held while every rollout is truncated. The
 last is the measurement's own saturation: a batch cut at the cap says the student is too
-long but not by how much, and a student that loops for its first 20 steps would otherwise
-build up an integral (0.7 on the real pair) that keeps the stop strength up, and the student
-too short, long after it has learnt to stop. The
+long but not by how much, so the output is then full strength, and the integral waits. A
+student that loops for its first 20 steps would otherwise build up an integral (0.7 on the
+real pair) that keeps the stop strength up, and the student too short, long after it has
+learnt to stop. The
 strengths in [0, 1] scale each remedy's configured coefficient (opd/length/monitor.py)::
 
     stop   = max(u, 0), at least probe_gain * (greedy excess)   top-k KL, overlong,
@@ -141,7 +142,7 @@ class LengthController:
         u_new = c.kp * e + integral
         if not (abs(u_new) > 1.0 and u_new * e > 0 and integral * e > 0):  # no wind-up past saturation
             self.state.integral = integral
-        u = min(1.0, max(-1.0, c.kp * e + self.state.integral))
+        u = 1.0 if pinned else min(1.0, max(-1.0, c.kp * e + self.state.integral))
         self.errors.update(integral=self.state.integral, output=u)
         greedy_trunc, greedy_rep = self.probe_excess()
         stop = max(u, 0.0, min(1.0, c.probe_gain * max(greedy_trunc, greedy_rep)))
