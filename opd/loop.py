@@ -190,10 +190,16 @@ class Distillation:
         return length.reference_lengths(answers) if answers else None
 
     def teacher_lengths(self, prompts: PromptBatch, settings: SamplingSettings) -> length.ReferenceLengths:
-        """The teacher's completions of `prompts` under `settings`, as reference lengths and rates."""
-        out = self.workers.teacher_generate(prompts, settings)
-        return length.reference_lengths(out.completion_ids, out.finish_reasons, self.evaluator.eos_ids,
-                                        self.cfg.length.stats)
+        """The teacher's completions of `prompts` under `settings`, as reference lengths and rates;
+        generated `rollout.prompts_per_step` prompts at a time, the batch the engines run every
+        step (vLLM on CPU fails on a seeded request whose prefill is split over engine steps,
+        which a larger batch of long prompts causes)."""
+        k = self.cfg.rollout.prompts_per_step
+        outs = [self.workers.teacher_generate(prompts.rows(slice(i, i + k)), settings)
+                for i in range(0, len(prompts.prompt_ids), k)]
+        return length.reference_lengths([c for o in outs for c in o.completion_ids],
+                                        [r for o in outs for r in o.finish_reasons],
+                                        self.evaluator.eos_ids, self.cfg.length.stats)
 
     def checkpoint(self) -> Optional[str]:
         if self.step == 0:

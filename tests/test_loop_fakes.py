@@ -245,3 +245,27 @@ def test_workers_have_every_verb_of_the_protocol(impl):
     made = None if cls is Workers else cls(**({"eos": 2} if impl == "fake" else {"phases": {}, "eos": 2}))
     for name in LoopWorkers.__annotations__:  # restarts, teacher_eval
         assert hasattr(made, name) if made else _declared(cls, name), f"{cls.__name__} lacks {name}"
+
+
+def test_the_reference_is_generated_in_rollout_sized_batches_and_covers_every_prompt(tiny_overrides, tok, tmp_path):
+    class Recording(FakeWorkers):
+        """The teacher's completion of a prompt is as long as the prompt, plus EOS."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.calls = []
+
+        def teacher_generate(self, prompts, sampling):
+            self.calls.append([list(p) for p in prompts.prompt_ids])
+            out = super().teacher_generate(prompts, sampling)
+            comp = [[7] * len(p) + [self.eos] for p in prompts.prompt_ids for _ in range(sampling.n)]
+            return replace(out, completion_ids=comp)
+
+    w = Recording(tok.eos_token_id)
+    loop, _ = _loop(tiny_overrides, tok, tmp_path, ["length.reference_prompts=10"], workers=w, heldout=False)
+    w.calls.clear()
+    ref = loop.reference_lengths()
+    assert [len(c) for c in w.calls] == [4, 4, 2, 4, 4, 2]  # sampled, then greedy: prompts_per_step=4 at a time
+    sampled = [p for c in w.calls[:3] for p in c]
+    assert len({tuple(p) for p in sampled}) == 10 and w.calls[:3] == w.calls[3:]
+    assert ref.mean == pytest.approx(np.mean([len(p) + 1 for p in sampled]))  # every prompt's completions
