@@ -136,13 +136,14 @@ class LengthController:
         c = self.config
         self.errors = self.measure(stats)
         e = _dead_band(self.errors["total"], c.dead_band)
-        pinned = stats.truncated_frac >= 1.0  # every rollout at the cap: how far too long is unknown
-        step = 0.0 if pinned else c.ki * e
-        integral = min(c.integral_limit, max(-c.integral_limit, self.state.integral + step))
-        u_new = c.kp * e + integral
-        if not (abs(u_new) > 1.0 and u_new * e > 0 and integral * e > 0):  # no wind-up past saturation
-            self.state.integral = integral
-        u = 1.0 if pinned else min(1.0, max(-1.0, c.kp * e + self.state.integral))
+        if stats.truncated_frac >= 1.0:  # every rollout at the cap: how far too long is unknown
+            u = 1.0  # full strength; the integral waits
+        else:
+            integral = min(c.integral_limit, max(-c.integral_limit, self.state.integral + c.ki * e))
+            u_new = c.kp * e + integral
+            if not (abs(u_new) > 1.0 and u_new * e > 0 and integral * e > 0):  # no wind-up past saturation
+                self.state.integral = integral
+            u = min(1.0, max(-1.0, c.kp * e + self.state.integral))
         self.errors.update(integral=self.state.integral, output=u)
         greedy_trunc, greedy_rep = self.probe_excess()
         stop = max(u, 0.0, min(1.0, c.probe_gain * max(greedy_trunc, greedy_rep)))
