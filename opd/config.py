@@ -201,7 +201,7 @@ class RolloutConfig:
     repetition_penalty: float = knob(MISSING, gt(0))  # 1.0 = off
     stop: list[str] = field(default_factory=list)  # stop strings
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop ids (EOS always stops)
-    seed: int = knob(MISSING, ge(0))  # sampling seed; step and worker are mixed in
+    seed: int = knob(MISSING, ge(0))  # sampling seed; the step and the prompt are mixed in
     max_model_len: int = knob(MISSING, ge(2))  # prompt + completion budget of the engine
     kv_cache_gib: float = knob(MISSING, gt(0))  # KV cache size (CPU) per engine
     gpu_memory_utilization: float = knob(MISSING, between(0, 1, lo_open=True))  # fraction of GPU

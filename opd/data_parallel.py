@@ -14,22 +14,28 @@ objects in this process.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings, TeacherScores
 
+# A prime apart from SamplingSettings.seed_stride: two teachers' prompts never share a seed.
+GROUP_SEED_STRIDE = 104729
 Calls = list[tuple[Any, str, tuple]]  # (actor, method, args), as `ActorCalls.gather` takes them
 
 
 def generate_calls(actors: Sequence[Any], prompts: PromptBatch,
                    sampling: SamplingSettings) -> tuple[Calls, Callable[[list[RolloutBatch]], RolloutBatch]]:
     """`generate` calls sharing `prompts` among `actors` by stride (an actor with no prompt
-    gets no call), and the merge of their answers (in call order) into prompt order."""
+    gets no call), and the merge of their answers (in call order) into prompt order. Each
+    prompt keeps the seed it has in one call (`SamplingSettings.prompt_seed`), so W actors
+    sample what one would."""
     W = len(actors)
     parts = [prompts.rows(slice(i, None, W)) for i in range(W)]
-    calls = [(a, "generate", (p, sampling)) for a, p in zip(actors, parts) if p.prompt_ids]
+    calls = [(a, "generate", (p, replace(sampling, seed=sampling.prompt_seed(i), seed_stride=sampling.seed_stride * W)))
+             for i, (a, p) in enumerate(zip(actors, parts)) if p.prompt_ids]
     sizes = [len(p.prompt_ids) for p in parts if p.prompt_ids]
     return calls, lambda outs: merge_rollouts(outs, sizes, W, sampling.n)
 
@@ -114,8 +120,17 @@ def routed_score_calls(pools: Pools, rollouts: RolloutBatch, names: Sequence[str
 
 def routed_generate_calls(pools: Pools, prompts: PromptBatch, sampling: SamplingSettings) -> tuple[Calls, Callable]:
     """`generate` calls for prompts that each name a teacher (`prompts.teachers`; none: the one
-    teacher), each teacher answering its own, and the merge into prompt order (n per prompt)."""
-    split = lambda reps, rows: generate_calls(reps, prompts if rows is None else prompts.select(rows), sampling)  # noqa: E731
+    teacher), each teacher answering its own, and the merge into prompt order (n per prompt).
+    The g-th teacher's prompts are seeded GROUP_SEED_STRIDE * g apart from the first's."""
+    groups = list(by_teacher(prompts.teachers)) if prompts.teachers else [None]
+
+    def split(reps: Sequence[Any], rows: Optional[list[int]]) -> tuple[Calls, Callable]:
+        if rows is None:
+            return generate_calls(reps, prompts, sampling)
+        g = groups.index(prompts.teachers[rows[0]])
+        seed = None if sampling.seed is None else sampling.seed + GROUP_SEED_STRIDE * g
+        return generate_calls(reps, prompts.select(rows), replace(sampling, seed=seed))
+
     return _routed(pools, prompts.teachers, split, lambda outs, groups: join_by_prompt(outs, groups, sampling.n))
 
 

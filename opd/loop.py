@@ -31,7 +31,7 @@ from opd.evaluation import Evaluator
 from opd.record import PhaseTimer, RunRecord
 from opd.rollout import greedy_settings
 from opd.run_io import RunDir, newest_checkpoint, rng_state_from_json, rng_state_to_json
-from opd.steps import StepBatches, StepResult, sampling_settings
+from opd.steps import REFERENCE_STEP, StepBatches, StepResult, sampling_settings
 from opd.tasks import Example, encode_answer, prompt_batch, sample_batch
 from opd.types import (CheckpointState, LearnerDied, LoopWorkers, Pending, PromptBatch, RolloutBatch,
                        SamplingSettings, Summary)
@@ -184,7 +184,7 @@ class Distillation:
         if n > 0:
             exs = random.Random(self.cfg.seed + 1).sample(self.train_set, min(n, len(self.train_set)))
             prompts = prompt_batch(self.tok, exs)
-            sampled = self.teacher_lengths(prompts, sampling_settings(r, r.max_new_tokens, -1))
+            sampled = self.teacher_lengths(prompts, sampling_settings(r, r.max_new_tokens, REFERENCE_STEP))
             return sampled.with_greedy(self.teacher_lengths(prompts, greedy_settings(r.max_new_tokens)))
         answers = [encode_answer(self.tok, e.answer) for e in self.train_set[:256] if e.answer]
         return length.reference_lengths(answers) if answers else None
@@ -195,7 +195,8 @@ class Distillation:
         step (vLLM on CPU fails on a seeded request whose prefill is split over engine steps,
         which a larger batch of long prompts causes)."""
         k = self.cfg.rollout.prompts_per_step
-        outs = [self.workers.teacher_generate(prompts.rows(slice(i, i + k)), settings)
+        outs = [self.workers.teacher_generate(prompts.rows(slice(i, i + k)),  # each prompt seeded as in one call
+                                              dataclasses.replace(settings, seed=settings.prompt_seed(i)))
                 for i in range(0, len(prompts.prompt_ids), k)]
         return length.reference_lengths([c for o in outs for c in o.completion_ids],
                                         [r for o in outs for r in o.finish_reasons],

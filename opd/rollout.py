@@ -30,12 +30,6 @@ if TYPE_CHECKING:  # annotations only: no import cycle at run time
 EXTENSION = "opd.rollout.WeightSyncExtension"
 
 
-# Per-prompt and per-worker seed offsets of a step's base seed (loop.sampling_settings):
-# distinct primes, so two (prompt, worker) pairs of one step share a seed only if their
-# prompt indices are 104729 apart.
-PROMPT_SEED_STRIDE, WORKER_SEED_STRIDE = 7919, 104729
-
-
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the engine."""
 
@@ -118,6 +112,12 @@ def shutdown_engine(llm: Any) -> None:
         core.shutdown()
 
 
+def seeded_params(s: SamplingSettings, n_prompts: int, logprobs: Optional[int] = 0) -> list:
+    """vLLM's SamplingParams of a call's prompts, each seeded `s.prompt_seed(i)` (vLLM applies one
+    SamplingParams' seed to every prompt it is given, which correlates their samples)."""
+    return [to_sampling_params(replace(s, seed=s.prompt_seed(i)), logprobs) for i in range(n_prompts)]
+
+
 def greedy_settings(max_new_tokens: int) -> SamplingSettings:
     return SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=-1,
                             repetition_penalty=1.0, stop=(), stop_token_ids=(), seed=None, n=1)
@@ -164,7 +164,6 @@ class RolloutWorker:
         cpu_engine_env()
         from vllm import LLM
 
-        self.index = worker_index
         self.llm = LLM(**engine_kwargs(model_path, rollout_cfg, seed=rollout_cfg.seed + worker_index,
                                        dtype=rollout_cfg.dtype, trust_remote_code=trust_remote_code,
                                        lora_rank=lora_rank))
@@ -178,13 +177,8 @@ class RolloutWorker:
 
     def generate(self, prompts: PromptBatch, sampling: SamplingSettings) -> RolloutBatch:
         t0 = time.time()
-        # one seed per prompt: a shared seed would make the k-th sample of every prompt
-        # draw the same random numbers (correlated samples across prompts)
-        params = [to_sampling_params(replace(sampling, seed=None if sampling.seed is None else
-                                             sampling.seed + PROMPT_SEED_STRIDE * i
-                                             + WORKER_SEED_STRIDE * self.index))
-                  for i in range(len(prompts.prompt_ids))]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts.prompt_ids], params, use_tqdm=False,
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts.prompt_ids],
+                                 seeded_params(sampling, len(prompts.prompt_ids)), use_tqdm=False,
                                  lora_request=self.lora)
         prompt_ids, comp, lps, reasons, texts = [], [], [], [], []
         for p, out in zip(prompts.prompt_ids, outs):

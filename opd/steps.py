@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # annotations only: no import cycle at run time
 
 
 STEP_SEED_STRIDE = 100003  # rollout.seed's spacing: seeds of different runs never meet
+# The step whose seed the teacher's reference sample takes: one no run reaches, and never
+# negative (vLLM reads a seed of -1 as unseeded).
+REFERENCE_STEP = STEP_SEED_STRIDE - 1
 
 
 def sampling_settings(r: RolloutConfig, max_new_tokens: int, step: int) -> SamplingSettings:

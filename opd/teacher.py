@@ -237,10 +237,10 @@ class TeacherScorer:
         completions. Sampler log-probs are not needed there and are returned as zeros."""
         t0 = time.time()
         if self.cfg.backend == "vllm":
-            from opd.rollout import to_sampling_params
+            from opd.rollout import seeded_params
 
             outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts.prompt_ids],
-                                     to_sampling_params(sampling, logprobs=None), use_tqdm=False)
+                                     seeded_params(sampling, len(prompts.prompt_ids), logprobs=None), use_tqdm=False)
             per_prompt = [[(list(o.token_ids), o.finish_reason) for o in out.outputs] for out in outs]
         else:
             per_prompt = self._hf_sample(prompts.prompt_ids, sampling)

@@ -59,8 +59,14 @@ class SamplingSettings:
     repetition_penalty: float  # 1.0 = off
     stop: tuple[str, ...]  # stop strings
     stop_token_ids: tuple[int, ...]  # extra stop token ids (EOS always stops)
-    seed: Optional[int]  # None = unseeded
+    seed: Optional[int]  # None = unseeded; else prompt i of a call is seeded seed + i * seed_stride
     n: int  # samples per prompt (G)
+    seed_stride: int = 7919  # a prime; one shared seed would correlate the samples of all prompts
+
+    def prompt_seed(self, i: int) -> Optional[int]:
+        """The seed of the call's i-th prompt: every prompt its own, so that the k-th samples
+        of different prompts do not draw the same random numbers."""
+        return None if self.seed is None else self.seed + i * self.seed_stride
 
 
 @dataclass(frozen=True)

@@ -253,19 +253,23 @@ def test_the_reference_is_generated_in_rollout_sized_batches_and_covers_every_pr
 
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
-            self.calls = []
+            self.calls, self.seeds = [], []
 
         def teacher_generate(self, prompts, sampling):
             self.calls.append([list(p) for p in prompts.prompt_ids])
+            self.seeds.append(sampling.seed)
             out = super().teacher_generate(prompts, sampling)
             comp = [[7] * len(p) + [self.eos] for p in prompts.prompt_ids for _ in range(sampling.n)]
             return replace(out, completion_ids=comp)
 
     w = Recording(tok.eos_token_id)
-    loop, _ = _loop(tiny_overrides, tok, tmp_path, ["length.reference_prompts=10"], workers=w, heldout=False)
-    w.calls.clear()
+    loop, _ = _loop(tiny_overrides, tok, tmp_path, ["length.reference_prompts=10", "rollout.seed=0"],
+                    workers=w, heldout=False)
+    w.calls.clear(), w.seeds.clear()
     ref = loop.reference_lengths()
     assert [len(c) for c in w.calls] == [4, 4, 2, 4, 4, 2]  # sampled, then greedy: prompts_per_step=4 at a time
+    # sampled: seeded, never -1 (vLLM's "unseeded"), each batch apart from the others; greedy: no seed
+    assert len(set(w.seeds[:3])) == 3 and min(w.seeds[:3]) >= 0 and w.seeds[3:] == [None] * 3
     sampled = [p for c in w.calls[:3] for p in c]
     assert len({tuple(p) for p in sampled}) == 10 and w.calls[:3] == w.calls[3:]
     assert ref.mean == pytest.approx(np.mean([len(p) + 1 for p in sampled]))  # every prompt's completions

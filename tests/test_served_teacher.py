@@ -26,7 +26,7 @@ from opd import teacher_http
 from opd.config import ConfigError, load_config
 from opd.teacher import TokenizerMismatch, put_prompt_logprobs
 from opd.teacher_http import ServerClient, ServerError
-from opd.teacher_server import (ServedTeacher, check_served_tokenizer, generate_body,
+from opd.teacher_server import (COMPLETIONS, ServedTeacher, check_served_tokenizer, generate_body,
                                 parse_prompt_logprobs, score_body, served_model)
 from opd.types import PromptBatch, RolloutBatch, SamplingSettings
 
@@ -254,13 +254,26 @@ def test_generate_returns_token_ids_and_finish_reasons_in_prompt_order(fake_serv
     server = fake_server(_route)
     teacher = ServedTeacher(None, _teacher_cfg(server.url, batch_size=2), None)
     s = SamplingSettings(max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0,
-                         stop=(), stop_token_ids=(), seed=0, n=2)
+                         stop=(), stop_token_ids=(), seed=None, n=2)
     out = teacher.generate(PromptBatch([[1], [2, 3], [4]], [None] * 3, ["t:0", "t:1", "t:2"]), s)
     assert out.prompt_ids == [[1], [1], [2, 3], [2, 3], [4], [4]]
     assert out.completion_ids == [[1], [2, 3], [3], [4, 5], [4], [5, 6]]
     assert out.texts == ["p0s0", "p0s1", "p1s0", "p1s1", "p0s0", "p0s1"]  # each request numbers its prompts
     assert out.finish_reasons == ["length", "stop"] * 3 and out.sampler_logprobs[1] == [0.0, 0.0]
     assert out.weight_version == -1
+
+
+def test_seeded_generation_asks_for_each_prompt_under_its_own_seed(fake_server):
+    """A request applies its one seed to all its prompts; seeded, each prompt is its own
+    request, with the seed it has in a rollout worker's call."""
+    server = fake_server(_route)
+    teacher = ServedTeacher(None, _teacher_cfg(server.url, batch_size=2), None)
+    s = SamplingSettings(max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0,
+                         stop=(), stop_token_ids=(), seed=5, n=2)
+    out = teacher.generate(PromptBatch([[1], [2, 3], [4]], [None] * 3, ["t:0", "t:1", "t:2"]), s)
+    asked = sorted((b["prompt"], b["seed"]) for m, path, b, _ in server.requests if path == COMPLETIONS)
+    assert asked == [([[1]], 5), ([[2, 3]], 5 + s.seed_stride), ([[4]], 5 + 2 * s.seed_stride)]
+    assert out.completion_ids == [[1], [2, 3], [3], [4, 5], [4], [5, 6]]  # still in prompt order
 
 
 def test_a_pool_of_served_teachers_scores_what_one_does(fake_server):

@@ -9,11 +9,12 @@ replica killed mid-run, is in tests/test_chaos.py."""
 
 import itertools
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from opd.data_parallel import generate_calls, merge_scores, score_calls, token_shares
+from opd.data_parallel import generate_calls, merge_scores, routed_generate_calls, score_calls, token_shares
 from opd.rollout import greedy_settings
 from opd.types import PromptBatch, RolloutBatch, TeacherScores
 
@@ -113,6 +114,39 @@ def test_pool_calls_skip_replicas_without_rows():
     calls, _ = generate_calls(["t0", "t1", "t2"], PromptBatch([[1], [2]], [None, None], ["a", "b"]),
                               greedy_settings(4))
     assert [a for a, _, _ in calls] == ["t0", "t1"]
+
+
+def _seeds_by_prompt(calls) -> dict:
+    """What each prompt (its one token) is seeded with, over the calls' shares."""
+    return {p[0]: sampling.prompt_seed(j) for _, _, (part, sampling) in calls for j, p in enumerate(part.prompt_ids)}
+
+
+def test_every_prompt_keeps_its_seed_on_any_number_of_replicas():
+    """Prompt p is seeded as in one call (seed + p * stride), however many replicas share
+    the batch; so no two prompts share a seed, and W replicas sample what one does."""
+    prompts = PromptBatch([[p] for p in range(7)], [None] * 7, ["t"] * 7)
+    s = replace(greedy_settings(4), temperature=1.0, seed=11)
+    one = _seeds_by_prompt(generate_calls(["t0"], prompts, s)[0])
+    assert one == {p: 11 + p * s.seed_stride for p in range(7)}
+    for W in (2, 3, 4):
+        assert _seeds_by_prompt(generate_calls([f"t{i}" for i in range(W)], prompts, s)[0]) == one, W
+
+
+def test_the_engines_get_each_prompts_own_seed():
+    """vLLM applies a SamplingParams' seed to every prompt given it: one SamplingParams per prompt."""
+    from opd.rollout import seeded_params
+
+    s = replace(greedy_settings(4), temperature=1.0, seed=3)
+    assert [p.seed for p in seeded_params(s, 3)] == [3, 3 + s.seed_stride, 3 + 2 * s.seed_stride]
+    assert [p.seed for p in seeded_params(greedy_settings(4), 2)] == [None, None]
+
+
+def test_two_teachers_prompts_never_share_a_seed():
+    prompts = PromptBatch([[p] for p in range(6)], [None] * 6, ["t"] * 6, teachers=list("abbaab"))
+    s = replace(greedy_settings(4), temperature=1.0, seed=0)
+    calls, _ = routed_generate_calls({"a": ["a0", "a1"], "b": ["b0"]}, prompts, s)
+    seeds = _seeds_by_prompt(calls)
+    assert sorted(seeds) == list(range(6)) and len(set(seeds.values())) == 6
 
 
 def test_resources_count_every_replica(monkeypatch):
