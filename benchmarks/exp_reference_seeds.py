@@ -44,7 +44,7 @@ def sample(scorer, prompts, settings, k: int, shared: bool) -> dict:
                                        to_sampling_params(settings, logprobs=None), use_tqdm=False)
             got = [(o.finish_reason, len(o.token_ids)) for out in outs for o in out.outputs]
         else:
-            b = scorer.generate(part, replace(settings, seed=settings.prompt_seed(i)))
+            b = scorer.generate(part, settings.for_rows(i))
             got = [(r.value, len(c)) for r, c in zip(b.finish_reasons, b.completion_ids)]
         finish += [f for f, _ in got]
         lengths += [n for _, n in got]

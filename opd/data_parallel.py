@@ -14,7 +14,6 @@ objects in this process.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -34,7 +33,7 @@ def generate_calls(actors: Sequence[Any], prompts: PromptBatch,
     sample what one would."""
     W = len(actors)
     parts = [prompts.rows(slice(i, None, W)) for i in range(W)]
-    calls = [(a, "generate", (p, replace(sampling, seed=sampling.prompt_seed(i), seed_stride=sampling.seed_stride * W)))
+    calls = [(a, "generate", (p, sampling.for_rows(i, W)))
              for i, (a, p) in enumerate(zip(actors, parts)) if p.prompt_ids]
     sizes = [len(p.prompt_ids) for p in parts if p.prompt_ids]
     return calls, lambda outs: merge_rollouts(outs, sizes, W, sampling.n)
@@ -128,8 +127,7 @@ def routed_generate_calls(pools: Pools, prompts: PromptBatch, sampling: Sampling
         if rows is None:
             return generate_calls(reps, prompts, sampling)
         g = groups.index(prompts.teachers[rows[0]])
-        seed = None if sampling.seed is None else sampling.seed + GROUP_SEED_STRIDE * g
-        return generate_calls(reps, prompts.select(rows), replace(sampling, seed=seed))
+        return generate_calls(reps, prompts.select(rows), sampling.shifted(GROUP_SEED_STRIDE * g))
 
     return _routed(pools, prompts.teachers, split, lambda outs, groups: join_by_prompt(outs, groups, sampling.n))
 

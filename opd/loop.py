@@ -196,7 +196,7 @@ class Distillation:
         which a larger batch of long prompts causes)."""
         k = self.cfg.rollout.prompts_per_step
         outs = [self.workers.teacher_generate(prompts.rows(slice(i, i + k)),  # each prompt seeded as in one call
-                                              dataclasses.replace(settings, seed=settings.prompt_seed(i)))
+                                              settings.for_rows(i))
                 for i in range(0, len(prompts.prompt_ids), k)]
         return length.reference_lengths([c for o in outs for c in o.completion_ids],
                                         [r for o in outs for r in o.finish_reasons],

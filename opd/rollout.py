@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from opd.types import FinishReason, PromptBatch, RolloutBatch, SamplingSettings, WeightUpdate
@@ -115,7 +114,7 @@ def shutdown_engine(llm: Any) -> None:
 def seeded_params(s: SamplingSettings, n_prompts: int, logprobs: Optional[int] = 0) -> list:
     """vLLM's SamplingParams of a call's prompts, each seeded `s.prompt_seed(i)` (vLLM applies one
     SamplingParams' seed to every prompt it is given, which correlates their samples)."""
-    return [to_sampling_params(replace(s, seed=s.prompt_seed(i)), logprobs) for i in range(n_prompts)]
+    return [to_sampling_params(s.for_rows(i), logprobs) for i in range(n_prompts)]
 
 
 def greedy_settings(max_new_tokens: int) -> SamplingSettings:

@@ -254,7 +254,7 @@ class ServedTeacher:
         # seeded: one request per prompt, for each its own seed (a request applies one to all)
         chunks = self._chunks(len(P)) if sampling.seed is None else [range(i, i + 1) for i in range(len(P))]
         answers = self.client.post_all(COMPLETIONS, [
-            generate_body(self.model, [P[i] for i in r], replace(sampling, seed=sampling.prompt_seed(r[0])))
+            generate_body(self.model, [P[i] for i in r], sampling.for_rows(r[0]))
             for r in chunks])
         where = f"{self.client.url}{COMPLETIONS}"
         samples = [s for r, a in zip(chunks, answers) for s in parse_generation(a, len(r), sampling.n, where)]

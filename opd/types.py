@@ -68,6 +68,15 @@ class SamplingSettings:
         of different prompts do not draw the same random numbers."""
         return None if self.seed is None else self.seed + i * self.seed_stride
 
+    def for_rows(self, start: int, step: int = 1) -> "SamplingSettings":
+        """The settings of a call on this call's prompts start, start + step, ...: each of them
+        keeps the seed it has here."""
+        return replace(self, seed=self.prompt_seed(start), seed_stride=self.seed_stride * step)
+
+    def shifted(self, by: int) -> "SamplingSettings":
+        """Every prompt's seed moved by `by` (unseeded stays unseeded)."""
+        return self if self.seed is None else replace(self, seed=self.seed + by)
+
 
 @dataclass(frozen=True)
 class PromptBatch:

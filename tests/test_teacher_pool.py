@@ -132,6 +132,16 @@ def test_every_prompt_keeps_its_seed_on_any_number_of_replicas():
         assert _seeds_by_prompt(generate_calls([f"t{i}" for i in range(W)], prompts, s)[0]) == one, W
 
 
+def test_a_share_of_rows_keeps_each_rows_seed_and_unseeded_stays_unseeded():
+    s = replace(greedy_settings(4), temperature=1.0, seed=5)
+    for start, step in ((0, 1), (2, 1), (1, 3), (4, 2)):
+        part = s.for_rows(start, step)
+        assert [part.prompt_seed(j) for j in range(4)] == [s.prompt_seed(start + j * step) for j in range(4)]
+    assert s.shifted(7).prompt_seed(2) == s.prompt_seed(2) + 7
+    g = greedy_settings(4)
+    assert g.for_rows(3, 2).prompt_seed(1) is None and g.shifted(7).seed is None
+
+
 def test_the_engines_get_each_prompts_own_seed():
     """vLLM applies a SamplingParams' seed to every prompt given it: one SamplingParams per prompt."""
     from opd.rollout import seeded_params
