@@ -35,16 +35,17 @@ def strength(plan: L.PenaltyPlan, cfg: L.LengthConfig) -> float:
 
 
 def simulate(monitor: L.LengthMonitor, steps: int = 120, drift: float = 0.04, gain: float = 0.12,
-             delay: int = 3, start: float = 0.9) -> np.ndarray:
-    """A plant with lag: the student's truncation x drifts up by `drift` a step and falls by
-    `gain` times the stop strength applied `delay` steps before. -> truncation per step."""
+             delay: int = 3, start: float = 0.9, top: float = 1.2) -> np.ndarray:
+    """A plant with lag: the student's truncation x (in [-0.2, top], every rollout cut above 1)
+    drifts up by `drift` a step and falls by `gain` times the stop strength applied `delay`
+    steps before. -> truncation per step."""
     x, applied, out = start, [0.0] * delay, []
     for step in range(steps):
         t = min(1.0, max(0.0, x))
         out.append(t)
         _, _, plan = monitor.observe(*batch(t), step)
         applied.append(strength(plan, monitor.config))
-        x = min(1.2, max(-0.2, x + drift - gain * applied[-1 - delay]))
+        x = min(top, max(-0.2, x + drift - gain * applied[-1 - delay]))
     return np.array(out)
 
 
@@ -56,6 +57,21 @@ def test_pi_settles_in_the_dead_band_where_switching_oscillates():
     assert t_pi.std() < band / 2 and t_pi.std() < t_switch.std() / 4  # settled
     assert abs(t_pi.mean() - 0.1) <= band + 0.01  # at the teacher's rate, within the dead band
     assert pi.metrics()["length/ctrl/integral"] > 0  # the integral holds the strength it needs
+
+
+def test_the_way_down_from_the_cap_builds_no_integral_that_undershoots():
+    """A student that starts far past the cap answers the remedies 3 steps late: integrating
+    its large errors on the way down would hold the stop strength up after it has learnt to
+    stop, and cut it short of the teacher's rate; the clipped error lets it land there."""
+    def run(limit: float) -> np.ndarray:
+        mon = make_monitor("pi", controller=L.ControllerConfig(integrated_error_limit=limit))
+        return simulate(mon, start=1.8, top=2.0)
+
+    clipped, unclipped = run(L.ControllerConfig().integrated_error_limit), run(10.0)
+    band = L.ControllerConfig().dead_band
+    assert (unclipped < 0.1 - band).sum() > 20  # well below the teacher's 0.1 for 20+ steps
+    assert (clipped < 0.1 - band).sum() == 0
+    assert abs(clipped[-20:].mean() - 0.1) <= band and clipped[-20:].std() < band / 2
 
 
 def test_anti_windup_bounds_the_integral_and_releases_at_once():

@@ -9,21 +9,27 @@ repetition rate R*, mean length L*. Measured (the student's rollouts, EMA over s
     e_trunc = T - T*      e_eos = E* - E      e_rep = R - R*      e_len = clip(L / L* - 1, -1, 1)
     e       = trunc_weight e_trunc + eos_weight e_eos + rep_weight e_rep + length_weight e_len
     e_db    = sign(e) max(0, |e| - dead_band)                      (dead band: no action near 0)
-    I       = clip(I + ki e_db, -integral_limit, integral_limit)   (anti-windup: a clamped integral,
-                                                                   held while u is saturated or
-                                                                   every rollout is truncated)
+    I       = clip(I + ki clip(e_db, +-integrated_error_limit), +-integral_limit)
+                                          (anti-windup: a clamped integral of a clipped error,
+                                          held while u is saturated or every rollout is truncated)
     u       = clip(kp e_db + I, -1, 1), and 1 while every rollout is truncated
 
 ``e > 0`` means too long (truncated, not stopping, looping), ``e < 0`` too short. The
 integral holds the strength a student needs to stay at the teacher's rates; anti-windup is
-threefold: the integral is clamped; it is not moved further while the output is already
-saturated in the error's direction; and it is held while every rollout is truncated. The
-last is the measurement's own saturation: a batch cut at the cap says the student is too
-long but not by how much, so the output is then full strength, and the integral waits. A
-student that loops for its first 20 steps would otherwise build up an integral (0.7 on the
-real pair) that keeps the stop strength up, and the student too short, long after it has
-learnt to stop. The
-strengths in [0, 1] scale each remedy's configured coefficient (opd/length/monitor.py)::
+fourfold:
+
+- the integral is clamped;
+- it is not moved further while the output is already saturated in the error's direction;
+- it is held while every rollout is truncated, the measurement's own saturation: a batch cut
+  at the cap says the student is too long but not by how much, so the output is then full
+  strength, and the integral waits;
+- it adds the error clipped to ``integrated_error_limit``: a student answers the remedies
+  some steps late, so the large errors of its way down from the cap would otherwise build an
+  integral (0.38 on the real pair) that holds the stop strength up, and the student too
+  short, for 20 steps after it has learnt to stop. The proportional term answers large
+  errors; the integral learns the small steady offset.
+
+The strengths in [0, 1] scale each remedy's configured coefficient (opd/length/monitor.py)::
 
     stop   = max(u, 0), at least probe_gain * (greedy excess)   top-k KL, overlong,
                                                                 stop-properly, adaptive cap
@@ -71,6 +77,8 @@ class ControllerConfig:
     ki: float = knob(0.05, ge(0))  # integral gain: strength added per step per unit of error
     dead_band: float = knob(0.05, between(0, 1))  # |error| below this: no action, no integration
     integral_limit: float = knob(1.0, between(0, 1))  # |integral| never exceeds this (anti-windup)
+    integrated_error_limit: float = knob(0.2, ge(0))  # the error the integral adds is clipped to
+    #                                       +-this: it learns the steady offset, not the transient
     trunc_weight: float = knob(1.0, ge(0))  # weight of e_trunc in the error
     eos_weight: float = knob(0.0, ge(0))  # of e_eos (0: EOS rate is mostly 1 - truncation already)
     rep_weight: float = knob(0.5, ge(0))  # of e_rep (loops also scale the 'loop' strength directly)
@@ -91,6 +99,10 @@ class ControllerState:
 def _ema(last: Optional[dict], values: dict, decay: float) -> dict:
     """``values`` folded into the running averages ``last`` (``values`` itself at first)."""
     return values if last is None else {k: decay * last[k] + (1.0 - decay) * v for k, v in values.items()}
+
+
+def _clip(e: float, limit: float) -> float:
+    return max(-limit, min(limit, e))
 
 
 def _dead_band(e: float, width: float) -> float:
@@ -126,7 +138,7 @@ class LengthController:
         t_ref, e_ref, r_ref = (ref.truncated_frac, ref.eos_frac, ref.repetition_frac) if ref else (0.0, 1.0, 0.0)
         terms = {"trunc": ema["truncated_frac"] - t_ref, "eos": e_ref - ema["eos_frac"],
                  "rep": ema["repetition_frac"] - r_ref,
-                 "len": min(1.0, max(-1.0, ema["mean"] / ref.mean - 1.0)) if ref else 0.0}
+                 "len": _clip(ema["mean"] / ref.mean - 1.0, 1.0) if ref else 0.0}
         terms["total"] = (c.trunc_weight * terms["trunc"] + c.eos_weight * terms["eos"]
                           + c.rep_weight * terms["rep"] + c.length_weight * terms["len"])
         return terms
@@ -139,11 +151,11 @@ class LengthController:
         if stats.truncated_frac >= 1.0:  # every rollout at the cap: how far too long is unknown
             u = 1.0  # full strength; the integral waits
         else:
-            integral = min(c.integral_limit, max(-c.integral_limit, self.state.integral + c.ki * e))
+            integral = _clip(self.state.integral + c.ki * _clip(e, c.integrated_error_limit), c.integral_limit)
             u_new = c.kp * e + integral
             if not (abs(u_new) > 1.0 and u_new * e > 0 and integral * e > 0):  # no wind-up past saturation
                 self.state.integral = integral
-            u = min(1.0, max(-1.0, c.kp * e + self.state.integral))
+            u = _clip(c.kp * e + self.state.integral, 1.0)
         self.errors.update(integral=self.state.integral, output=u)
         greedy_trunc, greedy_rep = self.probe_excess()
         stop = max(u, 0.0, min(1.0, c.probe_gain * max(greedy_trunc, greedy_rep)))
